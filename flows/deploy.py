@@ -1,0 +1,40 @@
+"""Serve the train and monitor flows as Prefect deployments on the cron schedules in params."""
+
+from __future__ import annotations
+
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
+
+from normalcy.config import Params, load_params
+from normalcy.flows.monitor import monitor_flow
+from normalcy.flows.train import train_flow
+
+
+def build_deployments(params: Params, params_path: str = "params.yaml") -> list[RunnerDeployment]:
+    """The two scheduled deployments: monitor often, train rarely."""
+    return [
+        monitor_flow.to_deployment(
+            name="monitor",
+            cron=params.schedule.monitor_cron,
+            parameters={"batch_path": params.monitor.batch_path, "params_path": params_path},
+            description="Drift check of the incoming batch against the champion; recalibrates on drift.",
+            tags=["normalcy", "monitor"],
+        ),
+        train_flow.to_deployment(
+            name="train",
+            cron=params.schedule.train_cron,
+            parameters={"params_path": params_path},
+            description="Full retraining: version, validate, clean, train, export, register.",
+            tags=["normalcy", "train"],
+        ),
+    ]
+
+
+def serve_deployments(params_path: str = "params.yaml") -> None:
+    """Register the deployments and run them in this process until stopped (Ctrl+C)."""
+    params = load_params(params_path)
+    serve(*build_deployments(params, params_path))
+
+
+if __name__ == "__main__":
+    serve_deployments()

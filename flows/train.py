@@ -1,0 +1,190 @@
+"""The training flow: version, validate, clean, train candidates, calibrate, export, register."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from prefect import flow, task
+
+from normalcy import registry, stages
+from normalcy.config import Params, load_params
+from normalcy.data.splits import Split, Splits
+from normalcy.data.versioning import DataVersion, snapshot_data
+from normalcy.detectors import Detector
+from normalcy.evaluation.selection import validation_metric
+from normalcy.export import ParityReport, require_parity
+from normalcy.scoring import load_session, read_metadata, score_onnx
+
+log = logging.getLogger("normalcy.train")
+SUMMARY = stages.ARTIFACTS / "summary.json"
+DRIFT_REFERENCE = stages.ARTIFACTS / "drift_reference.npz"
+
+
+@task
+def prepare_data(params: Params) -> Splits:
+    """Load the source and write deterministic, leakage-checked splits."""
+    return stages.prepare(params.data, params.prepare)
+
+
+@task
+def version_data(params: Params) -> DataVersion | None:
+    """Snapshot the prepared data with DVC (cache + local remote)."""
+    if not params.versioning.enabled:
+        return None
+    return snapshot_data(params.prepare.output_dir, params.versioning)
+
+
+@task
+def validate_data(splits: Splits, params: Params) -> dict:
+    """Great Expectations suite from the training split; every split must pass it."""
+    try:
+        spec, _ = stages.validate(splits, params.validate_)
+    finally:
+        if Path(params.validate_.report_path).exists():
+            mlflow.log_artifact(params.validate_.report_path, "validation")
+    return spec
+
+
+@task
+def clean_data(splits: Splits, params: Params) -> Split:
+    """Remove the contaminated tail of the training split, iteratively."""
+    cleaned, result = stages.clean(splits.train, params.clean)
+    mlflow.log_artifact(params.clean.log_path, "cleaning")
+    if result is not None:
+        mlflow.log_metrics({"clean_removed": result.n_removed, "clean_iterations": len(result.iterations)})
+        last = result.iterations[-1]
+        if last.precision is not None:
+            mlflow.log_metrics({"clean_precision": last.precision, "clean_recall": last.recall})
+    return cleaned
+
+
+@task
+def train_and_select(train: Split, splits: Splits, params: Params) -> tuple[Detector, dict]:
+    """Fit every candidate and pick the winner on validation data."""
+    detectors, results, winner = stages.train_candidates(train, splits.val, params.train)
+    for result in results:
+        mlflow.log_metric(f"{result.name}.{result.metric_name}", result.metric)
+        mlflow.log_metric(f"{result.name}.fit_seconds", result.fit_seconds)
+    mlflow.log_artifact(str(stages.CANDIDATES), "candidates")
+    mlflow.set_tag("winner", winner.name)
+    return detectors[winner.name], {"name": winner.name, "metric_name": winner.metric_name, "metric": winner.metric}
+
+
+@task
+def evaluate_winner(detector: Detector, splits: Splits, params: Params) -> stages.Evaluation:
+    """Calibrate the threshold on validation normals; test metrics for the report."""
+    evaluation = stages.evaluate(detector, splits, params.evaluate, params.calibration)
+    mlflow.log_metric("threshold", evaluation.threshold)
+    mlflow.log_metrics({f"test_{k}": v for k, v in evaluation.test.items() if np.isfinite(v)})
+    for plot in evaluation.plots:
+        mlflow.log_artifact(plot, "plots")
+    mlflow.log_artifact(params.evaluate.metrics_path, "evaluation")
+    return evaluation
+
+
+@task
+def export_winner(
+    detector: Detector, evaluation: stages.Evaluation, splits: Splits, params: Params, extra: dict
+) -> tuple[Path, ParityReport]:
+    """ONNX graph with the threshold inside, checked against torch before anything is registered."""
+    metadata = stages.model_metadata(
+        detector, splits.feature_names,
+        splits.test.X, evaluation.threshold, evaluation.target_fpr, evaluation.n_calibration,
+        params.export.opset, extra,
+    )
+    path, report = stages.export(detector, evaluation.threshold, splits.test.X, params.export, metadata)
+    mlflow.log_dict(report.to_dict(), "parity/parity.json")
+    mlflow.log_metrics({"parity_max_abs_diff": report.max_abs_diff, "parity_spearman": report.spearman})
+    require_parity(report)
+    return path, report
+
+
+def save_drift_reference(train: Split, evaluation: stages.Evaluation, feature_names: list[str], size: int, seed: int) -> Path:
+    """A sample of the cleaned training data and the calibration scores: what monitor compares to."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(train.X), min(size, len(train.X)), replace=False)
+    DRIFT_REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        DRIFT_REFERENCE, X=train.X[np.sort(rows)], scores=evaluation.calibration_scores,
+        feature_names=np.array(feature_names), threshold=evaluation.threshold,
+    )
+    return DRIFT_REFERENCE
+
+
+def test_metric(onnx_path: Path, test: Split, seed: int) -> tuple[str, float]:
+    """The promotion metric of a graph on the test split, from onnxruntime alone, so the
+    challenger and the champion are measured by exactly the same code."""
+    session = load_session(onnx_path)
+    name, value = validation_metric(lambda X: score_onnx(session, X)[0], test.X, test.y, seed)
+    return name.replace("val_", "test_"), value
+
+
+@task
+def register_and_promote(onnx_path: Path, splits: Splits, params: Params, tags: dict) -> dict:
+    """Register the winner as challenger; make it champion only if it beats the champion."""
+    name = params.mlflow.model_name
+    with tempfile.TemporaryDirectory() as tmp:
+        champion = registry.load_champion(name, tmp)
+        champion_metric = None
+        metric_name, challenger_metric = test_metric(onnx_path, splits.test, params.prepare.seed)
+        if champion is not None:
+            ours, theirs = read_metadata(str(onnx_path))["input"], read_metadata(str(champion.onnx_path)).get("input")
+            if theirs is not None and theirs["shape"] == ours["shape"] and theirs["feature_names"] == ours["feature_names"]:
+                _, champion_metric = test_metric(champion.onnx_path, splits.test, params.prepare.seed)
+            else:
+                log.warning("champion v%s expects another input %s; it cannot be compared", champion.version, theirs)
+                champion_metric = float("inf")
+    registered = registry.register_challenger(onnx_path, name, tags)
+    decision = registry.promote_if_better(name, registered.version, metric_name, challenger_metric, champion_metric)
+    mlflow.log_metric(f"promotion_{metric_name}", challenger_metric)
+    log.info("registered %s v%s: %s", name, registered.version, decision.reason)
+    return {"model_version": registered.version, "promoted": decision.promoted, "promotion_reason": decision.reason}
+
+
+@flow(name="normalcy-train", log_prints=True)
+def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """prepare -> DVC snapshot -> validate -> clean -> candidates -> calibrate -> export -> register."""
+    params = load_params(params_path, overrides)
+    registry.setup_tracking(params.mlflow)
+    with mlflow.start_run() as run:
+        registry.log_params_flat(params.flat())
+        splits = prepare_data(params)
+        data_version = version_data(params)
+        md5 = data_version.md5 if data_version else "unversioned"
+        mlflow.set_tag("data_version", md5)
+        validate_data(splits, params)
+        cleaned = clean_data(splits, params)
+        detector, winner = train_and_select(cleaned, splits, params)
+        evaluation = evaluate_winner(detector, splits, params)
+        extra = {"data_version": md5, "mlflow_run_id": run.info.run_id, "model_name": params.mlflow.model_name}
+        onnx_path, _ = export_winner(detector, evaluation, splits, params, extra)
+        mlflow.log_artifact(str(stages.VALIDATION_SPEC), "reference")
+        reference = save_drift_reference(
+            cleaned, evaluation, splits.feature_names, params.monitor.reference_size, params.prepare.seed
+        )
+        mlflow.log_artifact(str(reference), "reference")
+        tags = {"data_version": md5, "detector": winner["name"], "threshold": f"{evaluation.threshold:.6g}"}
+        registration = register_and_promote(onnx_path, splits, params, tags)
+        summary = {
+            "winner": winner["name"],
+            "selection_metric": winner["metric_name"],
+            "selection_value": winner["metric"],
+            "test_auroc": evaluation.test.get("auroc"),
+            "test_auprc": evaluation.test.get("auprc"),
+            "test_fpr_at_threshold": evaluation.test.get("fpr"),
+            "test_recall_at_threshold": evaluation.test.get("recall"),
+            "threshold": evaluation.threshold,
+            "target_fpr": evaluation.target_fpr,
+            "data_version": md5,
+            "mlflow_run_id": run.info.run_id,
+            "model_name": params.mlflow.model_name,
+            **registration,
+            "onnx_path": str(onnx_path),
+        }
+        stages.write_json(summary, SUMMARY)
+        mlflow.log_artifact(str(SUMMARY))
+    return summary

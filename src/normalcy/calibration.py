@@ -1,0 +1,110 @@
+"""Decision thresholds from scores of normal data, at a target false-positive rate.
+
+A detector's scores only become decisions through a threshold; `is_anomaly = score > threshold`.
+The threshold is set on held-out normal scores so that the false-positive rate on them is at most
+`target_fpr`. When the normal data may contain anomalies (an unlabelled production batch), the
+anomalous tail is trimmed robustly first, so the threshold tracks the normal bulk rather than the
+contamination.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+# 1 / Phi^-1(3/4): makes the MAD a consistent estimator of the standard deviation for a normal.
+MAD_TO_SIGMA = 1.4826
+# sqrt(pi / 2): the same for the mean absolute deviation around the median (fallback when MAD = 0).
+MEANAD_TO_SIGMA = 1.2533
+
+
+def _as_scores(scores: np.ndarray, name: str = "scores") -> np.ndarray:
+    """Scores as a flat float64 array; empty or non-finite input is an error, not a silent NaN."""
+    arr = np.asarray(scores, dtype=np.float64).ravel()
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: need at least one score")
+    n_bad = int(np.count_nonzero(~np.isfinite(arr)))
+    if n_bad:
+        raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf) of {arr.size}")
+    return arr
+
+
+def _check_fpr(target_fpr: float) -> float:
+    if isinstance(target_fpr, bool) or not isinstance(target_fpr, (int, float, np.floating)):
+        raise ValueError(f"target_fpr must be a number in (0, 1), got {target_fpr!r}")
+    fpr = float(target_fpr)
+    if not (0.0 < fpr < 1.0):
+        raise ValueError(f"target_fpr must be in the open interval (0, 1), got {target_fpr!r}")
+    return fpr
+
+
+def threshold_at_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
+    """Smallest conservative threshold with at most `target_fpr` of `normal_scores` above it.
+
+    Uses the `(1 - target_fpr)` empirical quantile with `method="higher"` (an observed score, never
+    an interpolation below one), so the realised FPR on these scores is <= `target_fpr`; ties only
+    lower it. With fewer than `ceil(1 / target_fpr)` scores not even one false positive fits in the
+    budget, so the threshold is the maximum score and a warning says the target is unresolvable.
+    """
+    scores = _as_scores(normal_scores, "normal_scores")
+    fpr = _check_fpr(target_fpr)
+    n = scores.size
+    # The small epsilon keeps e.g. 1 / 0.1 = 10.000000000000002 from rounding up to 11.
+    n_needed = math.ceil(1.0 / fpr - 1e-9)
+    if n < n_needed:
+        warnings.warn(
+            f"target FPR {fpr:g} cannot be resolved with {n} scores (need at least {n_needed}); "
+            "using the maximum score as the threshold, realised FPR on these scores is 0",
+            stacklevel=2,
+        )
+        return float(scores.max())
+    return float(np.quantile(scores, 1.0 - fpr, method="higher"))
+
+
+def robust_cutoff(scores: np.ndarray, mad_threshold: float) -> float:
+    """median + mad_threshold * sigma_hat: above it a score looks anomalous.
+
+    `sigma_hat = 1.4826 * MAD` is a scale estimate that a minority of anomalies cannot inflate
+    (breakdown 50%), unlike the standard deviation. Only the upper tail matters: anomalies score
+    high, and low scores are not evidence of anything. When MAD is 0 (more than half of the scores
+    tied, e.g. a saturated detector), `sigma_hat` falls back to `1.2533 * mean(|x - median|)`, the
+    normal-consistent mean absolute deviation, which is positive whenever the scores are not all
+    equal; if it too is 0 every score is equal and the cutoff is that score. The median is always
+    at or below the cutoff, so at least half of the scores are kept.
+    """
+    arr = _as_scores(scores)
+    if isinstance(mad_threshold, bool) or not np.isfinite(mad_threshold) or mad_threshold <= 0:
+        raise ValueError(f"mad_threshold must be a positive finite number, got {mad_threshold!r}")
+    median = float(np.median(arr))
+    abs_dev = np.abs(arr - median)
+    sigma = MAD_TO_SIGMA * float(np.median(abs_dev))
+    if sigma == 0.0:
+        sigma = MEANAD_TO_SIGMA * float(np.mean(abs_dev))
+    return median + float(mad_threshold) * sigma
+
+
+def robust_normal_scores(scores: np.ndarray, mad_threshold: float) -> np.ndarray:
+    """The scores that look normal: those at or below `robust_cutoff`; never empty."""
+    arr = _as_scores(scores)
+    return arr[arr <= robust_cutoff(arr, mad_threshold)]
+
+
+def recalibrated_threshold(
+    batch_scores: np.ndarray, target_fpr: float, mad_threshold: float
+) -> float:
+    """Threshold re-estimated on an unlabelled batch that may contain anomalies.
+
+    Trimming also removes the few normal scores beyond the cutoff (about 2e-4 of a normal at
+    `mad_threshold=3.5`), so the threshold is very slightly low, i.e. errs toward more alerts.
+    """
+    return threshold_at_fpr(robust_normal_scores(batch_scores, mad_threshold), target_fpr)
+
+
+def realised_fpr(normal_scores: np.ndarray, threshold: float) -> float:
+    """Fraction of `normal_scores` strictly above `threshold`, the rule `is_anomaly` uses."""
+    scores = _as_scores(normal_scores, "normal_scores")
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold!r}")
+    return float(np.mean(scores > float(threshold)))

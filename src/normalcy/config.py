@@ -1,0 +1,239 @@
+"""Pydantic models of params.yaml: a wrong key, type or range fails before any work, naming its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml (or a --set override) is wrong; the message names the key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(_Section):
+    source: Literal["sklearn_digits", "npz", "csv", "parquet"] = "sklearn_digits"
+    path: str | None = None
+    feature_columns: list[str] | None = None
+    label_column: str | None = None
+    id_column: str | None = None
+    normal_digits: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    anomaly_fraction: float = Field(0.1, gt=0, lt=1)
+    as_images: bool = False
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataParams:
+        if self.source != "sklearn_digits" and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if not self.normal_digits or any(d < 0 or d > 9 for d in self.normal_digits):
+            raise ValueError("data.normal_digits must be a non-empty list of digits 0-9")
+        if len(set(self.normal_digits)) == 10:
+            raise ValueError("data.normal_digits lists all ten digits: nothing is left as anomaly")
+        return self
+
+
+class PrepareParams(_Section):
+    seed: int = 0
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    train_contamination: float | None = Field(0.03, ge=0, lt=1)
+    output_dir: str = "data/prepared"
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> PrepareParams:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                "prepare.val_fraction + prepare.test_fraction must be below 0.9 "
+                f"(got {self.val_fraction + self.test_fraction:.2f}), leaving data to train on"
+            )
+        return self
+
+
+class VersioningParams(_Section):
+    enabled: bool = True
+    remote_name: str = "local"
+    remote_url: str = ".dvc-remote"
+
+
+class ValidateParams(_Section):
+    range_tolerance: float = Field(0.1, ge=0)
+    min_rows: int = Field(1, ge=1)
+    report_path: str = "artifacts/validation_report.json"
+
+
+class CleanParams(_Section):
+    enabled: bool = True
+    detector: str = "autoencoder"
+    detector_params: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    max_iter: int = Field(3, ge=1)
+    mad_threshold: float = Field(3.5, gt=0)
+    top_fraction: float | None = Field(None, gt=0, lt=0.5)
+    epochs: int = Field(15, ge=1)
+    log_path: str = "artifacts/cleaning_log.json"
+
+
+class TrainParams(_Section):
+    seed: int = 0
+    candidates: list[str] = Field(default_factory=lambda: ["autoencoder", "deep_svdd"], min_length=1)
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    patience: int = Field(8, ge=1)
+    detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class EvaluateParams(_Section):
+    metrics_path: str = "artifacts/metrics.json"
+    plots_dir: str = "artifacts/plots"
+
+
+class CalibrationParams(_Section):
+    target_fpr: float = Field(0.01, gt=0, lt=0.5)
+
+
+class ExportParams(_Section):
+    path: str = "artifacts/model.onnx"
+    opset: int = Field(18, ge=17)
+    parity_max_abs: float = Field(1e-4, gt=0)
+    parity_max_rel: float = Field(1e-3, gt=0)
+    parity_min_agreement: float = Field(1.0, gt=0, le=1)
+
+
+class MlflowParams(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "normalcy"
+    model_name: str = "normalcy"
+
+
+class MonitorParams(_Section):
+    batch_path: str = "data/incoming/batch.csv"
+    fdr: float = Field(0.05, gt=0, lt=1)
+    score_shift_alpha: float = Field(0.01, gt=0, lt=1)
+    reference_size: int = Field(2000, ge=10)
+    recalibrate_on_drift: bool = True
+    mad_threshold: float = Field(3.5, gt=0)
+
+
+class ScheduleParams(_Section):
+    monitor_cron: str = "0 * * * *"
+    train_cron: str = "0 3 * * 0"
+    timezone: str = "UTC"
+
+
+class Params(_Section):
+    data: DataParams = Field(default_factory=DataParams)
+    prepare: PrepareParams = Field(default_factory=PrepareParams)
+    versioning: VersioningParams = Field(default_factory=VersioningParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    clean: CleanParams = Field(default_factory=CleanParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    calibration: CalibrationParams = Field(default_factory=CalibrationParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+    monitor: MonitorParams = Field(default_factory=MonitorParams)
+    schedule: ScheduleParams = Field(default_factory=ScheduleParams)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_detectors(self) -> Params:
+        from normalcy.detectors import available_detectors
+
+        known = available_detectors()
+        for where, names in (
+            ("train.candidates", self.train.candidates),
+            ("clean.detector", [self.clean.detector]),
+            ("train.detectors", list(self.train.detectors)),
+        ):
+            for name in names:
+                if name not in known:
+                    raise ValueError(
+                        f"{where}: unknown detector {name!r}; expected one of {sorted(known)}"
+                    )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf as 'section.key' -> value, for MLflow params."""
+        return _flatten(self.model_dump(by_alias=True))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Set 'a.b.c=value' in a nested dict; the value is parsed as YAML (so 5, [0,1], null work)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    key, raw_value = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw_value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw_value!r} is not valid YAML: {exc}") from exc
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source} is invalid:"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see params.yaml for the keys)"
+        elif "input" in err and err["type"] != "value_error":
+            message = f"{message} (got {err['input']!r})"
+        lines.append(f"  - {path}: {message}")
+    return "\n".join(lines)
+
+
+def params_from_dict(tree: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params tree; raises ConfigError listing every wrong key path."""
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml, apply `--set key=value` overrides, and validate the result."""
+    path = Path(path)
+    if path.exists():
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+    elif overrides is None and str(path) != "params.yaml":
+        raise ConfigError(f"params file {path} does not exist")
+    else:
+        tree = {}
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    source = f"{path}" + (" with --set overrides" if overrides else "")
+    return params_from_dict(tree, source)

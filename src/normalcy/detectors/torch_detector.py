@@ -1,0 +1,97 @@
+"""What every torch detector shares: settings, standardization, training, batched scoring."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import numpy as np
+import torch
+from torch import nn
+
+from normalcy.detectors.base import Detector
+from normalcy.detectors.networks import ScoringModule, Standardize, fit_standardize
+from normalcy.detectors.training import TrainingHistory, seed_everything, train_network
+
+
+class TorchDetector(Detector):
+    """A method supplies `build_network`, `loss` and `score_head`; this class does the rest."""
+
+    def __init__(
+        self,
+        epochs: int = 40,
+        batch_size: int = 64,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-6,
+        patience: int = 8,
+        seed: int = 0,
+    ) -> None:
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.patience = patience
+        self.seed = seed
+        self.standardize: Standardize | None = None
+        self.network: nn.Module | None = None
+        self.history: TrainingHistory | None = None
+        self.generator: torch.Generator | None = None
+
+    @abstractmethod
+    def build_network(self, n_features: int) -> nn.Module:
+        """The method's trainable network for flattened inputs of `n_features`."""
+
+    @abstractmethod
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean training loss of a standardized batch."""
+
+    @abstractmethod
+    def score_head(self) -> nn.Module:
+        """Standardized input -> score `[N]`."""
+
+    def before_training(self, train: torch.Tensor) -> None:
+        """Hook for methods that fix something from the untrained network (Deep SVDD's c)."""
+
+    def fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray | None = None,
+        val_labels: np.ndarray | None = None,
+    ) -> TorchDetector:
+        if len(train) < 2:
+            raise ValueError(f"{self.name}: need at least 2 training rows, got {len(train)}")
+        self.generator = seed_everything(self.seed)
+        self.standardize = fit_standardize(np.asarray(train, dtype=np.float64))
+        train_t = self.standardize(torch.as_tensor(train, dtype=torch.float32))
+        val_t = (
+            self.standardize(torch.as_tensor(val, dtype=torch.float32))
+            if val is not None and len(val)
+            else None
+        )
+        self.network = self.build_network(int(np.prod(train.shape[1:])))
+        self.before_training(train_t)
+        self.history = train_network(
+            self.network,
+            self.loss,
+            train_t,
+            val_t,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            patience=self.patience,
+            generator=self.generator,
+            description=self.name,
+        )
+        return self
+
+    def scoring_module(self) -> ScoringModule:
+        if self.standardize is None or self.network is None:
+            raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
+        return ScoringModule(self.standardize, self.score_head()).eval()
+
+    def score(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        module = self.scoring_module()
+        tensor = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        with torch.no_grad():
+            parts = [module(chunk) for chunk in tensor.split(batch_size)]
+        return torch.cat(parts).double().numpy() if parts else np.zeros(0)

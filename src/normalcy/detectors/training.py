@@ -1,0 +1,91 @@
+"""The one training loop: seeding, mini-batches, early stopping on validation loss, progress."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a generator for shuffling and noise."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class TrainingHistory:
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+def _mean_loss(loss_fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, batch_size: int) -> float:
+    with torch.no_grad():
+        total = sum(loss_fn(batch).item() * len(batch) for batch in data.split(batch_size))
+    return total / max(len(data), 1)
+
+
+def train_network(
+    network: nn.Module,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    train: torch.Tensor,
+    val: torch.Tensor | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    patience: int,
+    generator: torch.Generator,
+    description: str = "train",
+) -> TrainingHistory:
+    """Adam on `loss_fn(batch)` (mean over the batch); keeps the weights of the best val epoch."""
+    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    history = TrainingHistory()
+    best_loss, best_state, stale = float("inf"), copy.deepcopy(network.state_dict()), 0
+    progress = tqdm(range(epochs), desc=description, leave=False, mininterval=1.0, disable=None)
+    for epoch in progress:
+        network.train()
+        order = torch.randperm(len(train), generator=generator)
+        running = 0.0
+        for index in order.split(batch_size):
+            batch = train[index]
+            optimizer.zero_grad()
+            loss = loss_fn(batch)
+            loss.backward()
+            optimizer.step()
+            running += loss.item() * len(batch)
+        network.eval()
+        history.train_loss.append(running / len(train))
+        monitored = _mean_loss(loss_fn, val, batch_size) if val is not None else history.train_loss[-1]
+        history.val_loss.append(monitored)
+        progress.set_postfix(loss=f"{history.train_loss[-1]:.4f}", val=f"{monitored:.4f}")
+        if monitored < best_loss - 1e-7:
+            best_loss, best_state, stale = monitored, copy.deepcopy(network.state_dict()), 0
+            history.best_epoch = epoch
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    network.load_state_dict(best_state)
+    network.eval()
+    log.info(
+        "%s: %d epochs, best epoch %d, val loss %.5f",
+        description,
+        len(history.train_loss),
+        history.best_epoch,
+        best_loss,
+    )
+    return history

@@ -1,0 +1,390 @@
+"""MLflow 3 tracking and model registry for the ONNX scorers.
+
+Models are registered under one name; the alias `challenger` marks the newest trained version and
+`champion` the one that scoring serves. Aliases replace the deprecated stages: moving `champion`
+is a single atomic update, and `models:/<name>@champion` always resolves to one version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import mlflow
+import numpy as np
+import onnx
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models.model import ModelInfo
+
+from normalcy.config import MlflowParams
+
+try:  # the limits MLflow enforces server-side; the values below are MLflow 3's
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+except ImportError:  # pragma: no cover - only if MLflow moves them
+    MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH = 6000, 100
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ARTIFACT_NAME = "model"
+_SQLITE_PREFIX = "sqlite:///"
+_LOCAL_SCHEMES = ("", "file", "sqlite")
+_BARE_REMOTE_URIS = ("databricks", "databricks-uc", "uc")  # tracking URIs without "://"
+
+
+# --- tracking setup ---------------------------------------------------------------------------
+
+
+def _has_scheme(uri: str) -> bool:
+    """True for `s3://...`, `file:...`; False for plain paths, including `C:\\...` on Windows."""
+    return len(urlsplit(uri).scheme) > 1
+
+
+def _absolute(path: str, base_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def resolve_tracking_uri(params: MlflowParams, base_dir: Path | None = None) -> tuple[str, str]:
+    """(tracking_uri, artifact_location) with relative local paths made absolute against base_dir
+    (default: cwd), so that a flow started from any folder writes to the same store.
+
+    `sqlite:///mlflow.db` becomes `sqlite:////<base>/mlflow.db`; a plain tracking path (file
+    store) becomes absolute; an artifact folder without scheme becomes a `file://` URI. Remote
+    tracking URIs (http, databricks, ...) and their artifact location are left as written, since
+    relative paths there mean the server's folders, not ours.
+    """
+    base = (base_dir or Path.cwd()).expanduser().resolve()
+    uri = params.tracking_uri
+    scheme = urlsplit(uri).scheme if _has_scheme(uri) else ""
+    if uri.startswith(_SQLITE_PREFIX):
+        rest = uri[len(_SQLITE_PREFIX) :]
+        path, sep, query = rest.partition("?")
+        if path and path != ":memory:" and not path.startswith("/"):
+            uri = f"{_SQLITE_PREFIX}{_absolute(path, base).as_posix()}{sep}{query}"
+    elif uri in _BARE_REMOTE_URIS:
+        scheme = uri
+    elif not scheme:
+        uri = str(_absolute(uri, base))
+
+    artifact = params.artifact_location
+    if scheme in _LOCAL_SCHEMES and artifact and not _has_scheme(artifact):
+        artifact = _absolute(artifact, base).as_uri()
+    return uri, artifact
+
+
+def setup_tracking(params: MlflowParams, base_dir: Path | None = None) -> str:
+    """Point MLflow (tracking and registry) at the configured store, create the experiment with
+    its artifact location if missing, make it the active one and return its id.
+
+    The artifact location can only be chosen when the experiment is created; without it a sqlite
+    store puts artifacts in `./mlruns` of whatever folder the process runs in.
+    """
+    uri, artifact = resolve_tracking_uri(params, base_dir)
+    if uri.startswith(_SQLITE_PREFIX):
+        db_path = uri[len(_SQLITE_PREFIX) :].partition("?")[0]
+        if db_path.startswith("/"):  # sqlite creates the file, not its folder
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient()
+
+    exp = client.get_experiment_by_name(params.experiment)
+    if exp is None:
+        try:
+            client.create_experiment(params.experiment, artifact_location=artifact or None)
+        except MlflowException as e:  # another process created it between our two calls
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        exp = client.get_experiment_by_name(params.experiment)
+        if exp is None:  # pragma: no cover - only if it was deleted again meanwhile
+            raise RuntimeError(f"MLflow experiment {params.experiment!r} could not be created")
+    elif exp.lifecycle_stage == "deleted":
+        log.warning("experiment %r was deleted; restoring it", params.experiment)
+        client.restore_experiment(exp.experiment_id)
+    elif artifact and exp.artifact_location.rstrip("/") != artifact.rstrip("/"):
+        log.warning(
+            "experiment %r keeps its artifact location %s (config asks for %s; MLflow cannot "
+            "move an existing experiment)",
+            params.experiment,
+            exp.artifact_location,
+            artifact,
+        )
+    mlflow.set_experiment(experiment_id=exp.experiment_id)
+    return exp.experiment_id
+
+
+# --- logging into the active run --------------------------------------------------------------
+
+
+def _active_run_id() -> str:
+    """The active run's id. Fails instead of letting MLflow start a run nobody will end."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no active MLflow run: call this inside `with mlflow.start_run():`")
+    return run.info.run_id
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    if len(text) > MAX_PARAM_VAL_LENGTH:
+        text = text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
+    return text
+
+
+def log_params_flat(params: dict[str, Any]) -> None:
+    """Log a flat dict as run params: values stringified and cut to MLflow's length limit (which
+    otherwise rejects the whole batch), sent in batches of MLflow's per-request maximum."""
+    _active_run_id()
+    items = [(key, _param_value(value)) for key, value in params.items()]
+    for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        mlflow.log_params(dict(items[start : start + MAX_PARAMS_TAGS_PER_BATCH]))
+
+
+def _to_jsonable(obj: Any) -> Any:
+    """json.dumps fallback for what pipeline reports contain: numpy scalars/arrays, paths, sets."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    """Log `obj` as a JSON artifact of the active run (`mlflow.log_dict`), accepting numpy
+    values, which plain json rejects."""
+    _active_run_id()
+    mlflow.log_dict(json.loads(json.dumps(obj, default=_to_jsonable)), artifact_file)
+
+
+def _log_onnx(onnx_path: str | Path, model_name: str | None) -> ModelInfo:
+    _active_run_id()
+    # save_as_external_data=False: with MLflow's default, logging the same proto twice left the
+    # second version's weights file missing. Loading here pulls external data into the proto.
+    # Explicit pip requirements: the model needs only onnx/onnxruntime, and MLflow's inference of
+    # them re-imports the model in a subprocess (~4 s per log).
+    return mlflow.onnx.log_model(
+        onnx.load(str(onnx_path)),
+        name=MODEL_ARTIFACT_NAME,
+        save_as_external_data=False,
+        pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+        registered_model_name=model_name,
+    )
+
+
+def log_onnx_model(onnx_path: str | Path, model_name: str | None = None) -> str:
+    """Log the ONNX file as an MLflow model in the active run and return a URI that loads it.
+
+    With `model_name` the model is also registered and the URI names the new version,
+    `models:/<name>/<version>` (the version is its last segment). Without it the URI is MLflow
+    3's logged-model URI `models:/<model_id>`; note that MLflow 3 stores logged models outside
+    the run's artifacts, so `runs:/<run_id>/model` does not exist.
+    """
+    info = _log_onnx(onnx_path, model_name)
+    if model_name is not None and info.registered_model_version is not None:
+        return f"models:/{model_name}/{info.registered_model_version}"
+    return info.model_uri
+
+
+def download_run_artifact(run_id: str, artifact_path: str, dst_dir: str | Path) -> Path:
+    """Download one artifact (file or folder) of a run into dst_dir; returns its local path."""
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)
+    )
+    return Path(local)
+
+
+# --- registry: challenger / champion ----------------------------------------------------------
+
+
+@dataclass
+class Registered:
+    """A model version just registered from a run."""
+
+    name: str
+    version: str
+    run_id: str
+
+
+def register_challenger(onnx_path: str | Path, model_name: str, tags: dict[str, str]) -> Registered:
+    """Log and register the ONNX model from the active run, tag the new version and point the
+    `challenger` alias at it, so it can be compared with the champion before serving."""
+    run_id = _active_run_id()
+    info = _log_onnx(onnx_path, model_name)
+    if info.registered_model_version is None:  # pragma: no cover - MLflow contract
+        raise RuntimeError(f"MLflow did not register a version of {model_name!r}")
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, str(value))
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    log.info("registered %s version %s as %s (run %s)", model_name, version, CHALLENGER, run_id)
+    return Registered(name=model_name, version=version, run_id=run_id)
+
+
+@dataclass
+class Champion:
+    """The served model version and its ONNX file on local disk."""
+
+    name: str
+    version: str
+    run_id: str
+    onnx_path: Path
+    tags: dict[str, str]
+
+
+def _alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
+    """Version under `alias`, or None when the model or the alias does not exist yet."""
+    try:
+        model = client.get_registered_model(model_name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = model.aliases.get(alias)
+    return None if version is None else str(version)
+
+
+def _safe_dirname(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def load_champion(model_name: str, dst_dir: str | Path) -> Champion | None:
+    """Download the champion's MLflow model folder to `dst_dir/<name>-v<version>/` and return
+    its ONNX file; None when there is no such model or no champion yet (a first training run).
+
+    The whole folder is downloaded, not only the .onnx file, so that a model saved with external
+    data (by other tools) still loads.
+    """
+    client = MlflowClient()
+    version = _alias_version(client, model_name, CHAMPION)
+    if version is None:
+        return None
+    mv = client.get_model_version(model_name, version)
+    dst = Path(dst_dir) / f"{_safe_dirname(model_name)}-v{version}"
+    dst.mkdir(parents=True, exist_ok=True)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{model_name}/{version}", dst_path=str(dst)
+        )
+    )
+    flavor = mlflow.models.Model.load(str(local / "MLmodel")).flavors.get("onnx", {})
+    onnx_file = local / flavor["data"] if "data" in flavor else None
+    if onnx_file is None or not onnx_file.is_file():
+        found = sorted(local.glob("*.onnx"))
+        if not found:
+            raise FileNotFoundError(f"no .onnx file in {model_name} version {version} ({local})")
+        onnx_file = found[0]
+    return Champion(
+        name=model_name,
+        version=version,
+        run_id=mv.run_id or "",
+        onnx_path=onnx_file,
+        tags=dict(mv.tags),
+    )
+
+
+@dataclass
+class PromotionDecision:
+    """Whether the challenger became champion, and why, in a sentence for people."""
+
+    promoted: bool
+    reason: str
+    challenger_metric: float
+    champion_metric: float | None
+    metric_name: str
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def decide_promotion(
+    challenger_version: str,
+    metric_name: str,
+    challenger_metric: float,
+    champion_metric: float | None,
+    champion_version: str | None,
+) -> PromotionDecision:
+    """The promotion rule, free of MLflow: the challenger wins when there is no champion, or its
+    metric is strictly higher on the same test data; ties and NaN keep what is served."""
+    ch = f"challenger version {challenger_version} ({metric_name}={_fmt(challenger_metric)})"
+
+    def decide(promoted: bool, reason: str) -> PromotionDecision:
+        return PromotionDecision(promoted, reason, challenger_metric, champion_metric, metric_name)
+
+    if champion_version is not None and champion_version == str(challenger_version):
+        return decide(False, f"Version {challenger_version} already is the champion.")
+    if math.isnan(challenger_metric):
+        return decide(False, f"The {ch} has no usable metric (NaN); the champion is kept.")
+    if champion_version is None:
+        return decide(True, f"There is no champion yet, so the {ch} becomes champion.")
+    cv = f"champion version {champion_version}"
+    if champion_metric is None or math.isnan(champion_metric):
+        return decide(True, f"The {cv} has no usable {metric_name}, so the {ch} replaces it.")
+    if challenger_metric > champion_metric:
+        return decide(
+            True,
+            f"The {ch} beats the {cv} ({metric_name}={_fmt(champion_metric)}) on the same test "
+            "data and becomes champion.",
+        )
+    return decide(
+        False,
+        f"The {ch} is not better than the {cv} ({metric_name}={_fmt(champion_metric)}) on the "
+        "same test data; the champion is kept.",
+    )
+
+
+def promote_if_better(
+    model_name: str,
+    challenger_version: str,
+    metric_name: str,
+    challenger_metric: float,
+    champion_metric: float | None,
+) -> PromotionDecision:
+    """Move the `champion` alias to the challenger when `decide_promotion` says so, and record
+    the decision as tags on the challenger version so the registry explains itself.
+
+    `champion_metric` is the current champion's metric on the challenger's test data, computed
+    by the caller (None when there is no champion). If the registry has no champion alias the
+    challenger is promoted whatever `champion_metric` says, so a model is always served.
+    """
+    client = MlflowClient()
+    challenger_version = str(challenger_version)
+    current = _alias_version(client, model_name, CHAMPION)
+    decision = decide_promotion(
+        challenger_version, metric_name, challenger_metric, champion_metric, current
+    )
+    if decision.promoted:
+        client.set_registered_model_alias(model_name, CHAMPION, challenger_version)
+    tags = {
+        "promotion_decision": "promoted" if decision.promoted else "not_promoted",
+        "promotion_reason": decision.reason,
+        "promotion_metric": metric_name,
+        "challenger_metric": _fmt(challenger_metric),
+        "champion_metric": "none" if champion_metric is None else _fmt(champion_metric),
+        "champion_version_before": current or "none",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, challenger_version, key, value)
+    log.info("%s: %s", model_name, decision.reason)
+    return decision
+
+
+def set_champion(model_name: str, version: str) -> None:
+    """Point `champion` at a given version (recalibration, rollback)."""
+    MlflowClient().set_registered_model_alias(model_name, CHAMPION, str(version))

@@ -1,0 +1,302 @@
+"""The pipeline's stages. `normalcy stage NAME` (dvc repro) and the Prefect flow call the same
+functions, so both produce the same artifacts. Each stage reads only its own params section."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import normalcy
+from normalcy.calibration import threshold_at_fpr
+from normalcy.config import (
+    CalibrationParams,
+    CleanParams,
+    DataParams,
+    EvaluateParams,
+    ExportParams,
+    PrepareParams,
+    TrainParams,
+    ValidateParams,
+)
+from normalcy.data.sources import DataError, load_dataset
+from normalcy.data.splits import Split, Splits, save_splits, split_dataset
+from normalcy.detectors import Detector, accepted_params, create_detector
+from normalcy.evaluation.metrics import ranking_metrics, threshold_metrics
+from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
+from normalcy.evaluation.selection import CandidateResult, select_winner, validation_metric
+from normalcy.export import ParityReport, export_onnx, parity_check
+from normalcy.validation.cleaning import CleaningResult, clean_training_split
+from normalcy.validation.suite import (
+    ValidationReport,
+    build_suite_spec,
+    save_report,
+    validate_batch,
+)
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = Path("artifacts")
+VALIDATION_SPEC = ARTIFACTS / "validation_spec.json"
+CLEANED_TRAIN = ARTIFACTS / "cleaned_train.npz"
+CANDIDATES = ARTIFACTS / "candidates.json"
+WINNER = ARTIFACTS / "winner.pt"
+PARITY = ARTIFACTS / "parity.json"
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write JSON atomically (temp file + rename), so a failure leaves no half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    tmp.replace(path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# -- prepare -------------------------------------------------------------------------------
+
+
+def prepare(data: DataParams, prepare_params: PrepareParams) -> Splits:
+    """Load the source, split it (stratified, seeded, leakage-checked) and write the splits."""
+    splits = split_dataset(load_dataset(data), prepare_params)
+    save_splits(splits, prepare_params.output_dir, {"source": data.source, "path": data.path})
+    return splits
+
+
+# -- validate ------------------------------------------------------------------------------
+
+
+class DataValidationFailed(DataError):
+    """A split failed its Great Expectations suite; the report names each failed expectation."""
+
+    def __init__(self, reports: list[ValidationReport], report_path: Path) -> None:
+        failed = [r for r in reports if not r.success]
+        body = "\n".join(r.summary() for r in failed)
+        super().__init__(f"data validation failed (report: {report_path}):\n{body}")
+        self.reports = reports
+        self.report_path = report_path
+
+
+def validate(splits: Splits, params: ValidateParams) -> tuple[dict, list[ValidationReport]]:
+    """Build the suite from the training split and check every split against it.
+
+    The report is written whether or not it passes; a failure raises before any training."""
+    spec = build_suite_spec(splits.train.X, splits.feature_names, params)
+    write_json(spec, VALIDATION_SPEC)
+    reports = [validate_batch(split.X, spec, name) for name, split in splits.items()]
+    report_path = save_report(reports, params.report_path)
+    if not all(r.success for r in reports):
+        raise DataValidationFailed(reports, Path(report_path))
+    return spec, reports
+
+
+# -- clean ---------------------------------------------------------------------------------
+
+
+def clean(train: Split, params: CleanParams) -> tuple[Split, CleaningResult | None]:
+    """Iteratively drop the contaminated tail of the training split; write the audit log."""
+    if not params.enabled:
+        cleaned, result = train, None
+    else:
+
+        def make_detector() -> Detector:
+            return create_detector(
+                params.detector, **params.detector_params, epochs=params.epochs, seed=params.seed
+            )
+
+        cleaned, result = clean_training_split(train, make_detector, params)
+    write_json(result.to_dict() if result else {"enabled": False}, params.log_path)
+    arrays = {"X": cleaned.X, "ids": cleaned.ids}
+    if cleaned.y is not None:
+        arrays["y"] = cleaned.y
+    CLEANED_TRAIN.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(CLEANED_TRAIN, **arrays)
+    return cleaned, result
+
+
+# -- train ---------------------------------------------------------------------------------
+
+
+def build_candidate(name: str, params: TrainParams) -> Detector:
+    """A candidate with its own params from train.detectors plus the shared training settings."""
+    return create_detector(
+        name,
+        **params.detectors.get(name, {}),
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        learning_rate=params.learning_rate,
+        weight_decay=params.weight_decay,
+        patience=params.patience,
+        seed=params.seed,
+    )
+
+
+def fit_detector(detector: Detector, train: Split, val: Split) -> Detector:
+    """Fit on the training features only; validation labels reach only a detector that
+    declares `uses_labels` (outlier exposure), so labels cannot leak into training."""
+    val_labels = val.y if detector.uses_labels else None
+    return detector.fit(train.X, val.X, val_labels)
+
+
+def train_candidates(
+    train: Split, val: Split, params: TrainParams
+) -> tuple[dict[str, Detector], list[CandidateResult], CandidateResult]:
+    """Fit every candidate, score validation, and pick the winner on validation data only."""
+    detectors: dict[str, Detector] = {}
+    results: list[CandidateResult] = []
+    for position, name in enumerate(params.candidates, start=1):
+        log.info("candidate %d/%d: %s", position, len(params.candidates), name)
+        started = time.perf_counter()
+        detector = fit_detector(build_candidate(name, params), train, val)
+        fit_seconds = time.perf_counter() - started
+        metric_name, metric = validation_metric(detector.score, val.X, val.y, params.seed)
+        log.info("candidate %s: %s = %.4f (%.1f s)", name, metric_name, metric, fit_seconds)
+        detectors[name] = detector
+        results.append(CandidateResult(name, metric_name, metric, detector.exportable, fit_seconds))
+    winner = select_winner(results)
+    write_json({"winner": winner.name, "candidates": [asdict(r) for r in results]}, CANDIDATES)
+    torch.save(detectors[winner.name], WINNER)
+    return detectors, results, winner
+
+
+def load_winner(path: str | Path = WINNER) -> Detector:
+    """The winner written by the train stage (a pickled detector: trusted, local file)."""
+    return torch.load(path, weights_only=False)
+
+
+# -- evaluate ------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    threshold: float
+    target_fpr: float
+    n_calibration: int
+    calibration_scores: np.ndarray
+    val_scores: np.ndarray
+    test_scores: np.ndarray
+    test: dict[str, float]
+    plots: list[str]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for key in ("calibration_scores", "val_scores", "test_scores"):
+            out.pop(key)
+        return out
+
+
+def evaluate(
+    detector: Detector,
+    splits: Splits,
+    params: EvaluateParams,
+    calibration: CalibrationParams,
+) -> Evaluation:
+    """Threshold from held-out normal validation scores at the target FPR; test metrics once,
+    for reporting only (nothing is chosen on them)."""
+    val_scores = detector.score(splits.val.X)
+    calibration_scores = val_scores if splits.val.y is None else val_scores[splits.val.y == 0]
+    threshold = threshold_at_fpr(calibration_scores, calibration.target_fpr)
+    test_scores = detector.score(splits.test.X)
+    test: dict[str, float] = {}
+    plots: list[str] = []
+    plots_dir = Path(params.plots_dir)
+    if splits.test.y is not None:
+        test = {
+            **ranking_metrics(splits.test.y, test_scores),
+            **threshold_metrics(splits.test.y, test_scores, threshold),
+        }
+        if splits.test.has_both_classes:
+            plots.append(str(plot_roc_pr(splits.test.y, test_scores, "test", plots_dir / "roc_pr_test.png")))
+    plots.append(
+        str(plot_score_histogram(test_scores, splits.test.y, threshold, "test scores", plots_dir / "scores_test.png"))
+    )
+    plots.append(
+        str(plot_score_histogram(val_scores, splits.val.y, threshold, "validation scores", plots_dir / "scores_val.png"))
+    )
+    evaluation = Evaluation(
+        threshold, calibration.target_fpr, len(calibration_scores), calibration_scores,
+        val_scores, test_scores, test, plots,
+    )
+    write_json(evaluation.to_dict(), params.metrics_path)
+    np.save(Path(params.metrics_path).with_name("calibration_scores.npy"), calibration_scores)
+    log.info("threshold %.5g at target FPR %.3f; test %s", threshold, calibration.target_fpr, test)
+    return evaluation
+
+
+def load_evaluation(params: EvaluateParams) -> tuple[float, np.ndarray]:
+    """(threshold, calibration scores) written by the evaluate stage."""
+    metrics = json.loads(Path(params.metrics_path).read_text())
+    scores = np.load(Path(params.metrics_path).with_name("calibration_scores.npy"))
+    return float(metrics["threshold"]), scores
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def detector_params(detector: Detector) -> dict:
+    """The detector's constructor arguments as set, for the metadata and the model card."""
+    return {
+        name: getattr(detector, name)
+        for name in accepted_params(detector.name)
+        if hasattr(detector, name)
+    }
+
+
+def model_metadata(
+    detector: Detector, feature_names: list[str], example: np.ndarray,
+    threshold: float, target_fpr: float, n_calibration: int, opset: int, extra: dict | None = None,
+) -> dict:
+    """What an ops team needs to know about the graph, stored inside it."""
+    return {
+        "detector": detector.name,
+        "detector_params": detector_params(detector),
+        "input": {
+            "name": "input",
+            "dtype": "float32",
+            "shape": ["N", *example.shape[1:]],
+            "feature_names": feature_names if example.ndim == 2 else [],
+        },
+        "outputs": ["score", "is_anomaly"],
+        "threshold": threshold,
+        "target_fpr": target_fpr,
+        "n_calibration_scores": n_calibration,
+        "normalcy_version": normalcy.__version__,
+        "opset": opset,
+        **(extra or {}),
+    }
+
+
+def export(
+    detector: Detector, threshold: float, test_X: np.ndarray, params: ExportParams, metadata: dict
+) -> tuple[Path, ParityReport]:
+    """Write the ONNX graph and compare it with torch on the test split.
+
+    The caller refuses to register when `report.passed` is false (`require_parity`)."""
+    if not detector.exportable:
+        raise ValueError(f"detector {detector.name!r} is not exportable; it cannot be the winner")
+    module = detector.scoring_module()
+    path = export_onnx(module, threshold, test_X[:2], params.path, params.opset, metadata)
+    report = parity_check(
+        module, threshold, path, test_X,
+        params.parity_max_abs, params.parity_max_rel, params.parity_min_agreement,
+    )
+    write_json(report.to_dict(), PARITY)
+    log.info("parity: %s", report.message())
+    return path, report

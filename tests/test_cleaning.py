@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from normalcy.config import CleanParams, DataParams, PrepareParams
+from normalcy.data.sources import load_dataset
+from normalcy.data.splits import Split, split_dataset
+from normalcy.detectors import create_detector
+from normalcy.validation.cleaning import clean_training_split, contamination_cutoff, removal_quality
+
+
+def test_cutoff_robust_or_top_fraction():
+    scores = np.concatenate([np.random.default_rng(0).normal(size=990), np.full(10, 50.0)])
+    robust = contamination_cutoff(scores, CleanParams(mad_threshold=3.5))
+    assert 2.5 < robust < 5.0  # the 10 outliers do not inflate the cutoff
+    top = contamination_cutoff(scores, CleanParams(top_fraction=0.05))
+    assert (scores > top).sum() == pytest.approx(50, abs=1)
+
+
+def test_removal_quality():
+    removed = np.array([True, True, False, False])
+    labels = np.array([1, 0, 1, 0])
+    assert removal_quality(removed, labels) == (0.5, 0.5)
+    assert removal_quality(removed, None) == (None, None)
+
+
+def test_iterative_cleaning_removes_contamination_on_digits():
+    dataset = load_dataset(DataParams(anomaly_fraction=0.3))
+    train = split_dataset(dataset, PrepareParams(train_contamination=0.1)).train
+    params = CleanParams(max_iter=3, epochs=20)
+
+    def make():
+        return create_detector("autoencoder", epochs=params.epochs, seed=0)
+
+    cleaned, result = clean_training_split(train, make, params)
+    assert 1 <= len(result.iterations) <= 3
+    last = result.iterations[-1]
+    assert last.n_removed == result.n_removed == len(train) - len(cleaned)
+    base_rate = train.y.mean()
+    # removal is far better than chance: precision at least twice the contamination rate
+    assert last.precision > 2 * base_rate and last.recall > 0.3
+    assert cleaned.y.mean() < train.y.mean()
+    assert set(cleaned.ids).isdisjoint(last.removed_ids)
+    log = result.to_dict()
+    assert log["n_removed"] == result.n_removed and log["iterations"][0]["iteration"] == 1
+
+
+def test_cleaning_without_labels_reports_no_quality():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 4)).astype(np.float32)
+    X[:6] += 12
+    train = Split(X, None, np.arange(200))
+    cleaned, result = clean_training_split(
+        train, lambda: create_detector("autoencoder", epochs=10), CleanParams(max_iter=2)
+    )
+    assert result.iterations[0].precision is None
+    assert not set(range(6)) & set(cleaned.ids.tolist())

@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from normalcy.config import ConfigError, apply_override, load_params
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_repo_params_yaml_is_valid_and_complete():
+    params = load_params(PARAMS)
+    assert params.calibration.target_fpr == 0.01
+    assert params.train.candidates == ["autoencoder", "deep_svdd"]
+    assert params.validate_.range_tolerance == 0.1
+    assert "train.epochs" in params.flat()
+
+
+def test_set_overrides_any_key_with_yaml_values():
+    params = load_params(PARAMS, ["train.epochs=5", "data.normal_digits=[0, 1]", "clean.top_fraction=null"])
+    assert params.train.epochs == 5
+    assert params.data.normal_digits == [0, 1]
+    assert params.clean.top_fraction is None
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.epochs=-3", "train.epochs: Input should be greater than or equal to 1"),
+        ("train.epochs=many", "train.epochs"),
+        ("train.epochz=3", "train.epochz: unknown key"),
+        ("calibration.target_fpr=0.9", "calibration.target_fpr"),
+        ("train.candidates=[autoencoder, no_such_method]", "unknown detector 'no_such_method'"),
+        ("clean.detector=nope", "clean.detector: unknown detector 'nope'"),
+        ("data.source=excel", "data.source"),
+        ("data.source=csv", "data.path is required"),
+        ("prepare.val_fraction=0.75", "prepare.val_fraction + prepare.test_fraction"),
+    ],
+)
+def test_bad_params_name_the_key_path(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_params(PARAMS, [override])
+    assert fragment in str(info.value)
+
+
+def test_bad_yaml_file_and_bad_override_syntax(tmp_path):
+    broken = tmp_path / "params.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(broken)
+    broken.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_params(broken)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_override({}, "train.epochs")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_params(tmp_path / "missing.yaml")

@@ -1,0 +1,129 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from normalcy.config import DataParams, PrepareParams
+from normalcy.data.sources import DataError, load_batch, load_dataset
+from normalcy.data.splits import check_no_leakage, load_splits, save_splits, split_dataset
+
+
+def test_digits_one_class_setup():
+    dataset = load_dataset(DataParams(normal_digits=[0, 1], anomaly_fraction=0.1))
+    assert dataset.X.shape[1] == 64 and dataset.X.dtype == np.float32
+    assert dataset.y.mean() == pytest.approx(0.1, abs=0.01)
+    images = load_dataset(DataParams(as_images=True))
+    assert images.X.shape[1:] == (1, 8, 8) and images.is_image
+
+
+def test_splits_are_deterministic_stratified_and_disjoint():
+    dataset = load_dataset(DataParams())
+    params = PrepareParams(seed=3, train_contamination=None)
+    a, b = split_dataset(dataset, params), split_dataset(dataset, params)
+    for (_, split_a), (_, split_b) in zip(a.items(), b.items(), strict=True):
+        assert np.array_equal(split_a.ids, split_b.ids)
+    rates = [split.y.mean() for _, split in a.items()]
+    assert max(rates) - min(rates) < 0.02  # stratified
+    all_ids = np.concatenate([split.ids for _, split in a.items()])
+    assert len(all_ids) == len(np.unique(all_ids))
+    other_seed = split_dataset(dataset, PrepareParams(seed=4, train_contamination=None))
+    assert not np.array_equal(a.train.ids, other_seed.train.ids)
+
+
+def test_train_contamination_is_capped():
+    dataset = load_dataset(DataParams(anomaly_fraction=0.2))
+    splits = split_dataset(dataset, PrepareParams(train_contamination=0.03))
+    assert splits.train.y.mean() <= 0.03 + 1e-9
+    assert splits.train.y.sum() > 0
+    assert splits.dropped_train_anomalies > 0
+    assert splits.test.y.mean() == pytest.approx(0.2, abs=0.02)
+
+
+def test_duplicate_rows_never_leak_across_splits():
+    X = np.repeat(np.arange(100, dtype=np.float32).reshape(50, 2), 2, axis=0)  # every row twice
+    from normalcy.data.sources import Dataset
+
+    splits = split_dataset(Dataset(X, None, ["a", "b"]), PrepareParams())
+    assert splits.dropped_duplicates == 50
+    check_no_leakage(splits)  # would raise on a shared row
+    splits.test.X[0] = splits.train.X[0]
+    with pytest.raises(DataError, match="identical row"):
+        check_no_leakage(splits)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    splits = split_dataset(load_dataset(DataParams()), PrepareParams())
+    save_splits(splits, tmp_path / "prepared", {"source": "sklearn_digits"})
+    loaded = load_splits(tmp_path / "prepared")
+    assert np.array_equal(loaded.test.X, splits.test.X)
+    assert np.array_equal(loaded.train.y, splits.train.y)
+    assert loaded.feature_names == splits.feature_names
+
+
+def _csv(tmp_path, frame, name="data.csv"):
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def test_csv_source_with_label_and_id(tmp_path):
+    frame = pd.DataFrame({"id": range(20), "a": np.arange(20.0), "b": np.ones(20), "label": [0] * 18 + [1] * 2})
+    dataset = load_dataset(DataParams(source="csv", path=_csv(tmp_path, frame), label_column="label", id_column="id"))
+    assert dataset.feature_names == ["a", "b"]
+    assert dataset.y.sum() == 2
+    assert list(dataset.ids[:3]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("frame", "kwargs", "fragment"),
+    [
+        (pd.DataFrame({"a": [1.0, np.nan], "b": [1.0, 2.0]}), {}, "NaN/inf values in 1 feature(s) (first: ['a']"),
+        (pd.DataFrame({"a": [1.0, np.inf], "b": [1.0, 2.0]}), {}, "NaN/inf"),
+        (pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"]}), {}, "non-numeric column(s) {'b': "),
+        (pd.DataFrame({"a": [1.0, 2.0]}), {"feature_columns": ["a", "b"]}, "missing column(s) ['b']"),
+        (pd.DataFrame({"a": [1.0, 2.0], "b": [1.0, 2.0], "c": [0, 0]}), {"feature_columns": ["a", "b"]}, "unexpected column(s) ['c']"),
+        (pd.DataFrame({"a": [1.0, 2.0], "label": [0, 2]}), {"label_column": "label"}, "expected 0 (normal) / 1 (anomaly)"),
+    ],
+)
+def test_bad_tables_fail_naming_what_is_wrong(tmp_path, frame, kwargs, fragment):
+    with pytest.raises(DataError) as info:
+        load_dataset(DataParams(source="csv", path=_csv(tmp_path, frame), **kwargs))
+    assert fragment in str(info.value)
+
+
+def test_empty_and_corrupted_files(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match="the file is empty"):
+        load_dataset(DataParams(source="csv", path=str(empty)))
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("a,b\n")
+    with pytest.raises(DataError, match="no rows"):
+        load_dataset(DataParams(source="csv", path=str(header_only)))
+    corrupted = tmp_path / "broken.npz"
+    corrupted.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_dataset(DataParams(source="npz", path=str(corrupted)))
+    no_x = tmp_path / "no_x.npz"
+    np.savez(no_x, features=np.zeros((3, 2)))
+    with pytest.raises(DataError, match="no array 'X'"):
+        load_dataset(DataParams(source="npz", path=str(no_x)))
+
+
+def test_all_anomalous_training_data_is_refused(tmp_path):
+    path = tmp_path / "all_bad.npz"
+    np.savez(path, X=np.random.default_rng(0).normal(size=(40, 3)), y=np.ones(40))
+    with pytest.raises(DataError, match="every row is labelled anomalous"):
+        split_dataset(load_dataset(DataParams(source="npz", path=str(path))), PrepareParams())
+
+
+def test_load_batch_checks_columns_and_shape(tmp_path):
+    names = ["a", "b"]
+    good = _csv(tmp_path, pd.DataFrame({"a": [1.0], "b": [2.0]}), "good.csv")
+    assert load_batch(good, names, [2]).shape == (1, 2)
+    bad = _csv(tmp_path, pd.DataFrame({"a": [1.0], "c": [2.0]}), "bad.csv")
+    with pytest.raises(DataError, match=r"missing \['b'\], unexpected \['c'\]"):
+        load_batch(bad, names, [2])
+    npz = tmp_path / "batch.npz"
+    np.savez(npz, X=np.zeros((2, 3)))
+    with pytest.raises(DataError, match=r"rows have shape \[3\]; the model expects \[2\]"):
+        load_batch(npz, names, [2])

@@ -1,0 +1,215 @@
+"""Per-feature KS + Benjamini-Hochberg drift, score shift, and the combined report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.datasets import load_digits
+
+from normalcy.drift import (
+    DriftReport,
+    benjamini_hochberg,
+    detect_drift,
+    feature_drift,
+    score_shift,
+)
+
+PIXEL_NAMES = [f"pixel_{i}" for i in range(64)]
+SHIFTED = 36  # a pixel with plenty of variance in the digits data
+
+
+@pytest.fixture(scope="module")
+def digits_halves() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 digits split into two halves by a fixed permutation: same distribution."""
+    X = load_digits().data
+    perm = np.random.default_rng(0).permutation(len(X))
+    half = len(X) // 2
+    return X[perm[:half]], X[perm[half:]]
+
+
+def test_bh_matches_hand_computed_example():
+    # m = 4, fdr = 0.05. Sorted p: 0.001, 0.028, 0.030, 0.5
+    #   m * p_(i) / i:   4 * 0.001 / 1 = 0.004
+    #                    4 * 0.028 / 2 = 0.056
+    #                    4 * 0.030 / 3 = 0.040
+    #                    4 * 0.5   / 4 = 0.5
+    #   running min from the right: 0.004, 0.040, 0.040, 0.5
+    # Step-up: p_(3) = 0.030 <= 3 * 0.05 / 4 = 0.0375, so the 3 smallest are rejected even though
+    # p_(2) = 0.028 > 2 * 0.05 / 4 = 0.025 on its own.
+    p = np.array([0.5, 0.028, 0.001, 0.030])
+    rejected, adjusted = benjamini_hochberg(p, 0.05)
+    np.testing.assert_allclose(adjusted, [0.5, 0.040, 0.004, 0.040])
+    np.testing.assert_array_equal(rejected, [False, True, True, True])
+
+
+def test_bh_second_example_and_no_rejection():
+    # Sorted p 0.005, 0.01, 0.03, 0.04, 0.2 (m=5): 5p/i = 0.025, 0.025, 0.05, 0.05, 0.2.
+    # At fdr 0.04 only the two smallest are below their lines (0.008, 0.016; 0.03 > 0.024).
+    p = np.array([0.01, 0.04, 0.03, 0.005, 0.20])
+    rejected, adjusted = benjamini_hochberg(p, 0.04)
+    np.testing.assert_allclose(adjusted, [0.025, 0.05, 0.05, 0.025, 0.2])
+    np.testing.assert_array_equal(rejected, [True, False, False, True, False])
+    rejected, _ = benjamini_hochberg(np.array([0.3, 0.9, 0.5]), 0.05)
+    assert not rejected.any()
+
+
+def test_bh_adjusted_monotone_bounded_and_agrees_with_scipy():
+    rng = np.random.default_rng(7)
+    p = np.r_[rng.uniform(size=200), rng.uniform(0, 1e-3, size=20), [1.0, 1.0, 0.0]]
+    rejected, adjusted = benjamini_hochberg(p, 0.1)
+    order = np.argsort(p, kind="stable")
+    assert np.all(np.diff(adjusted[order]) >= 0)
+    assert np.all(adjusted <= 1.0)
+    assert np.all(adjusted >= p)
+    np.testing.assert_allclose(adjusted, stats.false_discovery_control(p, method="bh"))
+    np.testing.assert_array_equal(rejected, adjusted <= 0.1)
+
+
+def test_bh_validates_input():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        benjamini_hochberg(np.array([0.1, 1.2]), 0.05)
+    with pytest.raises(ValueError, match="fdr"):
+        benjamini_hochberg(np.array([0.1]), 0.0)
+    rejected, adjusted = benjamini_hochberg(np.array([]), 0.05)
+    assert rejected.size == 0 and adjusted.size == 0
+
+
+def test_no_feature_drift_between_halves_of_digits(digits_halves):
+    a, b = digits_halves
+    result = feature_drift(a, b, PIXEL_NAMES, fdr=0.05)
+    assert [f.feature for f in result] == PIXEL_NAMES
+    assert sum(f.drifted for f in result) <= 1
+    # pixel_0 is 0 in every digit: constant and identical in both halves -> p = 1.
+    assert result[0].statistic == 0.0 and result[0].p_value == 1.0
+
+
+def test_shift_of_one_feature_is_detected_and_named(digits_halves):
+    a, b = digits_halves
+    b = b.copy()
+    b[:, SHIFTED] += 2.0 * a[:, SHIFTED].std()
+    result = feature_drift(a, b, PIXEL_NAMES, fdr=0.05)
+    drifted = [f.feature for f in result if f.drifted]
+    assert f"pixel_{SHIFTED}" in drifted
+    assert len(drifted) <= 2
+    assert result[SHIFTED].adjusted_p_value < 1e-10
+
+
+def test_many_features_from_the_same_distribution_give_few_false_alarms():
+    # 20 batches x 200 independent features, no drift. Uncorrected tests at 0.05 would flag
+    # ~10 features per batch; BH at 0.05 flags any feature in at most ~5% of batches.
+    rng = np.random.default_rng(11)
+    n_flagged_batches = 0
+    n_raw_significant = 0
+    for _ in range(20):
+        ref = rng.normal(size=(300, 200))
+        new = rng.normal(size=(300, 200))
+        result = feature_drift(ref, new, None, fdr=0.05)
+        n_flagged_batches += any(f.drifted for f in result)
+        n_raw_significant += sum(f.p_value < 0.05 for f in result)
+    assert n_flagged_batches <= 3
+    assert n_raw_significant > 100  # the correction is what keeps the alarms down
+
+
+def test_feature_drift_flattens_images():
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(200, 3, 4, 4))
+    new = rng.normal(size=(200, 3, 4, 4))
+    new[:, 1, 2, 3] += 3.0
+    result = feature_drift(ref, new, None, fdr=0.05)
+    assert len(result) == 48
+    flat_index = 1 * 16 + 2 * 4 + 3
+    assert [f.feature for f in result if f.drifted] == [f"feature_{flat_index}"]
+
+
+def test_constant_features_differing_between_samples_drift():
+    ref = np.zeros((100, 2))
+    new = np.zeros((100, 2))
+    new[:, 1] = 1.0
+    result = feature_drift(ref, new, ["same", "moved"], fdr=0.05)
+    assert result[0].p_value == 1.0 and not result[0].drifted
+    assert result[1].statistic == 1.0 and result[1].drifted
+
+
+def test_feature_count_mismatch_names_both_counts(digits_halves):
+    a, b = digits_halves
+    with pytest.raises(ValueError, match=r"expected 64, got 63"):
+        feature_drift(a, b[:, :63], PIXEL_NAMES, fdr=0.05)
+
+
+def test_feature_names_length_and_bad_values_are_rejected(digits_halves):
+    a, b = digits_halves
+    with pytest.raises(ValueError, match="feature_names has 3 names"):
+        feature_drift(a, b, ["x", "y", "z"], fdr=0.05)
+    bad = b.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        feature_drift(a, bad, PIXEL_NAMES, fdr=0.05)
+
+
+def test_score_shift_detects_one_sigma_mean_shift():
+    rng = np.random.default_rng(5)
+    statistic, p = score_shift(rng.normal(size=500), rng.normal(loc=1.0, size=500))
+    assert p < 1e-10
+    assert statistic > 0.25  # population KS distance is 2 * Phi(0.5) - 1 ~= 0.38
+
+
+def test_score_shift_does_not_flag_identical_distributions():
+    rng = np.random.default_rng(6)
+    _, p = score_shift(rng.normal(size=500), rng.normal(size=500))
+    assert p > 0.05
+    statistic, p = score_shift(np.arange(10.0), np.arange(10.0))
+    assert statistic == 0.0 and p == 1.0
+
+
+def test_detect_drift_end_to_end(digits_halves):
+    a, b = digits_halves
+    b = b.copy()
+    b[:, SHIFTED] += 2.0 * a[:, SHIFTED].std()
+    rng = np.random.default_rng(8)
+    ref_scores = rng.normal(size=len(a))
+    batch_scores = rng.normal(loc=1.0, size=len(b))
+    threshold = float(np.quantile(ref_scores, 0.99))
+    report = detect_drift(
+        a,
+        b,
+        PIXEL_NAMES,
+        ref_scores,
+        batch_scores,
+        fdr=0.05,
+        score_shift_alpha=0.01,
+        threshold=threshold,
+    )
+    assert isinstance(report, DriftReport)
+    assert report.drifted and report.score_shifted
+    assert report.n_features_drifted >= 1
+    assert report.n_features_drifted == sum(f.drifted for f in report.features)
+    assert report.n_reference == len(a) and report.n_batch == len(b)
+    assert report.alert_rate_reference == pytest.approx(0.01, abs=0.005)
+    assert report.alert_rate_batch > 0.05
+
+    payload = json.loads(json.dumps(report.to_dict()))
+    assert payload["n_features_drifted"] == report.n_features_drifted
+    assert payload["features"][SHIFTED]["feature"] == f"pixel_{SHIFTED}"
+    assert payload["features"][SHIFTED]["drifted"] is True
+
+    summary = report.summary()
+    assert f"pixel_{SHIFTED}" in summary
+    assert "DRIFT" in summary
+    assert f"{report.n_features_drifted}/64" in summary
+    assert "score distribution: shifted" in summary
+
+
+def test_detect_drift_quiet_when_nothing_changed(digits_halves):
+    a, b = digits_halves
+    rng = np.random.default_rng(9)
+    report = detect_drift(
+        a, b, PIXEL_NAMES, rng.normal(size=len(a)), rng.normal(size=len(b)), 0.05, 0.01
+    )
+    assert not report.score_shifted
+    assert report.alert_rate_reference is None and report.alert_rate_batch is None
+    assert report.n_features_drifted <= 1
+    json.dumps(report.to_dict())
+    assert "not shifted" in report.summary()

@@ -1,0 +1,316 @@
+"""Registry against a real MLflow sqlite store in a temp folder: no mocks, real ONNX models."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from mlflow import MlflowClient
+from onnx import TensorProto, helper
+
+from normalcy.config import MlflowParams
+from normalcy.registry import (
+    CHALLENGER,
+    CHAMPION,
+    MAX_PARAM_VAL_LENGTH,
+    decide_promotion,
+    download_run_artifact,
+    load_champion,
+    log_json,
+    log_onnx_model,
+    log_params_flat,
+    promote_if_better,
+    register_challenger,
+    resolve_tracking_uri,
+    set_champion,
+    setup_tracking,
+)
+
+
+def make_onnx(path: Path, scale: float) -> Path:
+    """float32 [N, 3] -> score [N] = scale * sum(x); `scale` tells versions apart when served."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])
+    inits = [
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
+    ]
+    nodes = [
+        helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=0),
+        helper.make_node("Mul", ["total", "scale"], ["score"]),
+    ]
+    graph = helper.make_graph(nodes, "sum_score", [x], [score], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9  # readable by older onnxruntime builds too
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["score"], {"x": x.astype(np.float32)})[0]
+
+
+@dataclass
+class Store:
+    base: Path
+    cwd: Path
+    params: MlflowParams
+    experiment_id: str
+
+    def onnx(self, scale: float) -> Path:
+        return make_onnx(self.base / f"model-{uuid.uuid4().hex[:8]}.onnx", scale)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    """One sqlite store per module (its migrations take seconds); the process runs in another
+    folder, so a stray `./mlruns` would show. Tests use their own model names."""
+    root = tmp_path_factory.mktemp("mlflow")
+    base, cwd = root / "store", root / "cwd"
+    cwd.mkdir()
+    params = MlflowParams(experiment="normalcy-test")
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        experiment_id = setup_tracking(params, base_dir=base)
+        yield Store(base=base, cwd=cwd, params=params, experiment_id=experiment_id)
+    mlflow.set_tracking_uri(previous_uri)
+    mlflow.set_registry_uri(previous_uri)
+
+
+def fresh_name() -> str:
+    return f"normalcy-{uuid.uuid4().hex[:8]}"
+
+
+# --- resolve_tracking_uri (pure) ----------------------------------------------------------------
+
+
+def test_resolve_makes_relative_sqlite_and_artifacts_absolute(tmp_path: Path) -> None:
+    uri, artifacts = resolve_tracking_uri(MlflowParams(), base_dir=tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert uri.startswith("sqlite:////")
+    assert artifacts == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert artifacts.startswith("file:///")
+
+
+def test_resolve_defaults_to_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = MlflowParams(tracking_uri="sqlite:///db/m.db?timeout=20", artifact_location="art")
+    uri, artifacts = resolve_tracking_uri(params)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/db/m.db?timeout=20"
+    assert artifacts == (tmp_path.resolve() / "art").as_uri()
+
+
+@pytest.mark.parametrize(
+    ("tracking_uri", "artifact_location"),
+    [
+        ("sqlite:////already/abs.db", "file:///already/art"),
+        ("sqlite:////already/abs.db", "s3://bucket/art"),
+        ("sqlite:///:memory:", "file:///already/art"),
+        ("http://mlflow.internal:5000", "mlartifacts"),  # the server's folders, not ours
+        ("databricks", ""),
+    ],
+)
+def test_resolve_leaves_absolute_and_remote_alone(
+    tracking_uri: str, artifact_location: str, tmp_path: Path
+) -> None:
+    params = MlflowParams(tracking_uri=tracking_uri, artifact_location=artifact_location)
+    assert resolve_tracking_uri(params, base_dir=tmp_path) == (tracking_uri, artifact_location)
+
+
+def test_resolve_absolute_artifact_path_becomes_uri(tmp_path: Path) -> None:
+    params = MlflowParams(artifact_location=str(tmp_path / "art"))
+    _, artifacts = resolve_tracking_uri(params, base_dir=Path("/elsewhere"))
+    assert artifacts == (tmp_path / "art").resolve().as_uri()
+
+
+def test_resolve_plain_path_file_store(tmp_path: Path) -> None:
+    uri, _ = resolve_tracking_uri(MlflowParams(tracking_uri="mlruns"), base_dir=tmp_path)
+    assert uri == str(tmp_path.resolve() / "mlruns")
+
+
+# --- setup_tracking -----------------------------------------------------------------------------
+
+
+def test_setup_tracking_puts_store_and_artifacts_under_base(store: Store) -> None:
+    assert (store.base / "mlflow.db").is_file()
+    assert mlflow.get_tracking_uri() == f"sqlite:///{store.base.resolve()}/mlflow.db"
+    exp = MlflowClient().get_experiment(store.experiment_id)
+    assert exp.name == "normalcy-test"
+    assert exp.artifact_location == (store.base.resolve() / "mlartifacts").as_uri()
+    with mlflow.start_run() as run:
+        log_json({"ok": True}, "probe.json")
+    assert run.info.experiment_id == store.experiment_id
+    assert (store.base / "mlartifacts" / run.info.run_id / "artifacts" / "probe.json").is_file()
+    assert not (store.cwd / "mlruns").exists()
+    assert not (store.base / "mlruns").exists()
+
+
+def test_setup_tracking_is_idempotent(store: Store) -> None:
+    assert setup_tracking(store.params, base_dir=store.base) == store.experiment_id
+
+
+# --- run logging ----------------------------------------------------------------------------
+
+
+def test_log_params_flat_many_and_long(store: Store) -> None:
+    params: dict[str, object] = {f"p.{i:03d}": i * 0.5 for i in range(250)}
+    params["long"] = "x" * (MAX_PARAM_VAL_LENGTH * 2)
+    params["none"] = None
+    params["list"] = [1, 2, 3]
+    with mlflow.start_run() as run:
+        log_params_flat(params)
+    logged = MlflowClient().get_run(run.info.run_id).data.params
+    assert len(logged) == len(params)
+    assert logged["p.007"] == "3.5"
+    assert logged["none"] == "None"
+    assert logged["list"] == "[1, 2, 3]"
+    assert len(logged["long"]) == MAX_PARAM_VAL_LENGTH
+    assert logged["long"].endswith("...")
+
+
+def test_log_json_with_numpy_and_download(store: Store, tmp_path: Path) -> None:
+    report = {"auc": np.float32(0.5), "counts": np.arange(3), "path": Path("a/b"), "n": np.int64(7)}
+    with mlflow.start_run() as run:
+        log_json(report, "reports/eval.json")
+    local = download_run_artifact(run.info.run_id, "reports/eval.json", tmp_path / "dl")
+    assert local.is_file()
+    assert json.loads(local.read_text()) == {"auc": 0.5, "counts": [0, 1, 2], "path": "a/b", "n": 7}
+
+
+def test_logging_outside_a_run_fails_loudly(store: Store) -> None:
+    assert mlflow.active_run() is None
+    with pytest.raises(RuntimeError, match="no active MLflow run"):
+        log_params_flat({"a": 1})
+    with pytest.raises(RuntimeError, match="no active MLflow run"):
+        register_challenger(store.onnx(1.0), fresh_name(), {})
+
+
+def test_log_onnx_model_uris_load(store: Store) -> None:
+    name = fresh_name()
+    x = np.ones((2, 3), dtype=np.float32)
+    with mlflow.start_run():
+        unregistered = log_onnx_model(store.onnx(2.0))
+        registered = log_onnx_model(store.onnx(3.0), model_name=name)
+    assert unregistered.startswith("models:/m-")
+    assert registered == f"models:/{name}/1"
+    for uri, expected in [(unregistered, 6.0), (registered, 9.0)]:
+        session = onnxruntime.InferenceSession(
+            mlflow.onnx.load_model(uri).SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        np.testing.assert_allclose(session.run(["score"], {"x": x})[0], [expected] * 2)
+
+
+# --- registry: challenger / champion ---------------------------------------------------------
+
+
+def test_load_champion_none_without_model_or_alias(store: Store, tmp_path: Path) -> None:
+    name = fresh_name()
+    assert load_champion(name, tmp_path) is None
+    with mlflow.start_run():
+        register_challenger(store.onnx(1.0), name, {"detector": "autoencoder"})
+    assert load_champion(name, tmp_path) is None  # a challenger is not served
+
+
+def test_promotion_sequence(store: Store, tmp_path: Path) -> None:
+    name = fresh_name()
+    client = MlflowClient()
+
+    def champion_version() -> str:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+
+    # v1: first model, no champion yet -> champion
+    with mlflow.start_run() as run1:
+        v1 = register_challenger(store.onnx(1.0), name, {"detector": "autoencoder", "seed": "0"})
+    assert (v1.name, v1.version, v1.run_id) == (name, "1", run1.info.run_id)
+    mv1 = client.get_model_version(name, "1")
+    assert mv1.tags["detector"] == "autoencoder"
+    assert mv1.run_id == run1.info.run_id
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "1"
+    first = promote_if_better(name, v1.version, "auroc", 0.8, None)
+    assert first.promoted
+    assert "no champion" in first.reason.lower()
+    assert champion_version() == "1"
+
+    # v2: worse -> stays challenger, champion unchanged, reason names both metrics
+    with mlflow.start_run():
+        v2 = register_challenger(store.onnx(2.0), name, {"detector": "deep_svdd"})
+    second = promote_if_better(name, v2.version, "auroc", 0.75, 0.8)
+    assert not second.promoted
+    assert (second.challenger_metric, second.champion_metric, second.metric_name) == (
+        0.75,
+        0.8,
+        "auroc",
+    )
+    assert "0.75" in second.reason and "0.8" in second.reason and "auroc" in second.reason
+    assert champion_version() == "1"
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "2"
+    tags2 = client.get_model_version(name, "2").tags
+    assert tags2["promotion_decision"] == "not_promoted"
+    assert tags2["promotion_reason"] == second.reason
+    assert tags2["champion_version_before"] == "1"
+
+    # v3: better -> champion, and it is what load_champion serves
+    with mlflow.start_run() as run3:
+        v3 = register_challenger(store.onnx(3.0), name, {"detector": "autoencoder"})
+    third = promote_if_better(name, v3.version, "auroc", 0.9, 0.8)
+    assert third.promoted
+    assert champion_version() == "3"
+    assert client.get_model_version(name, "3").tags["promotion_decision"] == "promoted"
+
+    champion = load_champion(name, tmp_path / "serve")
+    assert champion is not None
+    assert (champion.name, champion.version, champion.run_id) == (name, "3", run3.info.run_id)
+    assert champion.tags["detector"] == "autoencoder"
+    assert champion.onnx_path.suffix == ".onnx" and champion.onnx_path.is_file()
+    assert champion.onnx_path.is_relative_to(tmp_path / "serve")
+    x = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    np.testing.assert_allclose(run_onnx(champion.onnx_path, x), [18.0, 3.0])
+
+    # rollback, as recalibration does: set_champion moves the alias
+    set_champion(name, "1")
+    rolled = load_champion(name, tmp_path / "serve")
+    assert rolled is not None and rolled.version == "1"
+    np.testing.assert_allclose(run_onnx(rolled.onnx_path, x), [6.0, 1.0])
+
+
+# --- the decision rule (pure) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "champion_version", "promoted"),
+    [
+        (0.7, None, None, True),
+        (0.9, 0.8, "1", True),
+        (0.8, 0.8, "1", False),  # a tie keeps what is served
+        (0.7, 0.8, "1", False),
+        (math.nan, None, None, False),
+        (math.nan, 0.8, "1", False),
+        (0.7, math.nan, "1", True),
+        (0.7, 0.9, None, True),  # no champion alias: always serve something
+    ],
+)
+def test_decide_promotion(
+    challenger: float, champion: float | None, champion_version: str | None, promoted: bool
+) -> None:
+    decision = decide_promotion("2", "auroc", challenger, champion, champion_version)
+    assert decision.promoted is promoted
+    assert decision.reason.endswith(".")
+    assert "version 2" in decision.reason
+
+
+def test_decide_promotion_when_challenger_already_champion() -> None:
+    decision = decide_promotion("3", "auroc", 0.9, 0.9, "3")
+    assert not decision.promoted
+    assert "already" in decision.reason
