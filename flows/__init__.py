@@ -1,1 +1,1 @@
-"""Prefect flows: thin orchestration over normalcy's stage functions (installed as normalcy.flows)."""
+"""Prefect flows: thin orchestration over the stage functions (installed as normalcy.flows)."""

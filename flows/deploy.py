@@ -17,7 +17,7 @@ def build_deployments(params: Params, params_path: str = "params.yaml") -> list[
             name="monitor",
             cron=params.schedule.monitor_cron,
             parameters={"batch_path": params.monitor.batch_path, "params_path": params_path},
-            description="Drift check of the incoming batch against the champion; recalibrates on drift.",
+            description="Drift check of the incoming batch; recalibrates on drift.",
             tags=["normalcy", "monitor"],
         ),
         train_flow.to_deployment(

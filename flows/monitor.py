@@ -44,7 +44,8 @@ def fetch_champion(params: Params, workdir: str | Path) -> ChampionBundle:
     champion = registry.load_champion(params.mlflow.model_name, workdir)
     if champion is None:
         raise NoChampionError(
-            f"model {params.mlflow.model_name!r} has no 'champion' in {params.mlflow.tracking_uri}; "
+            f"model {params.mlflow.model_name!r} has no 'champion' "
+            f"in {params.mlflow.tracking_uri}; "
             "run `normalcy train` first"
         )
     reference_path = registry.download_run_artifact(
@@ -53,7 +54,9 @@ def fetch_champion(params: Params, workdir: str | Path) -> ChampionBundle:
     with np.load(reference_path, allow_pickle=False) as reference:
         X, scores, names = reference["X"], reference["scores"], reference["feature_names"].tolist()
     metadata = read_metadata(str(champion.onnx_path))
-    return ChampionBundle(champion.version, champion.run_id, champion.onnx_path, metadata, X, scores, names)
+    return ChampionBundle(
+        champion.version, champion.run_id, champion.onnx_path, metadata, X, scores, names
+    )
 
 
 def read_batch(batch_path: str | Path, champion: ChampionBundle) -> np.ndarray:
@@ -66,16 +69,22 @@ def check_drift(batch: np.ndarray, champion: ChampionBundle, params: Params) -> 
     """Per-feature KS tests with BH-FDR, plus a shift of the score distribution."""
     batch_scores, _ = score_onnx(str(champion.onnx_path), batch)
     return detect_drift(
-        champion.reference_X, batch, champion.feature_names,
-        champion.reference_scores, batch_scores,
-        params.monitor.fdr, params.monitor.score_shift_alpha,
+        champion.reference_X,
+        batch,
+        champion.feature_names,
+        champion.reference_scores,
+        batch_scores,
+        params.monitor.fdr,
+        params.monitor.score_shift_alpha,
         threshold=float(champion.metadata["threshold"]),
     )
 
 
 @flow(name="normalcy-monitor", log_prints=True)
 def monitor_flow(
-    batch_path: str | None = None, params_path: str = "params.yaml", overrides: list[str] | None = None
+    batch_path: str | None = None,
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
 ) -> dict:
     """Check a batch for drift against the champion; on drift, run the recalibrate flow."""
     from normalcy.flows.recalibrate import recalibrate_flow
@@ -91,12 +100,14 @@ def monitor_flow(
             report = check_drift(batch, champion, params)
             write_json(report.to_dict(), DRIFT_REPORT)
             mlflow.log_artifact(str(DRIFT_REPORT), "drift")
-            mlflow.log_metrics({
-                "features_drifted": report.n_features_drifted,
-                "score_shift_p_value": report.score_p_value,
-                "alert_rate_batch": report.alert_rate_batch or 0.0,
-                "drifted": float(report.drifted),
-            })
+            mlflow.log_metrics(
+                {
+                    "features_drifted": report.n_features_drifted,
+                    "score_shift_p_value": report.score_p_value,
+                    "alert_rate_batch": report.alert_rate_batch or 0.0,
+                    "drifted": float(report.drifted),
+                }
+            )
     print(report.summary())
     result = {
         "drifted": report.drifted,

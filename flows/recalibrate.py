@@ -61,9 +61,13 @@ def recalibrate_flow(
         old_threshold = float(champion.metadata["threshold"])
         kept_scores = robust_normal_scores(scores, params.monitor.mad_threshold)
         threshold = recalibrated_threshold(scores, target_fpr, params.monitor.mad_threshold)
-        with mlflow.start_run(run_name="recalibrate", tags={"normalcy.run_type": "recalibrate"}) as run:
+        with mlflow.start_run(
+            run_name="recalibrate", tags={"normalcy.run_type": "recalibrate"}
+        ) as run:
             path = set_threshold(
-                champion.onnx_path, threshold, RECALIBRATED,
+                champion.onnx_path,
+                threshold,
+                RECALIBRATED,
                 {
                     "threshold": threshold,
                     "n_calibration_scores": int(len(kept_scores)),
@@ -74,17 +78,24 @@ def recalibrate_flow(
             reference = Path(workdir) / "drift_reference.npz"
             rows = np.random.default_rng(0).permutation(len(batch))[: params.monitor.reference_size]
             np.savez(
-                reference, X=batch[np.sort(rows)], scores=kept_scores,
-                feature_names=np.array(champion.feature_names), threshold=threshold,
+                reference,
+                X=batch[np.sort(rows)],
+                scores=kept_scores,
+                feature_names=np.array(champion.feature_names),
+                threshold=threshold,
             )
             mlflow.log_artifact(str(reference), "reference")
-            mlflow.log_metrics({
-                "old_threshold": old_threshold,
-                "threshold": threshold,
-                "batch_rows": len(batch),
-                "trimmed_rows": len(batch) - len(kept_scores),
-            })
-            mlflow.set_tags({"recalibrated_from_version": champion.version, "batch_path": batch_path})
+            mlflow.log_metrics(
+                {
+                    "old_threshold": old_threshold,
+                    "threshold": threshold,
+                    "batch_rows": len(batch),
+                    "trimmed_rows": len(batch) - len(kept_scores),
+                }
+            )
+            mlflow.set_tags(
+                {"recalibrated_from_version": champion.version, "batch_path": batch_path}
+            )
             tags = {
                 "data_version": str(champion.metadata.get("data_version", "")),
                 "detector": str(champion.metadata.get("detector", "")),
@@ -93,7 +104,9 @@ def recalibrate_flow(
             }
             registered = registry.register_challenger(path, params.mlflow.model_name, tags)
             registry.set_champion(params.mlflow.model_name, registered.version)
-    log.info("threshold %.5g -> %.5g; champion is now v%s", old_threshold, threshold, registered.version)
+    log.info(
+        "threshold %.5g -> %.5g; champion is now v%s", old_threshold, threshold, registered.version
+    )
     return {
         "old_threshold": old_threshold,
         "threshold": threshold,

@@ -55,7 +55,9 @@ def clean_data(splits: Splits, params: Params) -> Split:
     cleaned, result = stages.clean(splits.train, params.clean)
     mlflow.log_artifact(params.clean.log_path, "cleaning")
     if result is not None:
-        mlflow.log_metrics({"clean_removed": result.n_removed, "clean_iterations": len(result.iterations)})
+        mlflow.log_metrics(
+            {"clean_removed": result.n_removed, "clean_iterations": len(result.iterations)}
+        )
         last = result.iterations[-1]
         if last.precision is not None:
             mlflow.log_metrics({"clean_precision": last.precision, "clean_recall": last.recall})
@@ -71,7 +73,11 @@ def train_and_select(train: Split, splits: Splits, params: Params) -> tuple[Dete
         mlflow.log_metric(f"{result.name}.fit_seconds", result.fit_seconds)
     mlflow.log_artifact(str(stages.CANDIDATES), "candidates")
     mlflow.set_tag("winner", winner.name)
-    return detectors[winner.name], {"name": winner.name, "metric_name": winner.metric_name, "metric": winner.metric}
+    return detectors[winner.name], {
+        "name": winner.name,
+        "metric_name": winner.metric_name,
+        "metric": winner.metric,
+    }
 
 
 @task
@@ -92,25 +98,39 @@ def export_winner(
 ) -> tuple[Path, ParityReport]:
     """ONNX graph with the threshold inside, checked against torch before anything is registered."""
     metadata = stages.model_metadata(
-        detector, splits.feature_names,
-        splits.test.X, evaluation.threshold, evaluation.target_fpr, evaluation.n_calibration,
-        params.export.opset, extra,
+        detector,
+        splits.feature_names,
+        splits.test.X,
+        evaluation.threshold,
+        evaluation.target_fpr,
+        evaluation.n_calibration,
+        params.export.opset,
+        extra,
     )
-    path, report = stages.export(detector, evaluation.threshold, splits.test.X, params.export, metadata)
+    path, report = stages.export(
+        detector, evaluation.threshold, splits.test.X, params.export, metadata
+    )
     mlflow.log_dict(report.to_dict(), "parity/parity.json")
-    mlflow.log_metrics({"parity_max_abs_diff": report.max_abs_diff, "parity_spearman": report.spearman})
+    mlflow.log_metrics(
+        {"parity_max_abs_diff": report.max_abs_diff, "parity_spearman": report.spearman}
+    )
     require_parity(report)
     return path, report
 
 
-def save_drift_reference(train: Split, evaluation: stages.Evaluation, feature_names: list[str], size: int, seed: int) -> Path:
-    """A sample of the cleaned training data and the calibration scores: what monitor compares to."""
+def save_drift_reference(
+    train: Split, evaluation: stages.Evaluation, feature_names: list[str], size: int, seed: int
+) -> Path:
+    """A sample of the cleaned training data and the calibration scores, for monitor."""
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(train.X), min(size, len(train.X)), replace=False)
     DRIFT_REFERENCE.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
-        DRIFT_REFERENCE, X=train.X[np.sort(rows)], scores=evaluation.calibration_scores,
-        feature_names=np.array(feature_names), threshold=evaluation.threshold,
+        DRIFT_REFERENCE,
+        X=train.X[np.sort(rows)],
+        scores=evaluation.calibration_scores,
+        feature_names=np.array(feature_names),
+        threshold=evaluation.threshold,
     )
     return DRIFT_REFERENCE
 
@@ -132,22 +152,41 @@ def register_and_promote(onnx_path: Path, splits: Splits, params: Params, tags: 
         champion_metric = None
         metric_name, challenger_metric = test_metric(onnx_path, splits.test, params.prepare.seed)
         if champion is not None:
-            ours, theirs = read_metadata(str(onnx_path))["input"], read_metadata(str(champion.onnx_path)).get("input")
-            if theirs is not None and theirs["shape"] == ours["shape"] and theirs["feature_names"] == ours["feature_names"]:
-                _, champion_metric = test_metric(champion.onnx_path, splits.test, params.prepare.seed)
+            ours, theirs = (
+                read_metadata(str(onnx_path))["input"],
+                read_metadata(str(champion.onnx_path)).get("input"),
+            )
+            if (
+                theirs is not None
+                and theirs["shape"] == ours["shape"]
+                and theirs["feature_names"] == ours["feature_names"]
+            ):
+                _, champion_metric = test_metric(
+                    champion.onnx_path, splits.test, params.prepare.seed
+                )
             else:
-                log.warning("champion v%s expects another input %s; it cannot be compared", champion.version, theirs)
+                log.warning(
+                    "champion v%s expects another input %s; it cannot be compared",
+                    champion.version,
+                    theirs,
+                )
                 champion_metric = float("inf")
     registered = registry.register_challenger(onnx_path, name, tags)
-    decision = registry.promote_if_better(name, registered.version, metric_name, challenger_metric, champion_metric)
+    decision = registry.promote_if_better(
+        name, registered.version, metric_name, challenger_metric, champion_metric
+    )
     mlflow.log_metric(f"promotion_{metric_name}", challenger_metric)
     log.info("registered %s v%s: %s", name, registered.version, decision.reason)
-    return {"model_version": registered.version, "promoted": decision.promoted, "promotion_reason": decision.reason}
+    return {
+        "model_version": registered.version,
+        "promoted": decision.promoted,
+        "promotion_reason": decision.reason,
+    }
 
 
 @flow(name="normalcy-train", log_prints=True)
 def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """prepare -> DVC snapshot -> validate -> clean -> candidates -> calibrate -> export -> register."""
+    """prepare, DVC snapshot, validate, clean, candidates, calibrate, export, register."""
     params = load_params(params_path, overrides)
     registry.setup_tracking(params.mlflow)
     with mlflow.start_run() as run:
@@ -160,14 +199,26 @@ def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = N
         cleaned = clean_data(splits, params)
         detector, winner = train_and_select(cleaned, splits, params)
         evaluation = evaluate_winner(detector, splits, params)
-        extra = {"data_version": md5, "mlflow_run_id": run.info.run_id, "model_name": params.mlflow.model_name}
+        extra = {
+            "data_version": md5,
+            "mlflow_run_id": run.info.run_id,
+            "model_name": params.mlflow.model_name,
+        }
         onnx_path, _ = export_winner(detector, evaluation, splits, params, extra)
         mlflow.log_artifact(str(stages.VALIDATION_SPEC), "reference")
         reference = save_drift_reference(
-            cleaned, evaluation, splits.feature_names, params.monitor.reference_size, params.prepare.seed
+            cleaned,
+            evaluation,
+            splits.feature_names,
+            params.monitor.reference_size,
+            params.prepare.seed,
         )
         mlflow.log_artifact(str(reference), "reference")
-        tags = {"data_version": md5, "detector": winner["name"], "threshold": f"{evaluation.threshold:.6g}"}
+        tags = {
+            "data_version": md5,
+            "detector": winner["name"],
+            "threshold": f"{evaluation.threshold:.6g}",
+        }
         registration = register_and_promote(onnx_path, splits, params, tags)
         summary = {
             "winner": winner["name"],

@@ -16,7 +16,9 @@ def test_repo_params_yaml_is_valid_and_complete():
 
 
 def test_set_overrides_any_key_with_yaml_values():
-    params = load_params(PARAMS, ["train.epochs=5", "data.normal_digits=[0, 1]", "clean.top_fraction=null"])
+    params = load_params(
+        PARAMS, ["train.epochs=5", "data.normal_digits=[0, 1]", "clean.top_fraction=null"]
+    )
     assert params.train.epochs == 5
     assert params.data.normal_digits == [0, 1]
     assert params.clean.top_fraction is None

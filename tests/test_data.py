@@ -66,8 +66,12 @@ def _csv(tmp_path, frame, name="data.csv"):
 
 
 def test_csv_source_with_label_and_id(tmp_path):
-    frame = pd.DataFrame({"id": range(20), "a": np.arange(20.0), "b": np.ones(20), "label": [0] * 18 + [1] * 2})
-    dataset = load_dataset(DataParams(source="csv", path=_csv(tmp_path, frame), label_column="label", id_column="id"))
+    frame = pd.DataFrame(
+        {"id": range(20), "a": np.arange(20.0), "b": np.ones(20), "label": [0] * 18 + [1] * 2}
+    )
+    dataset = load_dataset(
+        DataParams(source="csv", path=_csv(tmp_path, frame), label_column="label", id_column="id")
+    )
     assert dataset.feature_names == ["a", "b"]
     assert dataset.y.sum() == 2
     assert list(dataset.ids[:3]) == [0, 1, 2]
@@ -76,12 +80,28 @@ def test_csv_source_with_label_and_id(tmp_path):
 @pytest.mark.parametrize(
     ("frame", "kwargs", "fragment"),
     [
-        (pd.DataFrame({"a": [1.0, np.nan], "b": [1.0, 2.0]}), {}, "NaN/inf values in 1 feature(s) (first: ['a']"),
+        (
+            pd.DataFrame({"a": [1.0, np.nan], "b": [1.0, 2.0]}),
+            {},
+            "NaN/inf values in 1 feature(s) (first: ['a']",
+        ),
         (pd.DataFrame({"a": [1.0, np.inf], "b": [1.0, 2.0]}), {}, "NaN/inf"),
         (pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"]}), {}, "non-numeric column(s) {'b': "),
-        (pd.DataFrame({"a": [1.0, 2.0]}), {"feature_columns": ["a", "b"]}, "missing column(s) ['b']"),
-        (pd.DataFrame({"a": [1.0, 2.0], "b": [1.0, 2.0], "c": [0, 0]}), {"feature_columns": ["a", "b"]}, "unexpected column(s) ['c']"),
-        (pd.DataFrame({"a": [1.0, 2.0], "label": [0, 2]}), {"label_column": "label"}, "expected 0 (normal) / 1 (anomaly)"),
+        (
+            pd.DataFrame({"a": [1.0, 2.0]}),
+            {"feature_columns": ["a", "b"]},
+            "missing column(s) ['b']",
+        ),
+        (
+            pd.DataFrame({"a": [1.0, 2.0], "b": [1.0, 2.0], "c": [0, 0]}),
+            {"feature_columns": ["a", "b"]},
+            "unexpected column(s) ['c']",
+        ),
+        (
+            pd.DataFrame({"a": [1.0, 2.0], "label": [0, 2]}),
+            {"label_column": "label"},
+            "expected 0 (normal) / 1 (anomaly)",
+        ),
     ],
 )
 def test_bad_tables_fail_naming_what_is_wrong(tmp_path, frame, kwargs, fragment):

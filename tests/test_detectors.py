@@ -5,7 +5,13 @@ import torch
 from normalcy.config import DataParams, PrepareParams
 from normalcy.data.sources import load_dataset
 from normalcy.data.splits import split_dataset
-from normalcy.detectors import Detector, accepted_params, available_detectors, create_detector, register
+from normalcy.detectors import (
+    Detector,
+    accepted_params,
+    available_detectors,
+    create_detector,
+    register,
+)
 from normalcy.detectors.deep_svdd import initial_center
 from normalcy.evaluation.metrics import ranking_metrics
 
@@ -29,7 +35,9 @@ def test_registry_lists_and_rejects_by_name():
 @pytest.mark.parametrize("name", ["autoencoder", "deep_svdd"])
 def test_detector_learns_normality_on_digits(name, digits_splits):
     """Both methods rank held-out anomalies (other digits) above normals, far better than chance."""
-    detector = create_detector(name, epochs=25, seed=0).fit(digits_splits.train.X, digits_splits.val.X)
+    detector = create_detector(name, epochs=25, seed=0).fit(
+        digits_splits.train.X, digits_splits.val.X
+    )
     scores = detector.score(digits_splits.test.X)
     assert scores.shape == (len(digits_splits.test),) and np.isfinite(scores).all()
     assert ranking_metrics(digits_splits.test.y, scores)["auroc"] > 0.7

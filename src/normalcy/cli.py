@@ -10,7 +10,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 
-
 def _quiet_environment() -> None:
     """No telemetry, no hub retries: this tool must run offline."""
     for key, value in {
@@ -25,28 +24,54 @@ def _quiet_environment() -> None:
 
 def print_summary(summary: dict) -> None:
     """The end of `normalcy train`: what won, how well, where things are, how to look."""
+
     def fmt(value: object) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
     print("\nnormalcy training summary")
     print("-" * 60)
     for key in (
-        "winner", "selection_metric", "selection_value", "test_auroc", "test_auprc", "threshold",
-        "target_fpr", "test_fpr_at_threshold", "test_recall_at_threshold", "data_version",
-        "model_name", "model_version", "promoted", "promotion_reason", "mlflow_run_id", "onnx_path",
+        "winner",
+        "selection_metric",
+        "selection_value",
+        "test_auroc",
+        "test_auprc",
+        "threshold",
+        "target_fpr",
+        "test_fpr_at_threshold",
+        "test_recall_at_threshold",
+        "data_version",
+        "model_name",
+        "model_version",
+        "promoted",
+        "promotion_reason",
+        "mlflow_run_id",
+        "onnx_path",
     ):
         if key in summary:
             print(f"{key:>26}: {fmt(summary[key])}")
     print("-" * 60)
     print("summary file:   artifacts/summary.json")
-    print("MLflow UI:      .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)")
-    print("Prefect UI:     .venv/bin/prefect server start  (http://127.0.0.1:4200), then rerun with")
+    print(
+        "MLflow UI:      .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)"
+    )
+    print(
+        "Prefect UI:     .venv/bin/prefect server start  (http://127.0.0.1:4200), then rerun with"
+    )
     print("                PREFECT_API_URL=http://127.0.0.1:4200/api to see flow runs there")
+
+
+def check_params(args: argparse.Namespace) -> None:
+    """Fail on bad params before a flow (and Prefect's API) starts."""
+    from normalcy.config import load_params
+
+    load_params(args.params, args.set)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from normalcy.flows.train import train_flow
 
+    check_params(args)
     print_summary(train_flow(args.params, args.set))
 
 
@@ -60,12 +85,14 @@ def cmd_stage(args: argparse.Namespace) -> None:
 def cmd_monitor(args: argparse.Namespace) -> None:
     from normalcy.flows.monitor import monitor_flow
 
+    check_params(args)
     print(json.dumps(monitor_flow(args.batch, args.params, args.set), indent=2, default=str))
 
 
 def cmd_recalibrate(args: argparse.Namespace) -> None:
     from normalcy.flows.recalibrate import recalibrate_flow
 
+    check_params(args)
     print(json.dumps(recalibrate_flow(args.batch, args.params, args.set), indent=2, default=str))
 
 
@@ -85,11 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normalcy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, handler: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], None], help: str
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
         sub.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE",
+            "--params", default="params.yaml", help="params file (default params.yaml)"
+        )
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a params key, e.g. --set train.epochs=5 (repeatable)",
         )
         sub.set_defaults(handler=handler)
@@ -101,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage.add_argument("name", choices=STAGES)
     monitor = add("monitor", cmd_monitor, "check a batch for drift against the champion")
-    monitor.add_argument("--batch", default=None, help="npz/csv/parquet batch (default monitor.batch_path)")
-    recalibrate = add("recalibrate", cmd_recalibrate, "re-estimate the champion's threshold on a batch")
+    monitor.add_argument(
+        "--batch", default=None, help="npz/csv/parquet batch (default monitor.batch_path)"
+    )
+    recalibrate = add(
+        "recalibrate", cmd_recalibrate, "re-estimate the champion's threshold on a batch"
+    )
     recalibrate.add_argument("--batch", required=True, help="npz/csv/parquet batch")
     add("schedule", cmd_schedule, "serve the train and monitor deployments on their cron schedules")
     inspect = commands.add_parser("inspect", help="print the metadata stored in an ONNX model")
@@ -114,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input ends with a one-paragraph error and exit code 2, no traceback."""
     _quiet_environment()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = build_parser().parse_args(argv)
     from normalcy.errors import user_errors
 

@@ -1,4 +1,4 @@
-"""Pydantic models of params.yaml: a wrong key, type or range fails before any work, naming its path."""
+"""Pydantic models of params.yaml: a wrong key, type or range fails early, naming its path."""
 
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ class VersioningParams(_Section):
 
 class ValidateParams(_Section):
     range_tolerance: float = Field(0.1, ge=0)
+    range_mostly: float = Field(0.99, gt=0, le=1)
     min_rows: int = Field(1, ge=1)
     report_path: str = "artifacts/validation_report.json"
 
@@ -81,7 +82,9 @@ class CleanParams(_Section):
 
 class TrainParams(_Section):
     seed: int = 0
-    candidates: list[str] = Field(default_factory=lambda: ["autoencoder", "deep_svdd"], min_length=1)
+    candidates: list[str] = Field(
+        default_factory=lambda: ["autoencoder", "deep_svdd"], min_length=1
+    )
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -179,7 +182,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Set 'a.b.c=value' in a nested dict; the value is parsed as YAML (so 5, [0,1], null work)."""
+    """Set 'a.b.c=value' in a nested dict; the value is parsed as YAML (so 5, [0,1], null work),
+    or kept as text when it is not YAML; the pydantic models then check its type."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=5")
     key, raw_value = assignment.split("=", 1)
@@ -194,8 +198,8 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = child
     try:
         node[parts[-1]] = yaml.safe_load(raw_value)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {raw_value!r} is not valid YAML: {exc}") from exc
+    except yaml.YAMLError:
+        node[parts[-1]] = raw_value  # not YAML (e.g. a cron like */15 * * * *): keep the text
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

@@ -11,4 +11,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from normalcy.flows.recalibrate import RecalibrationBusy
 
     # ConfigError, DataError and DataValidationError are ValueErrors.
-    return (ValueError, FileNotFoundError, ParityError, VersioningError, NoChampionError, RecalibrationBusy)
+    return (
+        ValueError,
+        FileNotFoundError,
+        ParityError,
+        VersioningError,
+        NoChampionError,
+        RecalibrationBusy,
+    )

@@ -1,4 +1,4 @@
-"""`normalcy stage NAME`: one stage from the files the previous stage wrote (what dvc repro runs)."""
+"""`normalcy stage NAME`: one stage, from the files the stage before wrote (what dvc repro runs)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,13 @@ def run_stage(name: str, params: Params) -> None:
         detector = stages.load_winner()
         threshold, calibration_scores = stages.load_evaluation(params.evaluate)
         metadata = stages.model_metadata(
-            detector, splits.feature_names, splits.test.X, threshold,
-            params.calibration.target_fpr, len(calibration_scores), params.export.opset,
+            detector,
+            splits.feature_names,
+            splits.test.X,
+            threshold,
+            params.calibration.target_fpr,
+            len(calibration_scores),
+            params.export.opset,
         )
         _, report = stages.export(detector, threshold, splits.test.X, params.export, metadata)
         require_parity(report)

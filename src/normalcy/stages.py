@@ -223,16 +223,36 @@ def evaluate(
             **threshold_metrics(splits.test.y, test_scores, threshold),
         }
         if splits.test.has_both_classes:
-            plots.append(str(plot_roc_pr(splits.test.y, test_scores, "test", plots_dir / "roc_pr_test.png")))
+            plots.append(
+                str(plot_roc_pr(splits.test.y, test_scores, "test", plots_dir / "roc_pr_test.png"))
+            )
     plots.append(
-        str(plot_score_histogram(test_scores, splits.test.y, threshold, "test scores", plots_dir / "scores_test.png"))
+        str(
+            plot_score_histogram(
+                test_scores, splits.test.y, threshold, "test scores", plots_dir / "scores_test.png"
+            )
+        )
     )
     plots.append(
-        str(plot_score_histogram(val_scores, splits.val.y, threshold, "validation scores", plots_dir / "scores_val.png"))
+        str(
+            plot_score_histogram(
+                val_scores,
+                splits.val.y,
+                threshold,
+                "validation scores",
+                plots_dir / "scores_val.png",
+            )
+        )
     )
     evaluation = Evaluation(
-        threshold, calibration.target_fpr, len(calibration_scores), calibration_scores,
-        val_scores, test_scores, test, plots,
+        threshold,
+        calibration.target_fpr,
+        len(calibration_scores),
+        calibration_scores,
+        val_scores,
+        test_scores,
+        test,
+        plots,
     )
     write_json(evaluation.to_dict(), params.metrics_path)
     np.save(Path(params.metrics_path).with_name("calibration_scores.npy"), calibration_scores)
@@ -260,8 +280,14 @@ def detector_params(detector: Detector) -> dict:
 
 
 def model_metadata(
-    detector: Detector, feature_names: list[str], example: np.ndarray,
-    threshold: float, target_fpr: float, n_calibration: int, opset: int, extra: dict | None = None,
+    detector: Detector,
+    feature_names: list[str],
+    example: np.ndarray,
+    threshold: float,
+    target_fpr: float,
+    n_calibration: int,
+    opset: int,
+    extra: dict | None = None,
 ) -> dict:
     """What an ops team needs to know about the graph, stored inside it."""
     return {
@@ -294,8 +320,13 @@ def export(
     module = detector.scoring_module()
     path = export_onnx(module, threshold, test_X[:2], params.path, params.opset, metadata)
     report = parity_check(
-        module, threshold, path, test_X,
-        params.parity_max_abs, params.parity_max_rel, params.parity_min_agreement,
+        module,
+        threshold,
+        path,
+        test_X,
+        params.parity_max_abs,
+        params.parity_max_rel,
+        params.parity_min_agreement,
     )
     write_json(report.to_dict(), PARITY)
     log.info("parity: %s", report.message())

@@ -12,7 +12,7 @@ from normalcy.config import DataParams
 
 
 class DataError(ValueError):
-    """The input data is unusable; the message names the file, column or shape and what was expected."""
+    """Unusable input; the message names the file, column or shape and what was expected."""
 
 
 @dataclass
@@ -38,7 +38,8 @@ def check_features(X: np.ndarray, feature_names: list[str], source: str) -> None
     """Reject empty data, wrong rank and NaN/inf, naming the offending columns."""
     if X.ndim not in (2, 4):
         raise DataError(
-            f"{source}: features have shape {X.shape}; expected [n, d] vectors or [n, c, h, w] images"
+            f"{source}: features have shape {X.shape}; "
+            "expected [n, d] vectors or [n, c, h, w] images"
         )
     if len(X) == 0:
         raise DataError(f"{source}: no rows; expected at least one")
@@ -59,7 +60,9 @@ def check_labels(y: np.ndarray, n_rows: int, source: str) -> np.ndarray:
     if len(y) != n_rows:
         raise DataError(f"{source}: {len(y)} labels for {n_rows} rows; expected one per row")
     if not np.isin(y, (0, 1)).all():
-        raise DataError(f"{source}: labels {np.unique(y)[:10].tolist()}; expected 0 (normal) / 1 (anomaly)")
+        raise DataError(
+            f"{source}: labels {np.unique(y)[:10].tolist()}; expected 0 (normal) / 1 (anomaly)"
+        )
     return y.astype(np.int64)
 
 
@@ -72,9 +75,15 @@ def load_digits_dataset(params: DataParams, seed: int = 0) -> Dataset:
     is_anomaly = ~np.isin(digits.target, params.normal_digits)
     normal_idx = np.flatnonzero(~is_anomaly)
     anomaly_idx = np.flatnonzero(is_anomaly)
-    n_anomalies = int(round(params.anomaly_fraction * len(normal_idx) / (1 - params.anomaly_fraction)))
+    n_anomalies = int(
+        round(params.anomaly_fraction * len(normal_idx) / (1 - params.anomaly_fraction))
+    )
     rng = np.random.default_rng(seed)
-    keep = np.sort(np.concatenate([normal_idx, rng.choice(anomaly_idx, min(n_anomalies, len(anomaly_idx)), replace=False)]))
+    keep = np.sort(
+        np.concatenate(
+            [normal_idx, rng.choice(anomaly_idx, min(n_anomalies, len(anomaly_idx)), replace=False)]
+        )
+    )
     X = digits.data[keep].astype(np.float32)
     names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
     if params.as_images:
@@ -92,7 +101,9 @@ def load_npz_dataset(path: Path) -> Dataset:
         raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
     with archive:
         if "X" not in archive.files:
-            raise DataError(f"{path}: no array 'X' (found {archive.files}); expected X and optional y")
+            raise DataError(
+                f"{path}: no array 'X' (found {archive.files}); expected X and optional y"
+            )
         X = archive["X"]
         y = archive["y"] if "y" in archive.files else None
     if not np.issubdtype(X.dtype, np.number):
@@ -100,7 +111,9 @@ def load_npz_dataset(path: Path) -> Dataset:
     names = [f"x{i}" for i in range(int(np.prod(X.shape[1:])))] if X.ndim > 1 else []
     X = X.astype(np.float32)
     check_features(X, names, str(path))
-    return Dataset(X, None if y is None else check_labels(y, len(X), str(path)), names, source=str(path))
+    return Dataset(
+        X, None if y is None else check_labels(y, len(X), str(path)), names, source=str(path)
+    )
 
 
 def read_table(path: Path, kind: str) -> pd.DataFrame:
@@ -118,14 +131,16 @@ def read_table(path: Path, kind: str) -> pd.DataFrame:
     return frame
 
 
-def table_features(
-    frame: pd.DataFrame, feature_columns: list[str], source: str
-) -> np.ndarray:
+def table_features(frame: pd.DataFrame, feature_columns: list[str], source: str) -> np.ndarray:
     """Exactly `feature_columns`, numeric; names any missing or non-numeric column."""
     missing = [c for c in feature_columns if c not in frame.columns]
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; expected {feature_columns}")
-    wrong = {c: str(frame[c].dtype) for c in feature_columns if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])}
+    wrong = {
+        c: str(frame[c].dtype)
+        for c in feature_columns
+        if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
+    }
     if wrong:
         raise DataError(f"{source}: non-numeric column(s) {wrong}; expected int or float columns")
     X = frame[feature_columns].to_numpy(dtype=np.float32)
@@ -149,7 +164,11 @@ def load_table_dataset(params: DataParams) -> Dataset:
             "plus the label/id columns (list them in data.feature_columns or drop them)"
         )
     X = table_features(frame, feature_columns, str(path))
-    y = check_labels(frame[params.label_column].to_numpy(), len(X), str(path)) if params.label_column else None
+    y = (
+        check_labels(frame[params.label_column].to_numpy(), len(X), str(path))
+        if params.label_column
+        else None
+    )
     ids = frame[params.id_column].to_numpy() if params.id_column else None
     return Dataset(X, y, list(feature_columns), ids, str(path))
 
@@ -172,11 +191,14 @@ def load_batch(path: str | Path, feature_names: list[str], input_shape: list[int
         X = load_npz_dataset(path).X
         if list(X.shape[1:]) != list(input_shape):
             raise DataError(
-                f"{path}: rows have shape {list(X.shape[1:])}; the model expects {list(input_shape)}"
+                f"{path}: rows have shape {list(X.shape[1:])}; "
+                f"the model expects {list(input_shape)}"
             )
         return X
     if suffix not in (".csv", ".parquet"):
-        raise DataError(f"{path}: unsupported file type {suffix!r}; expected .npz, .csv or .parquet")
+        raise DataError(
+            f"{path}: unsupported file type {suffix!r}; expected .npz, .csv or .parquet"
+        )
     frame = read_table(path, suffix.lstrip("."))
     missing = [c for c in feature_names if c not in frame.columns]
     extra = [c for c in frame.columns if c not in feature_names]

@@ -66,47 +66,75 @@ def check_no_leakage(splits: Splits) -> None:
         for name_b, b in parts[i + 1 :]:
             shared_ids = np.intersect1d(a.ids, b.ids)
             if len(shared_ids):
-                raise DataError(f"leakage: ids {shared_ids[:5].tolist()} are in both {name_a} and {name_b}")
+                raise DataError(
+                    f"leakage: ids {shared_ids[:5].tolist()} are in both {name_a} and {name_b}"
+                )
             shared_rows = np.intersect1d(row_hashes(a.X), row_hashes(b.X))
             if len(shared_rows):
-                raise DataError(f"leakage: {len(shared_rows)} identical row(s) in both {name_a} and {name_b}")
+                raise DataError(
+                    f"leakage: {len(shared_rows)} identical row(s) in both {name_a} and {name_b}"
+                )
 
 
-def _split_indices(n: int, y: np.ndarray | None, fraction: float, seed: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    stratify = y[indices] if y is not None and np.bincount(y[indices], minlength=2).min() >= 2 else None
+def _split_indices(
+    n: int, y: np.ndarray | None, fraction: float, seed: int, indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    stratify = (
+        y[indices] if y is not None and np.bincount(y[indices], minlength=2).min() >= 2 else None
+    )
     return train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
 
 
 def split_dataset(dataset: Dataset, params: PrepareParams) -> Splits:
-    """Drop exact duplicate rows, split stratified by label, cap train contamination, check leakage."""
+    """Drop duplicate rows, split stratified by label, cap train contamination, check leakage."""
     _, first = np.unique(row_hashes(dataset.X), return_index=True)
     unique = np.sort(first)
     y = dataset.y
     if y is not None and int(y[unique].sum()) == len(unique):
-        raise DataError(f"{dataset.source}: every row is labelled anomalous; expected normal rows to learn from")
+        raise DataError(
+            f"{dataset.source}: every row is labelled anomalous; expected normal rows to learn from"
+        )
     rest, test_idx = _split_indices(len(dataset.X), y, params.test_fraction, params.seed, unique)
     val_share = params.val_fraction / (1 - params.test_fraction)
     train_idx, val_idx = _split_indices(len(dataset.X), y, val_share, params.seed, rest)
     dropped_anomalies = 0
     if y is not None and params.train_contamination is not None:
-        train_idx, dropped_anomalies = cap_contamination(train_idx, y, params.train_contamination, params.seed)
+        train_idx, dropped_anomalies = cap_contamination(
+            train_idx, y, params.train_contamination, params.seed
+        )
     if y is not None and not (y[train_idx] == 0).any():
-        raise DataError(f"{dataset.source}: the training split has no normal rows; expected mostly normal data")
+        raise DataError(
+            f"{dataset.source}: the training split has no normal rows; expected mostly normal data"
+        )
 
     def make(idx: np.ndarray) -> Split:
         idx = np.sort(idx)
         return Split(dataset.X[idx], None if y is None else y[idx], dataset.ids[idx])
 
-    splits = Splits(make(train_idx), make(val_idx), make(test_idx), dataset.feature_names,
-                    len(dataset.X) - len(unique), dropped_anomalies)
+    splits = Splits(
+        make(train_idx),
+        make(val_idx),
+        make(test_idx),
+        dataset.feature_names,
+        len(dataset.X) - len(unique),
+        dropped_anomalies,
+    )
     check_no_leakage(splits)
-    log.info("split %s: train %d, val %d, test %d rows (%d duplicates, %d train anomalies dropped)",
-             dataset.source, len(splits.train), len(splits.val), len(splits.test),
-             splits.dropped_duplicates, dropped_anomalies)
+    log.info(
+        "split %s: train %d, val %d, test %d rows (%d duplicates, %d train anomalies dropped)",
+        dataset.source,
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+        splits.dropped_duplicates,
+        dropped_anomalies,
+    )
     return splits
 
 
-def cap_contamination(train_idx: np.ndarray, y: np.ndarray, cap: float, seed: int) -> tuple[np.ndarray, int]:
+def cap_contamination(
+    train_idx: np.ndarray, y: np.ndarray, cap: float, seed: int
+) -> tuple[np.ndarray, int]:
     """Keep at most `cap` anomalies in the training split (a random, seeded subset)."""
     anomalies = train_idx[y[train_idx] == 1]
     normals = train_idx[y[train_idx] == 0]
@@ -126,14 +154,20 @@ def save_splits(splits: Splits, output_dir: str | Path, meta: dict) -> Path:
         if split.y is not None:
             arrays["y"] = split.y
         np.savez(output_dir / f"{name}.npz", **arrays)
-    (output_dir / "meta.json").write_text(json.dumps({
-        **meta,
-        "feature_names": splits.feature_names,
-        "input_shape": list(splits.train.X.shape[1:]),
-        "rows": {name: len(split) for name, split in splits.items()},
-        "dropped_duplicates": splits.dropped_duplicates,
-        "dropped_train_anomalies": splits.dropped_train_anomalies,
-    }, indent=2, default=str))
+    (output_dir / "meta.json").write_text(
+        json.dumps(
+            {
+                **meta,
+                "feature_names": splits.feature_names,
+                "input_shape": list(splits.train.X.shape[1:]),
+                "rows": {name: len(split) for name, split in splits.items()},
+                "dropped_duplicates": splits.dropped_duplicates,
+                "dropped_train_anomalies": splits.dropped_train_anomalies,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     return output_dir
 
 
@@ -141,11 +175,21 @@ def load_splits(output_dir: str | Path) -> Splits:
     """Read what `save_splits` wrote (used by the DVC stages)."""
     output_dir = Path(output_dir)
     if not (output_dir / "meta.json").exists():
-        raise DataError(f"{output_dir}: no prepared data (meta.json missing); run the prepare stage first")
+        raise DataError(
+            f"{output_dir}: no prepared data (meta.json missing); run the prepare stage first"
+        )
     meta = json.loads((output_dir / "meta.json").read_text())
     parts = {}
     for name in SPLIT_NAMES:
         with np.load(output_dir / f"{name}.npz", allow_pickle=False) as archive:
-            parts[name] = Split(archive["X"], archive["y"] if "y" in archive.files else None, archive["ids"])
-    return Splits(parts["train"], parts["val"], parts["test"], meta["feature_names"],
-                  meta.get("dropped_duplicates", 0), meta.get("dropped_train_anomalies", 0))
+            parts[name] = Split(
+                archive["X"], archive["y"] if "y" in archive.files else None, archive["ids"]
+            )
+    return Splits(
+        parts["train"],
+        parts["val"],
+        parts["test"],
+        meta["feature_names"],
+        meta.get("dropped_duplicates", 0),
+        meta.get("dropped_train_anomalies", 0),
+    )

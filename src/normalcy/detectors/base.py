@@ -15,7 +15,8 @@ class Detector(ABC):
     `fit(train, val, val_labels)`: `val_labels` reaches a detector only when it declares
     `uses_labels = True`; the pipeline strips them otherwise, so labels cannot leak into training.
     `scoring_module()` is the whole inference path, raw input in data units -> score, as one
-    `nn.Module`. It is what gets exported. A method that cannot be a graph sets `exportable = False`.
+    `nn.Module`. It is what gets exported. A method that cannot be a graph sets
+    `exportable = False`.
     """
 
     name: ClassVar[str] = "detector"

@@ -32,7 +32,11 @@ def accepted_params(name: str) -> list[str]:
     """Keyword parameters a detector accepts: its own and those of its base classes' __init__."""
     factory = _factory(name)
     functions = (
-        [cls.__init__ for cls in inspect.getmro(factory) if "__init__" in vars(cls) and cls is not object]
+        [
+            cls.__init__
+            for cls in inspect.getmro(factory)
+            if "__init__" in vars(cls) and cls is not object
+        ]
         if inspect.isclass(factory)
         else [factory]
     )

@@ -31,7 +31,9 @@ class TrainingHistory:
     best_epoch: int = 0
 
 
-def _mean_loss(loss_fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, batch_size: int) -> float:
+def _mean_loss(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, batch_size: int
+) -> float:
     with torch.no_grad():
         total = sum(loss_fn(batch).item() * len(batch) for batch in data.split(batch_size))
     return total / max(len(data), 1)
@@ -69,7 +71,9 @@ def train_network(
             running += loss.item() * len(batch)
         network.eval()
         history.train_loss.append(running / len(train))
-        monitored = _mean_loss(loss_fn, val, batch_size) if val is not None else history.train_loss[-1]
+        monitored = (
+            _mean_loss(loss_fn, val, batch_size) if val is not None else history.train_loss[-1]
+        )
         history.val_loss.append(monitored)
         progress.set_postfix(loss=f"{history.train_loss[-1]:.4f}", val=f"{monitored:.4f}")
         if monitored < best_loss - 1e-7:

@@ -22,7 +22,9 @@ def shuffled_features(X: np.ndarray, seed: int) -> np.ndarray:
     return flat.reshape(X.shape)
 
 
-def label_free_score(score: Callable[[np.ndarray], np.ndarray], val_X: np.ndarray, seed: int) -> float:
+def label_free_score(
+    score: Callable[[np.ndarray], np.ndarray], val_X: np.ndarray, seed: int
+) -> float:
     """AUROC of telling held-out validation rows from their feature-shuffled copies.
 
     It uses no labels, so it works when validation has no labelled anomalies. A detector that
@@ -34,7 +36,10 @@ def label_free_score(score: Callable[[np.ndarray], np.ndarray], val_X: np.ndarra
 
 
 def validation_metric(
-    score: Callable[[np.ndarray], np.ndarray], val_X: np.ndarray, val_y: np.ndarray | None, seed: int
+    score: Callable[[np.ndarray], np.ndarray],
+    val_X: np.ndarray,
+    val_y: np.ndarray | None,
+    seed: int,
 ) -> tuple[str, float]:
     """(metric name, value): AUPRC when validation has both classes labelled, else label-free."""
     if val_y is not None and 0 < int(np.sum(val_y)) < len(val_y):

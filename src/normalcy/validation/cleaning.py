@@ -56,7 +56,9 @@ class CleaningResult:
         }
 
 
-def removal_quality(removed: np.ndarray, labels: np.ndarray | None) -> tuple[float | None, float | None]:
+def removal_quality(
+    removed: np.ndarray, labels: np.ndarray | None
+) -> tuple[float | None, float | None]:
     """(precision, recall) of removing the labelled anomalies; (None, None) without labels."""
     if labels is None:
         return None, None
@@ -85,13 +87,22 @@ def clean_training_split(
         precision, recall = removal_quality(~new_kept, train.y)
         result.iterations.append(
             CleaningIteration(
-                iteration, float(cutoff), int((~new_kept).sum()),
-                train.ids[~new_kept].tolist(), changed, precision, recall,
+                iteration,
+                float(cutoff),
+                int((~new_kept).sum()),
+                train.ids[~new_kept].tolist(),
+                changed,
+                precision,
+                recall,
             )
         )
         log.info(
             "cleaning iteration %d/%d: cutoff %.4g, %d of %d rows removed%s",
-            iteration, params.max_iter, cutoff, int((~new_kept).sum()), len(train),
+            iteration,
+            params.max_iter,
+            cutoff,
+            int((~new_kept).sum()),
+            len(train),
             "" if precision is None else f" (precision {precision:.2f}, recall {recall:.2f})",
         )
         kept = new_kept

@@ -1,0 +1,509 @@
+"""Great Expectations checks that a batch looks like the training data before any model sees it.
+
+`build_suite_spec` turns the reference (training) data into a JSON-serialisable spec; each call of
+`validate_batch` builds a GX suite from that spec in a fresh ephemeral context and runs it. The
+spec, not a GX store, is the artifact, so it can be versioned and read without GX.
+
+Tabular data gets GX expectations per column (not null, inside the widened reference range,
+numeric dtype) plus the ordered column list and the row count. Images are checked per channel on
+a long frame (one row per image pixel), so the number of expectations does not grow with the image
+size; a failure still names the image and the pixel. Array shapes are invisible to GX, so shape
+checks run in Python and are reported in the same failure list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from normalcy.config import ValidateParams  # noqa: E402
+
+SPEC_VERSION = 1
+EXAMPLES = 5
+# Numeric numpy dtypes accepted by ExpectColumnValuesToBeInTypeList (bool and object are not).
+NUMERIC_TYPES = [
+    "float16",
+    "float32",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+]
+# Python-side checks (GX cannot see array shapes or duplicate labels) use these names.
+SHAPE_CHECK = "expect_array_shape"
+IMAGE_SHAPE_CHECK = "expect_image_shape"
+UNIQUE_COLUMNS_CHECK = "expect_unique_column_names"
+_ORDER = {
+    SHAPE_CHECK: 0,
+    IMAGE_SHAPE_CHECK: 0,
+    UNIQUE_COLUMNS_CHECK: 0,
+    "expect_table_columns_to_match_ordered_list": 1,
+    "expect_table_row_count_to_be_between": 2,
+    "expect_column_values_to_be_in_type_list": 3,
+    "expect_column_values_to_not_be_null": 4,
+    "expect_column_values_to_be_between": 5,
+}
+
+
+class DataValidationError(ValueError):
+    """A batch failed validation; `.report` holds every failure, str() is the readable summary."""
+
+    def __init__(self, report: ValidationReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by Prefect/multiprocessing: rebuild from the report, not from the message.
+        return (type(self), (self.report,))
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of one batch: every failed expectation with examples of the offending data."""
+
+    batch_name: str
+    success: bool
+    n_rows: int
+    failures: list[dict] = field(default_factory=list)
+    checked: int = 0
+
+    def to_dict(self) -> dict:
+        """Strict JSON (no NaN/inf literals), so any JSON reader can load the report."""
+        return _jsonable(asdict(self))
+
+    def summary(self) -> str:
+        """One header line, then one line per failed expectation."""
+        status = "passed" if self.success else "FAILED"
+        head = (
+            f"batch {self.batch_name!r} {status}: {len(self.failures)} of {self.checked} "
+            f"checks failed on {self.n_rows} rows"
+        )
+        lines = [head]
+        for failure in self.failures:
+            where = f" [{failure['column']}]" if failure.get("column") is not None else ""
+            examples = _jsonable(failure.get("examples", []))
+            lines.append(
+                f"  - {failure['expectation']}{where}: {failure['details']}; examples: {examples}"
+            )
+        return "\n".join(lines)
+
+
+# -- spec ----------------------------------------------------------------------------------
+
+
+def build_suite_spec(
+    reference: np.ndarray, feature_names: list[str], params: ValidateParams
+) -> dict:
+    """Describe normal data from the reference split: columns, dtype and widened value ranges.
+
+    Ranges are widened by `range_tolerance * (max - min)` so that held-out data slightly beyond
+    the training extremes still passes; a constant column gets a small absolute margin instead,
+    otherwise any float noise would fail it. Images are described per channel."""
+    ref = np.asarray(reference)
+    if ref.ndim not in (2, 4):
+        raise ValueError(
+            f"reference must be [n, d] features or [n, c, h, w] images, got shape {list(ref.shape)}"
+        )
+    if len(ref) == 0:
+        raise ValueError("reference is empty: cannot describe normal data from 0 rows")
+    if not np.issubdtype(ref.dtype, np.number) or np.issubdtype(ref.dtype, np.bool_):
+        raise ValueError(f"reference has dtype {ref.dtype}; expected a numeric array")
+    ref = ref.astype(np.float64)
+    if not np.isfinite(ref).all():
+        raise ValueError("reference contains NaN or inf: clean it before building the suite")
+    tol = params.range_tolerance
+    n_features = int(np.prod(ref.shape[1:]))
+    names = [str(n) for n in feature_names]
+    if ref.ndim == 4 and not names:
+        c, h, w = ref.shape[1:]
+        names = [f"pixel_{k}_{y}_{x}" for k in range(c) for y in range(h) for x in range(w)]
+    if len(names) != n_features:
+        raise ValueError(
+            f"{len(names)} feature names for {n_features} features (shape {list(ref.shape)})"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError("feature names are not unique")
+
+    spec: dict[str, Any] = {
+        "version": SPEC_VERSION,
+        "kind": "tabular" if ref.ndim == 2 else "image",
+        "dtype_kind": "float",
+        "feature_names": names,
+        "min_rows": params.min_rows,
+        "range_tolerance": tol,
+        "range_mostly": params.range_mostly,
+        "n_reference_rows": len(ref),
+    }
+    if ref.ndim == 2:
+        spec["columns"] = [_range_entry(name, ref[:, j], tol) for j, name in enumerate(names)]
+    else:
+        c, h, w = (int(s) for s in ref.shape[1:])
+        channels = [_range_entry(f"channel_{k}", ref[:, k], tol) for k in range(c)]
+        spec["columns"] = channels
+        spec["image"] = {
+            "shape": [c, h, w],
+            "channels": c,
+            "value_range": [
+                min(ch["min"] for ch in channels),
+                max(ch["max"] for ch in channels),
+            ],
+            "reference_range": [float(ref.min()), float(ref.max())],
+        }
+    return spec
+
+
+def _range_entry(name: str, values: np.ndarray, tol: float) -> dict:
+    lo, hi = float(values.min()), float(values.max())
+    margin = tol * (hi - lo) if hi > lo else max(tol, 1e-6) * max(abs(lo), 1.0)
+    return {
+        "name": name,
+        "min": lo - margin,
+        "max": hi + margin,
+        "reference_min": lo,
+        "reference_max": hi,
+    }
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def validate_batch(
+    batch: np.ndarray | pd.DataFrame, spec: dict, batch_name: str
+) -> ValidationReport:
+    """Run the spec's GX expectations on `batch`; a bad batch gives success=False, never raises."""
+    if spec.get("kind") == "image":
+        return _validate_images(batch, spec, batch_name)
+    return _validate_tabular(batch, spec, batch_name)
+
+
+def check_batch(batch: np.ndarray | pd.DataFrame, spec: dict, batch_name: str) -> ValidationReport:
+    """validate_batch for callers that must stop on bad data: raises DataValidationError."""
+    report = validate_batch(batch, spec, batch_name)
+    if not report.success:
+        raise DataValidationError(report)
+    return report
+
+
+def save_report(reports: list[ValidationReport], path: str | Path) -> Path:
+    """Write all batch reports as one JSON file (parents created); success means all passed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "success": all(r.success for r in reports),
+        "batches": [r.to_dict() for r in reports],
+    }
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def _validate_tabular(
+    batch: np.ndarray | pd.DataFrame, spec: dict, batch_name: str
+) -> ValidationReport:
+    names: list[str] = spec["feature_names"]
+    python_checks = 0
+    if isinstance(batch, pd.DataFrame):
+        frame = batch
+        dupes = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
+        python_checks += 1
+        if dupes:
+            failure = _failure(UNIQUE_COLUMNS_CHECK, None, f"duplicate column names {dupes}", dupes)
+            return _report(batch_name, len(frame), [failure], python_checks)
+    else:
+        array = np.asarray(batch)
+        python_checks += 1
+        if array.ndim != 2 or array.shape[1] != len(names):
+            detail = f"expected an array of shape [n, {len(names)}], got {list(array.shape)}"
+            failure = _failure(SHAPE_CHECK, None, detail, [list(array.shape)])
+            return _report(batch_name, _length(array), [failure], python_checks)
+        frame = pd.DataFrame(array, columns=names)
+
+    present = set(frame.columns)
+    ranges = {col["name"]: col for col in spec["columns"]}
+    expectations = _table_expectations(names, spec["min_rows"])
+    for name in names:
+        if name not in present:
+            continue  # the ordered-list expectation names it; nothing to check per value
+        expectations += _column_expectations(
+            name, frame[name].dtype, ranges[name], spec.get("range_mostly", 1.0)
+        )
+    results = _run_gx(frame, expectations)
+    failures = [_tabular_failure(r, names, spec["min_rows"]) for r in results if not r.success]
+    failures.sort(key=lambda f: _sort_key(f, names))
+    return _report(batch_name, len(frame), failures, len(results) + python_checks)
+
+
+def _validate_images(
+    batch: np.ndarray | pd.DataFrame, spec: dict, batch_name: str
+) -> ValidationReport:
+    c, h, w = spec["image"]["shape"]
+    array = batch.to_numpy() if isinstance(batch, pd.DataFrame) else np.asarray(batch)
+    if array.ndim == 2 and array.shape[1] == c * h * w:
+        array = array.reshape(len(array), c, h, w)  # flattened pixels, as in a table
+    if array.ndim != 4 or list(array.shape[1:]) != [c, h, w]:
+        got = list(array.shape[1:]) if array.ndim == 4 else f"an array of shape {list(array.shape)}"
+        detail = f"expected images of shape {[c, h, w]}, got {got}"
+        failure = _failure(IMAGE_SHAPE_CHECK, None, detail, [list(array.shape)])
+        return _report(batch_name, _length(array), [failure], 1)
+
+    # Long frame: one column per channel, one row per (image, pixel); row r is image r // (h*w).
+    n = len(array)
+    long = pd.DataFrame(
+        {f"channel_{k}": array[:, k].reshape(-1) for k in range(c)},
+    )
+    channels = [col["name"] for col in spec["columns"]]
+    # No column-list expectation: the channel columns are built here from the checked shape.
+    expectations = [
+        _gx().expectations.ExpectTableRowCountToBeBetween(min_value=int(spec["min_rows"] * h * w))
+    ]
+    for col in spec["columns"]:
+        expectations += _column_expectations(
+            col["name"], long[col["name"]].dtype, col, spec.get("range_mostly", 1.0)
+        )
+    results = _run_gx(long, expectations)
+    geometry = (h, w, spec["feature_names"])
+    failures = [_image_failure(r, spec["min_rows"], geometry) for r in results if not r.success]
+    failures.sort(key=lambda f: _sort_key(f, channels))
+    return _report(batch_name, n, failures, len(results) + 1)
+
+
+def _table_expectations(columns: list[str], min_rows: int) -> list:
+    gx = _gx()
+    return [
+        gx.expectations.ExpectTableColumnsToMatchOrderedList(column_list=list(columns)),
+        gx.expectations.ExpectTableRowCountToBeBetween(min_value=int(min_rows)),
+    ]
+
+
+def _column_expectations(name: str, dtype: Any, bounds: dict, mostly: float = 1.0) -> list:
+    """Per-column checks. The range check runs only on numeric columns: GX raises comparing
+    strings with numbers, and the dtype expectation already fails such a column."""
+    gx = _gx()
+    expectations = [
+        gx.expectations.ExpectColumnValuesToBeInTypeList(column=name, type_list=NUMERIC_TYPES),
+        gx.expectations.ExpectColumnValuesToNotBeNull(column=name),
+    ]
+    if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype):
+        # GX skips nulls here (NaN is caught above) but +/-inf is out of any finite range.
+        # The range may tolerate a few rare values (`mostly`); infinity never is.
+        largest = float(np.finfo(np.float64).max)
+        expectations += [
+            gx.expectations.ExpectColumnValuesToBeBetween(
+                column=name, min_value=-largest, max_value=largest
+            ),
+            gx.expectations.ExpectColumnValuesToBeBetween(
+                column=name,
+                min_value=float(bounds["min"]),
+                max_value=float(bounds["max"]),
+                mostly=float(mostly),
+            ),
+        ]
+    return expectations
+
+
+def _run_gx(frame: pd.DataFrame, expectations: list) -> list:
+    """One ephemeral context per call: nothing is written to disk or shared between batches."""
+    gx = _gx()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch_definition = (
+        context.data_sources.add_pandas("normalcy")
+        .add_dataframe_asset("batch")
+        .add_batch_definition_whole_dataframe("whole")
+    )
+    # Passing the list to the constructor: suite.add_expectation is quadratic (dedup on add).
+    suite = context.suites.add(gx.ExpectationSuite(name="normalcy", expectations=expectations))
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(data=batch_definition, suite=suite, name="normalcy")
+    )
+    result = definition.run(
+        batch_parameters={"dataframe": frame},
+        result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES},
+    )
+    return list(result.results)
+
+
+def _gx() -> Any:
+    # Imported on first use: GX takes seconds to import, and spec building does not need it.
+    import great_expectations as gx
+
+    return gx
+
+
+# -- turning GX results into failures ------------------------------------------------------
+
+
+def _tabular_failure(result: Any, names: list[str], min_rows: int) -> dict:
+    kind, column, info = _unpack(result)
+    error = _exception_message(result)
+    if error is not None:
+        return _failure(kind, column, f"could not evaluate: {error}", [])
+    if kind == "expect_table_columns_to_match_ordered_list":
+        return _columns_failure(info.get("observed_value") or [], names)
+    if kind == "expect_table_row_count_to_be_between":
+        observed = info.get("observed_value")
+        return _failure(kind, None, f"{observed} rows, need at least {min_rows}", [observed])
+    if kind == "expect_column_values_to_be_in_type_list":
+        return _type_failure(kind, column, info)
+    count, total = info.get("unexpected_count"), info.get("element_count")
+    rows = _jsonable(info.get("partial_unexpected_index_list") or [])[:EXAMPLES]
+    if kind == "expect_column_values_to_not_be_null":
+        detail = f"{count} of {total} values are null/NaN (rows {rows})"
+        return _failure(kind, column, detail, rows)
+    if kind == "expect_column_values_to_be_between":
+        low, high = _bounds(result)
+        values = _jsonable(info.get("partial_unexpected_list") or [])[:EXAMPLES]
+        detail = f"{count} of {total} values outside [{low:.6g}, {high:.6g}] (rows {rows})"
+        return _failure(kind, column, detail, values)
+    return _failure(kind, column, json.dumps(_jsonable(info))[:300], [])
+
+
+def _image_failure(result: Any, min_rows: int, geometry: tuple[int, int, list[str]]) -> dict:
+    h, w, names = geometry
+    kind, column, info = _unpack(result)
+    error = _exception_message(result)
+    if error is not None:
+        return _failure(kind, column, f"could not evaluate: {error}", [])
+    if kind == "expect_table_row_count_to_be_between":
+        images = (info.get("observed_value") or 0) // (h * w)
+        return _failure(kind, None, f"{images} images, need at least {min_rows}", [images])
+    if kind == "expect_column_values_to_be_in_type_list":
+        return _type_failure(kind, column, info)
+    channel = int(column.rsplit("_", 1)[1]) if column else 0
+    indices = _jsonable(info.get("partial_unexpected_index_list") or [])[:EXAMPLES]
+    where = [_pixel(int(i), channel, h, w, names) for i in indices]
+    count = info.get("unexpected_count")
+    total = info.get("element_count")
+    if kind == "expect_column_values_to_not_be_null":
+        detail = f"{count} of {total} pixel values are null/NaN (at {where})"
+        return _failure(kind, column, detail, sorted({int(i) // (h * w) for i in indices}))
+    if kind == "expect_column_values_to_be_between":
+        low, high = _bounds(result)
+        values = _jsonable(info.get("partial_unexpected_list") or [])[:EXAMPLES]
+        detail = f"{count} of {total} pixel values outside [{low:.6g}, {high:.6g}] (at {where})"
+        return _failure(kind, column, detail, values)
+    return _failure(kind, column, json.dumps(_jsonable(info))[:300], [])
+
+
+def _pixel(row: int, channel: int, h: int, w: int, names: list[str]) -> str:
+    image, offset = divmod(row, h * w)
+    return f"image {image} {names[channel * h * w + offset]}"
+
+
+def _columns_failure(observed: list, expected: list[str]) -> dict:
+    observed = [str(c) for c in observed]
+    missing = [c for c in expected if c not in set(observed)]
+    extra = [c for c in observed if c not in set(expected)]
+    parts = []
+    if missing:
+        parts.append(f"missing columns {_clip(missing)}")
+    if extra:
+        parts.append(f"unexpected columns {_clip(extra)}")
+    if not parts:
+        moved = [
+            f"{e!r} at position {i}, found {o!r}"
+            for i, (e, o) in enumerate(zip(expected, observed, strict=False))
+            if e != o
+        ]
+        parts.append(f"columns out of order: expected {_clip(moved)}")
+    examples = (missing + extra)[:EXAMPLES] or observed[:EXAMPLES]
+    return _failure("expect_table_columns_to_match_ordered_list", None, "; ".join(parts), examples)
+
+
+def _type_failure(kind: str, column: str | None, info: dict) -> dict:
+    if "observed_value" in info:  # aggregate version: the column's dtype
+        observed = info["observed_value"]
+        detail = f"dtype {observed}, expected a numeric dtype (int/float)"
+        return _failure(kind, column, detail, [observed])
+    values = _jsonable(info.get("partial_unexpected_list") or [])[:EXAMPLES]
+    types = sorted({type(v).__name__ for v in info.get("partial_unexpected_list") or []})
+    detail = (
+        f"object column: {info.get('unexpected_count')} values of python type {types} "
+        "are not numpy numbers"
+    )
+    return _failure(kind, column, detail, values)
+
+
+def _unpack(result: Any) -> tuple[str, str | None, dict]:
+    config = result.expectation_config
+    return config.type, config.kwargs.get("column"), dict(result.result or {})
+
+
+def _bounds(result: Any) -> tuple[float, float]:
+    kwargs = result.expectation_config.kwargs
+    return float(kwargs["min_value"]), float(kwargs["max_value"])
+
+
+def _exception_message(result: Any) -> str | None:
+    """GX reports errors either flat or keyed by metric id; either way, return the message."""
+    info = result.exception_info or {}
+    if "raised_exception" in info:
+        entries = [info]
+    else:
+        entries = [v for v in info.values() if isinstance(v, dict)]
+    for entry in entries:
+        if entry.get("raised_exception") or entry.get("exception_message"):
+            message = str(entry.get("exception_message") or "exception")
+            return message.strip().splitlines()[-1][:300] if message.strip() else "exception"
+    return None
+
+
+def _failure(expectation: str, column: str | None, details: str, examples: list) -> dict:
+    return {
+        "expectation": expectation,
+        "column": column,
+        "details": details,
+        "examples": _jsonable(list(examples)[:EXAMPLES]),
+    }
+
+
+def _report(batch_name: str, n_rows: int, failures: list[dict], checked: int) -> ValidationReport:
+    return ValidationReport(batch_name, not failures, int(n_rows), failures, checked)
+
+
+def _sort_key(failure: dict, columns: list[str]) -> tuple[int, int]:
+    column = failure.get("column")
+    position = columns.index(column) if column in columns else -1
+    return position, _ORDER.get(failure["expectation"], 9)
+
+
+def _length(array: np.ndarray) -> int:
+    return int(array.shape[0]) if array.ndim >= 1 else 0
+
+
+def _clip(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(i) for i in items[:limit])
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values; NaN/inf become the strings 'nan'/'inf'/'-inf' so the JSON stays strict."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (bool, int, str)):
+        return value
+    return str(value)

@@ -1,0 +1,269 @@
+"""Integration: the real flows on small data, with a real Prefect API (test harness), a temp
+MLflow sqlite store, a temp git+DVC repo with a local remote, real GX and real onnxruntime."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from normalcy.evaluation.metrics import ranking_metrics
+from normalcy.scoring import read_metadata, score_onnx
+
+FAST = {
+    "train": {"epochs": 4, "patience": 3},
+    "clean": {"epochs": 3, "max_iter": 2},
+}
+
+
+def write_params(root: Path, updates: dict) -> Path:
+    """params.yaml = the repo's defaults merged with `updates`, with MLflow in the temp repo."""
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    for section, values in updates.items():
+        base.setdefault(section, {}).update(values)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def git_repo(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@example.com"],
+        ["git", "config", "user.name", "test"],
+    ):
+        subprocess.run(command, cwd=path, check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prefect_harness):
+    """One real training run in a temp git repo; yields (repo, summary)."""
+    from normalcy.flows.train import train_flow
+
+    root = git_repo(tmp_path_factory.mktemp("project"))
+    write_params(root, FAST)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        summary = train_flow("params.yaml")
+        yield root, summary
+
+
+def client_for(root: Path) -> MlflowClient:
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained):
+    root, summary = trained
+    for key in (
+        "winner",
+        "test_auroc",
+        "test_auprc",
+        "threshold",
+        "target_fpr",
+        "data_version",
+        "mlflow_run_id",
+        "model_name",
+        "model_version",
+        "onnx_path",
+    ):
+        assert key in summary, key
+    assert (root / "artifacts" / "summary.json").exists()
+    # the registered alias: the first model becomes champion
+    client = client_for(root)
+    champion = client.get_model_version_by_alias(summary["model_name"], "champion")
+    assert str(champion.version) == str(summary["model_version"]) == "1"
+    assert summary["promoted"] is True
+    # the DVC tag is the md5 DVC recorded, and the data reached the local remote
+    dvc_file = yaml.safe_load((root / "data" / "prepared.dvc").read_text())
+    md5 = dvc_file["outs"][0]["md5"]
+    assert md5.endswith(".dir") and summary["data_version"] == md5
+    assert client.get_run(summary["mlflow_run_id"]).data.tags["data_version"] == md5
+    assert any((root / ".dvc-remote").rglob("*")), "nothing was pushed to the DVC remote"
+    # ONNX alone reproduces the summary's AUROC on the test split
+    with np.load(root / "data" / "prepared" / "test.npz") as test:
+        scores, flags = score_onnx(root / summary["onnx_path"], test["X"])
+        assert ranking_metrics(test["y"], scores)["auroc"] == pytest.approx(
+            summary["test_auroc"], abs=1e-6
+        )
+    assert np.array_equal(flags, scores > np.float32(summary["threshold"]))
+    metadata = read_metadata(str(root / summary["onnx_path"]))
+    assert metadata["data_version"] == md5 and metadata["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert metadata["input"]["feature_names"][0] == "pixel_0_0"
+    # what the run logged
+    artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+    assert {"plots", "validation", "cleaning", "reference", "parity"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(summary["mlflow_run_id"], "plots")}
+    assert {"roc_pr_test.png", "scores_test.png"} <= plots
+
+
+def test_second_run_goes_through_the_promotion_gate(trained):
+    from normalcy.flows.train import train_flow
+
+    root, first = trained
+    os.chdir(root)
+    summary = train_flow("params.yaml", ["train.epochs=1", "clean.enabled=false"])
+    client = client_for(root)
+    version = client.get_model_version(summary["model_name"], summary["model_version"])
+    assert summary["model_version"] == "2"
+    assert "challenger" in version.aliases
+    champion = client.get_model_version_by_alias(summary["model_name"], "champion")
+    expected_champion = "2" if summary["promoted"] else "1"
+    assert str(champion.version) == expected_champion
+    assert version.tags["promotion_reason"] == summary["promotion_reason"]
+
+
+def test_monitor_detects_drift_and_recalibrates(trained):
+    from normalcy.flows.monitor import monitor_flow
+
+    root, _ = trained
+    os.chdir(root)
+    client = client_for(root)
+    before = client.get_model_version_by_alias("normalcy", "champion")
+    with np.load(root / "data" / "prepared" / "test.npz") as test:
+        names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
+        shifted = pd.DataFrame(np.clip(test["X"] * 1.6 + 2.0, 0, 40), columns=names)
+    shifted.to_csv(root / "shifted.csv", index=False)
+    result = monitor_flow("shifted.csv", "params.yaml")
+    assert result["drifted"] and result["features_drifted"] > 0
+    recalibration = result["recalibration"]
+    assert recalibration["threshold"] != pytest.approx(recalibration["old_threshold"])
+    after = client.get_model_version_by_alias("normalcy", "champion")
+    assert int(after.version) > int(before.version)
+    assert after.tags["recalibrated_from_version"] == str(before.version)
+    recalibrated = root / "artifacts" / "model.recalibrated.onnx"
+    assert read_metadata(str(recalibrated))["threshold"] == pytest.approx(
+        recalibration["threshold"]
+    )
+    assert (root / "artifacts" / "drift_report.json").exists()
+
+
+def test_monitor_rejects_batch_with_other_columns(trained):
+    from normalcy.data.sources import DataError
+    from normalcy.flows.monitor import monitor_flow
+
+    root, _ = trained
+    os.chdir(root)
+    versions_before = len(client_for(root).search_model_versions("name='normalcy'"))
+    pd.DataFrame({"pixel_0_0": [1.0], "temperature": [3.0]}).to_csv(root / "wrong.csv", index=False)
+    with pytest.raises(DataError, match="columns differ from the model's"):
+        monitor_flow("wrong.csv", "params.yaml")
+    assert len(client_for(root).search_model_versions("name='normalcy'")) == versions_before
+
+
+def _fresh_project(tmp_path: Path, updates: dict) -> Path:
+    root = git_repo(tmp_path / "project")
+    write_params(root, {**FAST, **updates})
+    os.chdir(root)
+    return root
+
+
+def _registered_versions(root: Path) -> int:
+    if not (root / "mlflow.db").exists():
+        return 0
+    return len(client_for(root).search_model_versions("name='normalcy'"))
+
+
+def test_nan_in_features_fails_before_training_and_registers_nothing(tmp_path, prefect_harness):
+    from normalcy.data.sources import DataError
+    from normalcy.flows.train import train_flow
+
+    frame = pd.DataFrame(np.random.default_rng(0).normal(size=(60, 3)), columns=["a", "b", "c"])
+    frame.loc[7, "b"] = np.nan
+    frame.to_csv(tmp_path / "data.csv", index=False)
+    root = _fresh_project(tmp_path, {"data": {"source": "csv", "path": str(tmp_path / "data.csv")}})
+    with pytest.raises(DataError, match=r"NaN/inf values in 1 feature\(s\) \(first: \['b'\]"):
+        train_flow("params.yaml")
+    assert _registered_versions(root) == 0
+    assert not (root / "artifacts" / "model.onnx").exists()
+
+
+def test_failed_validation_stops_the_flow_and_saves_the_report(tmp_path, prefect_harness):
+    """Anomalies far outside the training range land only in val/test: GX must stop the flow."""
+    from normalcy.flows.train import train_flow
+    from normalcy.stages import DataValidationFailed
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(150, 3))
+    y = np.zeros(150, dtype=int)
+    X[:30, 0], y[:30] = 1e6, 1
+    np.savez(tmp_path / "data.npz", X=X, y=y)
+    root = _fresh_project(
+        tmp_path,
+        {
+            "data": {"source": "npz", "path": str(tmp_path / "data.npz")},
+            "prepare": {"train_contamination": 0.0},
+        },
+    )
+    with pytest.raises(DataValidationFailed, match="x0"):
+        train_flow("params.yaml")
+    assert (root / "artifacts" / "validation_report.json").exists()
+    assert _registered_versions(root) == 0
+    assert not (root / "artifacts" / "winner.pt").exists()
+
+
+def test_parity_failure_registers_nothing_and_says_why(tmp_path, prefect_harness):
+    from normalcy.export import ParityError
+    from normalcy.flows.train import train_flow
+
+    root = _fresh_project(
+        tmp_path,
+        {
+            "export": {"parity_max_abs": 1e-30, "parity_max_rel": 1e-30},
+            "versioning": {"enabled": False},
+        },
+    )
+    with pytest.raises(ParityError, match="exceeds parity_max_abs"):
+        train_flow("params.yaml")
+    assert _registered_versions(root) == 0
+
+
+def test_deployments_exist_with_their_cron_schedules(prefect_harness):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from normalcy.config import load_params
+    from normalcy.flows.deploy import build_deployments
+
+    params = load_params(
+        Path(__file__).resolve().parents[1] / "params.yaml", ["schedule.monitor_cron=*/15 * * * *"]
+    )
+    for deployment in build_deployments(params):
+        deployment.apply()
+
+    async def read() -> dict[str, list[str]]:
+        async with get_client() as client:
+            found = {}
+            for name in ("normalcy-monitor/monitor", "normalcy-train/train"):
+                deployment = await client.read_deployment_by_name(name)
+                found[name] = [s.schedule.cron for s in deployment.schedules]
+            return found
+
+    found = asyncio.run(read())
+    assert found["normalcy-monitor/monitor"] == ["*/15 * * * *"]
+    assert found["normalcy-train/train"] == [params.schedule.train_cron]
+
+
+def test_cli_reports_bad_params_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "normalcy.cli", "train", "--set", "train.candidates=[nope]"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "unknown detector 'nope'" in result.stderr
+    assert "Traceback" not in result.stderr
