@@ -55,12 +55,11 @@ def clean_data(splits: Splits, params: Params) -> Split:
     cleaned, result = stages.clean(splits.train, params.clean)
     mlflow.log_artifact(params.clean.log_path, "cleaning")
     if result is not None:
-        mlflow.log_metrics(
-            {"clean_removed": result.n_removed, "clean_iterations": len(result.iterations)}
-        )
-        last = result.iterations[-1]
-        if last.precision is not None:
-            mlflow.log_metrics({"clean_precision": last.precision, "clean_recall": last.recall})
+        for it in result.iterations:  # one step per cleaning iteration
+            quality = {}
+            if it.precision is not None:
+                quality = {"clean_precision": it.precision, "clean_recall": it.recall}
+            mlflow.log_metrics({"clean_removed": it.n_removed, **quality}, step=it.iteration)
     return cleaned
 
 

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from normalcy.evaluation.metrics import ranking_metrics
 from normalcy.scoring import read_metadata, score_onnx
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = {
     "train": {"epochs": 4, "patience": 3},
     "clean": {"epochs": 3, "max_iter": 2},
@@ -58,13 +59,18 @@ def trained(tmp_path_factory, prefect_harness):
         yield root, summary
 
 
+def first_threshold(root: Path, summary: dict) -> float:
+    """The threshold the module's first flow run logged to MLflow."""
+    return client_for(root).get_run(summary["mlflow_run_id"]).data.metrics["threshold"]
+
+
 def client_for(root: Path) -> MlflowClient:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     return MlflowClient(uri)
 
 
-def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained):
+def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained, monkeypatch):
     root, summary = trained
     for key in (
         "winner",
@@ -108,11 +114,11 @@ def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained):
     assert {"roc_pr_test.png", "scores_test.png"} <= plots
 
 
-def test_second_run_goes_through_the_promotion_gate(trained):
+def test_second_run_goes_through_the_promotion_gate(trained, monkeypatch):
     from normalcy.flows.train import train_flow
 
     root, first = trained
-    os.chdir(root)
+    monkeypatch.chdir(root)
     summary = train_flow("params.yaml", ["train.epochs=1", "clean.enabled=false"])
     client = client_for(root)
     version = client.get_model_version(summary["model_name"], summary["model_version"])
@@ -124,11 +130,11 @@ def test_second_run_goes_through_the_promotion_gate(trained):
     assert version.tags["promotion_reason"] == summary["promotion_reason"]
 
 
-def test_monitor_detects_drift_and_recalibrates(trained):
+def test_monitor_detects_drift_and_recalibrates(trained, monkeypatch):
     from normalcy.flows.monitor import monitor_flow
 
     root, _ = trained
-    os.chdir(root)
+    monkeypatch.chdir(root)
     client = client_for(root)
     before = client.get_model_version_by_alias("normalcy", "champion")
     with np.load(root / "data" / "prepared" / "test.npz") as test:
@@ -149,12 +155,12 @@ def test_monitor_detects_drift_and_recalibrates(trained):
     assert (root / "artifacts" / "drift_report.json").exists()
 
 
-def test_monitor_rejects_batch_with_other_columns(trained):
+def test_monitor_rejects_batch_with_other_columns(trained, monkeypatch):
     from normalcy.data.sources import DataError
     from normalcy.flows.monitor import monitor_flow
 
     root, _ = trained
-    os.chdir(root)
+    monkeypatch.chdir(root)
     versions_before = len(client_for(root).search_model_versions("name='normalcy'"))
     pd.DataFrame({"pixel_0_0": [1.0], "temperature": [3.0]}).to_csv(root / "wrong.csv", index=False)
     with pytest.raises(DataError, match="columns differ from the model's"):
@@ -162,10 +168,10 @@ def test_monitor_rejects_batch_with_other_columns(trained):
     assert len(client_for(root).search_model_versions("name='normalcy'")) == versions_before
 
 
-def _fresh_project(tmp_path: Path, updates: dict) -> Path:
+def _fresh_project(tmp_path: Path, updates: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = git_repo(tmp_path / "project")
     write_params(root, {**FAST, **updates})
-    os.chdir(root)
+    monkeypatch.chdir(root)
     return root
 
 
@@ -175,21 +181,27 @@ def _registered_versions(root: Path) -> int:
     return len(client_for(root).search_model_versions("name='normalcy'"))
 
 
-def test_nan_in_features_fails_before_training_and_registers_nothing(tmp_path, prefect_harness):
+def test_nan_in_features_fails_before_training_and_registers_nothing(
+    tmp_path, prefect_harness, monkeypatch
+):
     from normalcy.data.sources import DataError
     from normalcy.flows.train import train_flow
 
     frame = pd.DataFrame(np.random.default_rng(0).normal(size=(60, 3)), columns=["a", "b", "c"])
     frame.loc[7, "b"] = np.nan
     frame.to_csv(tmp_path / "data.csv", index=False)
-    root = _fresh_project(tmp_path, {"data": {"source": "csv", "path": str(tmp_path / "data.csv")}})
+    root = _fresh_project(
+        tmp_path, {"data": {"source": "csv", "path": str(tmp_path / "data.csv")}}, monkeypatch
+    )
     with pytest.raises(DataError, match=r"NaN/inf values in 1 feature\(s\) \(first: \['b'\]"):
         train_flow("params.yaml")
     assert _registered_versions(root) == 0
     assert not (root / "artifacts" / "model.onnx").exists()
 
 
-def test_failed_validation_stops_the_flow_and_saves_the_report(tmp_path, prefect_harness):
+def test_failed_validation_stops_the_flow_and_saves_the_report(
+    tmp_path, prefect_harness, monkeypatch
+):
     """Anomalies far outside the training range land only in val/test: GX must stop the flow."""
     from normalcy.flows.train import train_flow
     from normalcy.stages import DataValidationFailed
@@ -205,6 +217,7 @@ def test_failed_validation_stops_the_flow_and_saves_the_report(tmp_path, prefect
             "data": {"source": "npz", "path": str(tmp_path / "data.npz")},
             "prepare": {"train_contamination": 0.0},
         },
+        monkeypatch,
     )
     with pytest.raises(DataValidationFailed, match="x0"):
         train_flow("params.yaml")
@@ -213,7 +226,7 @@ def test_failed_validation_stops_the_flow_and_saves_the_report(tmp_path, prefect
     assert not (root / "artifacts" / "winner.pt").exists()
 
 
-def test_parity_failure_registers_nothing_and_says_why(tmp_path, prefect_harness):
+def test_parity_failure_registers_nothing_and_says_why(tmp_path, prefect_harness, monkeypatch):
     from normalcy.export import ParityError
     from normalcy.flows.train import train_flow
 
@@ -223,10 +236,64 @@ def test_parity_failure_registers_nothing_and_says_why(tmp_path, prefect_harness
             "export": {"parity_max_abs": 1e-30, "parity_max_rel": 1e-30},
             "versioning": {"enabled": False},
         },
+        monkeypatch,
     )
     with pytest.raises(ParityError, match="exceeds parity_max_abs"):
         train_flow("params.yaml")
     assert _registered_versions(root) == 0
+    assert not (root / "artifacts" / "model.onnx").exists()
+    assert (root / "artifacts" / "model.rejected.onnx").exists()
+
+
+def test_images_train_export_and_monitor(tmp_path, prefect_harness, monkeypatch):
+    """Digits as (n, 1, 8, 8) images through the whole flow, then a monitor check."""
+    from normalcy.flows.monitor import monitor_flow
+    from normalcy.flows.train import train_flow
+
+    root = _fresh_project(
+        tmp_path, {"data": {"as_images": True}, "versioning": {"enabled": False}}, monkeypatch
+    )
+    summary = train_flow("params.yaml")
+    metadata = read_metadata(str(root / summary["onnx_path"]))
+    assert metadata["input"]["shape"] == ["N", 1, 8, 8]
+    with np.load(root / "data" / "prepared" / "test.npz") as test:
+        assert test["X"].shape[1:] == (1, 8, 8)
+        scores, _ = score_onnx(root / summary["onnx_path"], test["X"])
+        assert ranking_metrics(test["y"], scores)["auroc"] == pytest.approx(
+            summary["test_auroc"], abs=1e-6
+        )
+        np.savez(root / "batch.npz", X=test["X"][test["y"] == 0])
+    result = monitor_flow("batch.npz", "params.yaml", ["monitor.recalibrate_on_drift=false"])
+    assert result["recalibration"] is None
+    assert result["features_drifted"] == 0  # held-out normal images: same distribution
+
+
+def test_dvc_repro_reproduces_the_flow(trained, tmp_path):
+    """`dvc repro` in a copy of the project runs the same stage functions as the flow, so with
+    the same params it reaches the same threshold and test metrics."""
+    import json
+    import shutil
+
+    root, summary = trained
+    repo = REPO_ROOT
+    clone = git_repo(tmp_path / "clone")
+    for name in ("src", "flows"):
+        shutil.copytree(repo / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "pyproject.toml"):
+        shutil.copy(repo / name, clone / name)
+    shutil.copy(root / "params.yaml", clone / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=clone, check=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (clone / "artifacts" / "model.onnx").exists() and (clone / "dvc.lock").exists()
+    metrics = json.loads((clone / "artifacts" / "metrics.json").read_text())
+    flow_metrics = json.loads((root / "artifacts" / "metrics.json").read_text())
+    # the flow's first run wrote metrics.json; later tests reran the flow with other params
+    assert metrics["threshold"] == pytest.approx(first_threshold(root, summary), rel=1e-5)
+    assert set(metrics) == set(flow_metrics)
 
 
 def test_deployments_exist_with_their_cron_schedules(prefect_harness):

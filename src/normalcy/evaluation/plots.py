@@ -32,7 +32,15 @@ def plot_score_histogram(
 ) -> Path:
     """Score distributions of normals and anomalies, with the calibrated threshold."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    bins = np.histogram_bin_edges(scores, bins=40)
+    # Reconstruction errors and distances are heavy-tailed: a log axis keeps the bulk visible.
+    log_axis = scores.min() > 0 and scores.max() / scores.min() > 100
+    bins = (
+        np.geomspace(scores.min(), scores.max(), 41)
+        if log_axis
+        else np.histogram_bin_edges(scores, bins=40)
+    )
+    if log_axis:
+        ax.set_xscale("log")
     if labels is None:
         ax.hist(scores, bins=bins, alpha=0.7, label="all")
     else:
