@@ -15,8 +15,9 @@ from normalcy import registry
 from normalcy.config import Params, load_params
 from normalcy.data.sources import load_batch
 from normalcy.drift import DriftReport, detect_drift
+from normalcy.jsonio import write_json
 from normalcy.scoring import read_metadata, score_onnx
-from normalcy.stages import ARTIFACTS, write_json
+from normalcy.stages import ARTIFACTS
 
 log = logging.getLogger("normalcy.monitor")
 DRIFT_REPORT = ARTIFACTS / "drift_report.json"

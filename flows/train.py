@@ -17,6 +17,7 @@ from normalcy.data.versioning import DataVersion, snapshot_data
 from normalcy.detectors import Detector
 from normalcy.evaluation.selection import validation_metric
 from normalcy.export import ParityReport, require_parity
+from normalcy.jsonio import write_json
 from normalcy.scoring import load_session, read_metadata, score_onnx
 
 log = logging.getLogger("normalcy.train")
@@ -235,6 +236,6 @@ def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = N
             **registration,
             "onnx_path": str(onnx_path),
         }
-        stages.write_json(summary, SUMMARY)
+        write_json(summary, SUMMARY)
         mlflow.log_artifact(str(SUMMARY))
     return summary

@@ -17,13 +17,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import mlflow
-import numpy as np
 import onnx
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
 from normalcy.config import MlflowParams
+from normalcy.jsonio import json_default
 
 try:  # the limits MLflow enforces server-side; the values below are MLflow 3's
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -149,24 +149,11 @@ def log_params_flat(params: dict[str, Any]) -> None:
         mlflow.log_params(dict(items[start : start + MAX_PARAMS_TAGS_PER_BATCH]))
 
 
-def _to_jsonable(obj: Any) -> Any:
-    """json.dumps fallback for what pipeline reports contain: numpy scalars/arrays, paths, sets."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=str)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
 def log_json(obj: Any, artifact_file: str) -> None:
     """Log `obj` as a JSON artifact of the active run (`mlflow.log_dict`), accepting numpy
     values, which plain json rejects."""
     _active_run_id()
-    mlflow.log_dict(json.loads(json.dumps(obj, default=_to_jsonable)), artifact_file)
+    mlflow.log_dict(json.loads(json.dumps(obj, default=json_default)), artifact_file)
 
 
 def _log_onnx(onnx_path: str | Path, model_name: str | None) -> ModelInfo:

@@ -8,7 +8,6 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from normalcy.evaluation.metrics import ranking_metrics, threshold_metrics
 from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
 from normalcy.evaluation.selection import CandidateResult, select_winner, validation_metric
 from normalcy.export import ParityReport, export_onnx, parity_check
+from normalcy.jsonio import write_json
 from normalcy.validation.cleaning import CleaningResult, clean_training_split
 from normalcy.validation.suite import (
     ValidationReport,
@@ -48,26 +48,6 @@ CLEANED_TRAIN = ARTIFACTS / "cleaned_train.npz"
 CANDIDATES = ARTIFACTS / "candidates.json"
 WINNER = ARTIFACTS / "winner.pt"
 PARITY = ARTIFACTS / "parity.json"
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Write JSON atomically (temp file + rename), so a failure leaves no half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    tmp.replace(path)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 # -- prepare -------------------------------------------------------------------------------
@@ -134,18 +114,13 @@ def clean(train: Split, params: CleanParams) -> tuple[Split, CleaningResult | No
 # -- train ---------------------------------------------------------------------------------
 
 
+TRAINING_SETTINGS = {"epochs", "batch_size", "learning_rate", "weight_decay", "patience", "seed"}
+
+
 def build_candidate(name: str, params: TrainParams) -> Detector:
     """A candidate with its own params from train.detectors plus the shared training settings."""
-    return create_detector(
-        name,
-        **params.detectors.get(name, {}),
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        learning_rate=params.learning_rate,
-        weight_decay=params.weight_decay,
-        patience=params.patience,
-        seed=params.seed,
-    )
+    shared = params.model_dump(include=TRAINING_SETTINGS)
+    return create_detector(name, **params.detectors.get(name, {}), **shared)
 
 
 def fit_detector(detector: Detector, train: Split, val: Split) -> Detector:
