@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+import pytest
+
+from normalcy import stages
+from normalcy.config import (
+    CalibrationParams,
+    DataParams,
+    EvaluateParams,
+    PrepareParams,
+    TrainParams,
+)
+from normalcy.data.sources import load_dataset
+from normalcy.data.splits import split_dataset
+from normalcy.detectors.autoencoder import Autoencoder
+
+
+class LabelSpy(Autoencoder):
+    """Records what fit() received."""
+
+    seen_labels: object = "unset"
+
+    def fit(self, train, val=None, val_labels=None):
+        self.seen_labels = val_labels
+        return super().fit(train, val)
+
+
+class LabelUsingSpy(LabelSpy):
+    uses_labels = True
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return split_dataset(load_dataset(DataParams()), PrepareParams())
+
+
+def test_labels_reach_only_detectors_that_declare_them(splits):
+    quiet = stages.fit_detector(LabelSpy(epochs=1), splits.train, splits.val)
+    assert quiet.seen_labels is None
+    using = stages.fit_detector(LabelUsingSpy(epochs=1), splits.train, splits.val)
+    assert np.array_equal(using.seen_labels, splits.val.y)
+
+
+def test_train_evaluate_calibrates_on_validation_normals(splits, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = TrainParams(epochs=5, candidates=["autoencoder", "deep_svdd"])
+    detectors, results, winner = stages.train_candidates(splits.train, splits.val, params)
+    assert [r.name for r in results] == ["autoencoder", "deep_svdd"]
+    assert winner.metric == max(r.metric for r in results)
+    saved = json.loads(stages.CANDIDATES.read_text())
+    assert saved["winner"] == winner.name
+    loaded = stages.load_winner()
+    assert np.allclose(
+        loaded.score(splits.test.X[:5]), detectors[winner.name].score(splits.test.X[:5])
+    )
+
+    evaluation = stages.evaluate(
+        loaded, splits, EvaluateParams(), CalibrationParams(target_fpr=0.05)
+    )
+    normal_val = evaluation.val_scores[splits.val.y == 0]
+    assert evaluation.n_calibration == len(normal_val)
+    assert np.mean(normal_val > evaluation.threshold) <= 0.05
+    assert 0 <= evaluation.test["fpr"] <= 1 and "auroc" in evaluation.test
+    threshold, calibration_scores = stages.load_evaluation(EvaluateParams())
+    assert threshold == pytest.approx(evaluation.threshold)
+    assert len(calibration_scores) == evaluation.n_calibration
+
+
+def test_model_metadata_describes_the_input(splits):
+    detector = Autoencoder(epochs=1).fit(splits.train.X)
+    metadata = stages.model_metadata(
+        detector, splits.feature_names, splits.test.X, 1.5, 0.01, 180, 18, {"data_version": "x"}
+    )
+    assert metadata["input"]["shape"] == ["N", 64]
+    assert metadata["input"]["feature_names"] == splits.feature_names
+    assert metadata["detector_params"]["hidden_dims"] == [64, 32]
+    assert metadata["threshold"] == 1.5 and metadata["data_version"] == "x"
+    json.dumps(metadata)
