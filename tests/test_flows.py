@@ -305,22 +305,25 @@ def test_deployments_exist_with_their_cron_schedules(prefect_harness):
     from normalcy.flows.deploy import build_deployments
 
     params = load_params(
-        Path(__file__).resolve().parents[1] / "params.yaml", ["schedule.monitor_cron=*/15 * * * *"]
+        Path(__file__).resolve().parents[1] / "params.yaml",
+        ["schedule.monitor_cron=*/15 * * * *", "schedule.timezone=Europe/Paris"],
     )
     for deployment in build_deployments(params):
         deployment.apply()
 
     async def read() -> dict[str, list[str]]:
         async with get_client() as client:
-            found = {}
+            found, limits = {}, {}
             for name in ("normalcy-monitor/monitor", "normalcy-train/train"):
                 deployment = await client.read_deployment_by_name(name)
-                found[name] = [s.schedule.cron for s in deployment.schedules]
-            return found
+                found[name] = [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules]
+                limits[name] = deployment.global_concurrency_limit.limit
+            return found, limits
 
-    found = asyncio.run(read())
-    assert found["normalcy-monitor/monitor"] == ["*/15 * * * *"]
-    assert found["normalcy-train/train"] == [params.schedule.train_cron]
+    found, limits = asyncio.run(read())
+    assert limits == {"normalcy-monitor/monitor": 1, "normalcy-train/train": 1}
+    assert found["normalcy-monitor/monitor"] == [("*/15 * * * *", "Europe/Paris")]
+    assert found["normalcy-train/train"] == [(params.schedule.train_cron, "Europe/Paris")]
 
 
 def test_cli_reports_bad_params_without_traceback(tmp_path):
