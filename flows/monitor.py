@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -18,9 +19,11 @@ from normalcy.drift import DriftReport, detect_drift
 from normalcy.jsonio import write_json
 from normalcy.scoring import read_metadata, score_onnx
 from normalcy.stages import ARTIFACTS
+from normalcy.validation.suite import ValidationReport, save_report, validate_batch
 
 log = logging.getLogger("normalcy.monitor")
 DRIFT_REPORT = ARTIFACTS / "drift_report.json"
+BATCH_VALIDATION = ARTIFACTS / "monitor_validation.json"
 
 
 class NoChampionError(RuntimeError):
@@ -38,10 +41,11 @@ class ChampionBundle:
     reference_X: np.ndarray
     reference_scores: np.ndarray
     feature_names: list[str]
+    validation_spec: dict
 
 
 def fetch_champion(params: Params, workdir: str | Path) -> ChampionBundle:
-    """Download the champion's ONNX file and drift reference from MLflow."""
+    """Download the champion's ONNX file, drift reference and validation suite from MLflow."""
     champion = registry.load_champion(params.mlflow.model_name, workdir)
     if champion is None:
         raise NoChampionError(
@@ -55,14 +59,27 @@ def fetch_champion(params: Params, workdir: str | Path) -> ChampionBundle:
     with np.load(reference_path, allow_pickle=False) as reference:
         X, scores, names = reference["X"], reference["scores"], reference["feature_names"].tolist()
     metadata = read_metadata(str(champion.onnx_path))
+    spec_path = registry.download_run_artifact(
+        champion.run_id, "reference/validation_spec.json", workdir
+    )
+    spec = json.loads(Path(spec_path).read_text())
     return ChampionBundle(
-        champion.version, champion.run_id, champion.onnx_path, metadata, X, scores, names
+        champion.version, champion.run_id, champion.onnx_path, metadata, X, scores, names, spec
     )
 
 
 def read_batch(batch_path: str | Path, champion: ChampionBundle) -> np.ndarray:
     """The batch, checked against the champion's input (columns, shape, finite values)."""
     return load_batch(batch_path, champion.feature_names, list(champion.reference_X.shape[1:]))
+
+
+@task
+def validate_monitor_batch(batch: np.ndarray, champion: ChampionBundle) -> ValidationReport:
+    """The champion's Great Expectations suite on the batch; reported, not blocking: values out
+    of the training range are themselves a sign of drift."""
+    report = validate_batch(batch, champion.validation_spec, "monitor batch")
+    save_report([report], BATCH_VALIDATION)
+    return report
 
 
 @task
@@ -98,6 +115,8 @@ def monitor_flow(
         batch = read_batch(batch_path, champion)
         with mlflow.start_run(run_name="monitor", tags={"normalcy.run_type": "monitor"}):
             mlflow.set_tags({"champion_version": champion.version, "batch_path": str(batch_path)})
+            validation = validate_monitor_batch(batch, champion)
+            mlflow.log_artifact(str(BATCH_VALIDATION), "validation")
             report = check_drift(batch, champion, params)
             write_json(report.to_dict(), DRIFT_REPORT)
             mlflow.log_artifact(str(DRIFT_REPORT), "drift")
@@ -107,14 +126,18 @@ def monitor_flow(
                     "score_shift_p_value": report.score_p_value,
                     "alert_rate_batch": report.alert_rate_batch or 0.0,
                     "drifted": float(report.drifted),
+                    "validation_failures": len(validation.failures),
                 }
             )
+    print(validation.summary())
     print(report.summary())
     result = {
         "drifted": report.drifted,
         "features_drifted": report.n_features_drifted,
         "score_shifted": report.score_shifted,
         "retrain_recommended": report.n_features_drifted > 0,
+        "validation_passed": validation.success,
+        "validation_failures": len(validation.failures),
         "champion_version": champion.version,
         "report_path": str(DRIFT_REPORT),
         "recalibration": None,

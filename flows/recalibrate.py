@@ -85,6 +85,7 @@ def recalibrate_flow(
                 threshold=threshold,
             )
             mlflow.log_artifact(str(reference), "reference")
+            mlflow.log_dict(champion.validation_spec, "reference/validation_spec.json")
             mlflow.log_metrics(
                 {
                     "old_threshold": old_threshold,

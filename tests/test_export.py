@@ -249,3 +249,14 @@ print(json.dumps({{"score": score.tolist(), "flag": flag.tolist(),
     np.testing.assert_allclose(out["score"], expected_score, rtol=0, atol=0)
     assert out["flag"] == expected_flag.tolist()
     assert out["meta"] == entry["metadata"]
+
+
+def test_missing_or_corrupted_model_files_fail_clearly(tmp_path):
+    from normalcy.scoring import load_session
+
+    with pytest.raises(FileNotFoundError, match="no such model file"):
+        load_session(tmp_path / "missing.onnx")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"this is not a protobuf")
+    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+        load_session(broken)

@@ -153,6 +153,11 @@ def test_monitor_detects_drift_and_recalibrates(trained, monkeypatch):
         recalibration["threshold"]
     )
     assert (root / "artifacts" / "drift_report.json").exists()
+    assert result["validation_passed"] is False  # values beyond the training range
+    # the recalibrated champion carries the batch as its new reference: the same batch is normal now
+    again = monitor_flow("shifted.csv", "params.yaml", ["monitor.recalibrate_on_drift=false"])
+    assert again["champion_version"] == str(after.version)
+    assert not again["drifted"] and again["recalibration"] is None
 
 
 def test_monitor_rejects_batch_with_other_columns(trained, monkeypatch):

@@ -25,7 +25,14 @@ def load_session(path: str | Path, intra_op_threads: int | None = None) -> ort.I
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such model file; expected an .onnx file")
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own types for a corrupted or foreign file
+        raise ValueError(f"{path}: not a loadable ONNX model ({exc})") from None
 
 
 def _session(session_or_path: ort.InferenceSession | str | Path) -> ort.InferenceSession:
