@@ -250,6 +250,30 @@ def test_parity_failure_registers_nothing_and_says_why(tmp_path, prefect_harness
     assert (root / "artifacts" / "model.rejected.onnx").exists()
 
 
+def test_unlabelled_data_uses_the_label_free_criterion(tmp_path, prefect_harness, monkeypatch):
+    """No labels anywhere: selection, promotion and the summary still work, without test AUROC."""
+    from sklearn.datasets import load_digits
+
+    from normalcy.flows.train import train_flow
+
+    digits = load_digits()
+    np.savez(tmp_path / "unlabelled.npz", X=digits.data[digits.target < 5])
+    root = _fresh_project(
+        tmp_path,
+        {
+            "data": {"source": "npz", "path": str(tmp_path / "unlabelled.npz")},
+            "versioning": {"enabled": False},
+        },
+        monkeypatch,
+    )
+    summary = train_flow("params.yaml")
+    assert summary["selection_metric"] == "val_synthetic_auroc"
+    assert 0.5 < summary["selection_value"] <= 1.0
+    assert summary["test_auroc"] is None and summary["promoted"] is True
+    assert "test_synthetic_auroc" in summary["promotion_reason"]
+    assert (root / "artifacts" / "model.onnx").exists()
+
+
 def test_images_train_export_and_monitor(tmp_path, prefect_harness, monkeypatch):
     """Digits as (n, 1, 8, 8) images through the whole flow, then a monitor check."""
     from normalcy.flows.monitor import monitor_flow

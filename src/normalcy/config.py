@@ -63,7 +63,7 @@ class VersioningParams(_Section):
 
 class ValidateParams(_Section):
     range_tolerance: float = Field(0.1, ge=0)
-    range_mostly: float = Field(0.99, gt=0, le=1)
+    range_mostly: float = Field(0.95, gt=0, le=1)
     min_rows: int = Field(1, ge=1)
     report_path: str = "artifacts/validation_report.json"
 
