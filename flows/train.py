@@ -135,12 +135,17 @@ def save_drift_reference(
     return DRIFT_REFERENCE
 
 
-def test_metric(onnx_path: Path, test: Split, seed: int) -> tuple[str, float]:
+def promotion_metric(onnx_path: Path, test: Split, seed: int) -> tuple[str, float]:
     """The promotion metric of a graph on the test split, from onnxruntime alone, so the
     challenger and the champion are measured by exactly the same code."""
     session = load_session(onnx_path)
     name, value = validation_metric(lambda X: score_onnx(session, X)[0], test.X, test.y, seed)
     return name.replace("val_", "test_"), value
+
+
+def same_input(onnx_path: Path, other_path: Path) -> bool:
+    """Whether two graphs take the same input (name, dtype, shape, feature names)."""
+    return read_metadata(str(onnx_path)).get("input") == read_metadata(str(other_path)).get("input")
 
 
 @task
@@ -150,25 +155,19 @@ def register_and_promote(onnx_path: Path, splits: Splits, params: Params, tags: 
     with tempfile.TemporaryDirectory() as tmp:
         champion = registry.load_champion(name, tmp)
         champion_metric = None
-        metric_name, challenger_metric = test_metric(onnx_path, splits.test, params.prepare.seed)
+        metric_name, challenger_metric = promotion_metric(
+            onnx_path, splits.test, params.prepare.seed
+        )
         if champion is not None:
-            ours, theirs = (
-                read_metadata(str(onnx_path))["input"],
-                read_metadata(str(champion.onnx_path)).get("input"),
-            )
-            if (
-                theirs is not None
-                and theirs["shape"] == ours["shape"]
-                and theirs["feature_names"] == ours["feature_names"]
-            ):
-                _, champion_metric = test_metric(
+            if same_input(onnx_path, champion.onnx_path):
+                _, champion_metric = promotion_metric(
                     champion.onnx_path, splits.test, params.prepare.seed
                 )
-            else:
+            else:  # another schema: no fair comparison, so the champion stays
                 log.warning(
-                    "champion v%s expects another input %s; it cannot be compared",
+                    "champion v%s expects another input; it is kept (use another "
+                    "mlflow.model_name for a new data schema)",
                     champion.version,
-                    theirs,
                 )
                 champion_metric = float("inf")
     registered = registry.register_challenger(onnx_path, name, tags)
