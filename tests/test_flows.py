@@ -366,3 +366,24 @@ def test_cli_reports_bad_params_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "unknown detector 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_monitor_without_champion_says_to_train_first(tmp_path, prefect_harness, monkeypatch):
+    from normalcy.flows.monitor import NoChampionError, monitor_flow
+
+    _fresh_project(tmp_path, {}, monkeypatch)
+    pd.DataFrame({"pixel_0_0": [0.0]}).to_csv(tmp_path / "project" / "batch.csv", index=False)
+    with pytest.raises(NoChampionError, match="run `normalcy train` first"):
+        monitor_flow("batch.csv", "params.yaml")
+
+
+def test_two_recalibrations_never_run_at_once(tmp_path):
+    from normalcy.flows.recalibrate import RecalibrationBusy, exclusive
+
+    lock = tmp_path / "recalibrate.lock"
+    with exclusive(lock):
+        with pytest.raises(RecalibrationBusy, match="another recalibration holds"):
+            with exclusive(lock):
+                pass
+    with exclusive(lock):  # released after the first one ended
+        assert lock.exists()
