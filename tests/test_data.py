@@ -147,3 +147,24 @@ def test_load_batch_checks_columns_and_shape(tmp_path):
     np.savez(npz, X=np.zeros((2, 3)))
     with pytest.raises(DataError, match=r"rows have shape \[3\]; the model expects \[2\]"):
         load_batch(npz, names, [2])
+
+
+def test_parquet_with_string_ids_survives_prepare(tmp_path):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {"id": [f"row-{i}" for i in range(60)], "a": rng.normal(size=60), "b": rng.normal(size=60)}
+    )
+    path = tmp_path / "table.parquet"
+    frame.to_parquet(path)
+    dataset = load_dataset(DataParams(source="parquet", path=str(path), id_column="id"))
+    assert dataset.y is None and dataset.feature_names == ["a", "b"]
+    splits = split_dataset(dataset, PrepareParams())
+    save_splits(splits, tmp_path / "prepared", {})
+    loaded = load_splits(tmp_path / "prepared")
+    assert loaded.train.ids[0].startswith("row-")
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    frame = pd.DataFrame({"id": [1, 1, 2], "a": [1.0, 2.0, 3.0]})
+    with pytest.raises(DataError, match="duplicate ids"):
+        load_dataset(DataParams(source="csv", path=_csv(tmp_path, frame), id_column="id"))

@@ -169,7 +169,13 @@ def load_table_dataset(params: DataParams) -> Dataset:
         if params.label_column
         else None
     )
-    ids = frame[params.id_column].to_numpy() if params.id_column else None
+    ids = None
+    if params.id_column:
+        ids = frame[params.id_column].to_numpy()
+        if ids.dtype == object or not np.issubdtype(ids.dtype, np.number):
+            ids = ids.astype(str)  # fixed-width strings: saved and loaded without pickle
+        if len(np.unique(ids)) != len(ids):
+            raise DataError(f"{path}: id column {params.id_column!r} has duplicate ids")
     return Dataset(X, y, list(feature_columns), ids, str(path))
 
 
