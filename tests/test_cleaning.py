@@ -36,8 +36,10 @@ def test_iterative_cleaning_removes_contamination_on_digits():
     last = result.iterations[-1]
     assert last.n_removed == result.n_removed == len(train) - len(cleaned)
     base_rate = train.y.mean()
-    # removal is far better than chance: precision at least twice the contamination rate
-    assert last.precision > 2 * base_rate and last.recall > 0.3
+    removed_fraction = last.n_removed / len(train)
+    # Far better than chance: a random removal of the same size has precision = base_rate and
+    # recall = removed_fraction; ask for at least twice both.
+    assert last.precision > 2 * base_rate and last.recall > 2 * removed_fraction
     assert cleaned.y.mean() < train.y.mean()
     assert set(cleaned.ids).isdisjoint(last.removed_ids)
     log = result.to_dict()

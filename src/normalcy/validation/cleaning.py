@@ -79,7 +79,9 @@ def clean_training_split(
     result = CleaningResult(kept)
     for iteration in range(1, params.max_iter + 1):
         scores = make_detector().fit(train.X[kept]).score(train.X)
-        cutoff = contamination_cutoff(scores[kept], params)
+        # The scale comes from every row: MAD already ignores the tail, while re-estimating it on
+        # the kept rows alone would shrink it each round and remove ever more normal rows.
+        cutoff = contamination_cutoff(scores, params)
         new_kept = scores <= cutoff
         if not new_kept.any():
             raise ValueError("cleaning would remove every training row; check clean.* params")
