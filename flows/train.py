@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from onnxruntime import InferenceSession
 from prefect import flow, task
 
 from normalcy import registry, stages
@@ -135,17 +136,11 @@ def save_drift_reference(
     return DRIFT_REFERENCE
 
 
-def promotion_metric(onnx_path: Path, test: Split, seed: int) -> tuple[str, float]:
+def promotion_metric(session: InferenceSession, test: Split, seed: int) -> tuple[str, float]:
     """The promotion metric of a graph on the test split, from onnxruntime alone, so the
     challenger and the champion are measured by exactly the same code."""
-    session = load_session(onnx_path)
     name, value = validation_metric(lambda X: score_onnx(session, X)[0], test.X, test.y, seed)
     return name.replace("val_", "test_"), value
-
-
-def same_input(onnx_path: Path, other_path: Path) -> bool:
-    """Whether two graphs take the same input (name, dtype, shape, feature names)."""
-    return read_metadata(str(onnx_path)).get("input") == read_metadata(str(other_path)).get("input")
 
 
 @task
@@ -155,14 +150,15 @@ def register_and_promote(onnx_path: Path, splits: Splits, params: Params, tags: 
     with tempfile.TemporaryDirectory() as tmp:
         champion = registry.load_champion(name, tmp)
         champion_metric = None
+        challenger = load_session(onnx_path)
         metric_name, challenger_metric = promotion_metric(
-            onnx_path, splits.test, params.prepare.seed
+            challenger, splits.test, params.prepare.seed
         )
         if champion is not None:
-            if same_input(onnx_path, champion.onnx_path):
-                _, champion_metric = promotion_metric(
-                    champion.onnx_path, splits.test, params.prepare.seed
-                )
+            incumbent = load_session(champion.onnx_path)
+            # same input name, dtype, shape and feature names: the same test data fits both
+            if read_metadata(challenger).get("input") == read_metadata(incumbent).get("input"):
+                _, champion_metric = promotion_metric(incumbent, splits.test, params.prepare.seed)
             else:  # another schema: no fair comparison, so the champion stays
                 log.warning(
                     "champion v%s expects another input; it is kept (use another "

@@ -177,6 +177,11 @@ class Evaluation:
         return out
 
 
+def calibration_scores_path(params: EvaluateParams) -> Path:
+    """Where the evaluate stage keeps the scores the threshold came from (beside metrics)."""
+    return Path(params.metrics_path).with_name("calibration_scores.npy")
+
+
 def evaluate(
     detector: Detector,
     splits: Splits,
@@ -230,7 +235,7 @@ def evaluate(
         plots,
     )
     write_json(evaluation.to_dict(), params.metrics_path)
-    np.save(Path(params.metrics_path).with_name("calibration_scores.npy"), calibration_scores)
+    np.save(calibration_scores_path(params), calibration_scores)
     log.info("threshold %.5g at target FPR %.3f; test %s", threshold, calibration.target_fpr, test)
     return evaluation
 
@@ -238,7 +243,7 @@ def evaluate(
 def load_evaluation(params: EvaluateParams) -> tuple[float, np.ndarray]:
     """(threshold, calibration scores) written by the evaluate stage."""
     metrics = json.loads(Path(params.metrics_path).read_text())
-    scores = np.load(Path(params.metrics_path).with_name("calibration_scores.npy"))
+    scores = np.load(calibration_scores_path(params))
     return float(metrics["threshold"]), scores
 
 
