@@ -21,8 +21,8 @@ class LabelSpy(Autoencoder):
 
     seen_labels: object = "unset"
 
-    def fit(self, train, val=None, val_labels=None):
-        self.seen_labels = val_labels
+    def fit(self, train, val=None, val_labels=None, train_labels=None):
+        self.seen_labels = (val_labels, train_labels)
         return super().fit(train, val)
 
 
@@ -37,9 +37,10 @@ def splits():
 
 def test_labels_reach_only_detectors_that_declare_them(splits):
     quiet = stages.fit_detector(LabelSpy(epochs=1), splits.train, splits.val)
-    assert quiet.seen_labels is None
+    assert quiet.seen_labels == (None, None)
     using = stages.fit_detector(LabelUsingSpy(epochs=1), splits.train, splits.val)
-    assert np.array_equal(using.seen_labels, splits.val.y)
+    assert np.array_equal(using.seen_labels[0], splits.val.y)
+    assert np.array_equal(using.seen_labels[1], splits.train.y)
 
 
 def test_train_evaluate_calibrates_on_validation_normals(splits, tmp_path, monkeypatch):

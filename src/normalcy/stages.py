@@ -124,10 +124,11 @@ def build_candidate(name: str, params: TrainParams) -> Detector:
 
 
 def fit_detector(detector: Detector, train: Split, val: Split) -> Detector:
-    """Fit on the training features only; validation labels reach only a detector that
-    declares `uses_labels` (outlier exposure), so labels cannot leak into training."""
-    val_labels = val.y if detector.uses_labels else None
-    return detector.fit(train.X, val.X, val_labels)
+    """Fit on the training features only; labels reach only a detector that declares
+    `uses_labels` (outlier exposure's supervised regime), so they cannot leak into training."""
+    if not detector.uses_labels:
+        return detector.fit(train.X, val.X)
+    return detector.fit(train.X, val.X, val_labels=val.y, train_labels=train.y)
 
 
 def train_candidates(

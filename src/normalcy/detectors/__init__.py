@@ -1,6 +1,11 @@
-"""Detectors: the contract, the registry, and one module per method family."""
+"""Detectors: the contract, the registry, and one module per method family.
 
-from normalcy.detectors import autoencoder, deep_svdd  # noqa: F401  (register the methods)
+Every module of this package is imported here, so a method registers itself just by living in
+a file of its own with `@register("name")`; nothing else needs editing to add one."""
+
+import importlib
+import pkgutil
+
 from normalcy.detectors.base import Detector
 from normalcy.detectors.registry import (
     accepted_params,
@@ -8,5 +13,8 @@ from normalcy.detectors.registry import (
     create_detector,
     register,
 )
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Detector", "accepted_params", "available_detectors", "create_detector", "register"]

@@ -9,11 +9,61 @@ import numpy as np
 from torch import nn
 
 
+def check_input(
+    X: np.ndarray,
+    who: str,
+    what: str,
+    expected_shape: tuple[int, ...] | None = None,
+    min_rows: int = 1,
+) -> np.ndarray:
+    """`X` as a float array `[N, ...]`, or a ValueError naming what is wrong and what was expected.
+
+    Every detector goes through this in `fit` and `score`, so no method can silently train on
+    NaN, score rows of the wrong width, or accept a single unbatched row."""
+    X = np.asarray(X)
+    if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise ValueError(f"{who}: {what} must be numeric, got dtype {X.dtype}")
+    X = X.astype(np.float32, copy=False) if X.dtype != np.float64 else X
+    if X.ndim < 2:
+        raise ValueError(
+            f"{who}: {what} must be a batch [N, features] or [N, C, H, W], got shape {X.shape}"
+        )
+    if len(X) < min_rows:
+        raise ValueError(f"{who}: need at least {min_rows} {what} rows, got {len(X)}")
+    if expected_shape is not None and tuple(X.shape[1:]) != tuple(expected_shape):
+        raise ValueError(
+            f"{who}: {what} rows have shape {list(X.shape[1:])}, but the detector was fitted on "
+            f"rows of shape {list(expected_shape)}"
+        )
+    finite = np.isfinite(X.reshape(len(X), -1))
+    if not finite.all():
+        bad_rows = np.flatnonzero(~finite.all(axis=1))
+        raise ValueError(
+            f"{who}: {what} has {len(bad_rows)} rows with NaN or inf (first rows "
+            f"{bad_rows[:5].tolist()}); expected finite values"
+        )
+    return X
+
+
+def check_labels(labels: np.ndarray | None, n_rows: int, who: str, what: str) -> np.ndarray | None:
+    """0/1 labels aligned with their rows, or None."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != (n_rows,):
+        raise ValueError(f"{who}: {what} must have shape ({n_rows},), got {labels.shape}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{who}: {what} must be 0 (normal) or 1 (anomaly)")
+    return labels.astype(np.int64)
+
+
 class Detector(ABC):
     """Learns normality from (mostly) normal data; higher scores mean more anomalous.
 
-    `fit(train, val, val_labels)`: `val_labels` reaches a detector only when it declares
+    `fit(train, val, val_labels, train_labels)`: labels reach a detector only when it declares
     `uses_labels = True`; the pipeline strips them otherwise, so labels cannot leak into training.
+    `fit` and `score` check their input (numeric, finite, batched, the fitted row shape) and then
+    call the method's `_fit` / `_score`, so no method can skip the checks.
     `scoring_module()` is the whole inference path, raw input in data units -> score, as one
     `nn.Module`. It is what gets exported. A method that cannot be a graph sets
     `exportable = False`.
@@ -22,19 +72,51 @@ class Detector(ABC):
     name: ClassVar[str] = "detector"
     exportable: ClassVar[bool] = True
     uses_labels: ClassVar[bool] = False
+    min_train_rows: ClassVar[int] = 2
 
-    @abstractmethod
+    input_shape: tuple[int, ...] | None = None
+
     def fit(
         self,
         train: np.ndarray,
         val: np.ndarray | None = None,
         val_labels: np.ndarray | None = None,
+        train_labels: np.ndarray | None = None,
     ) -> Detector:
         """Learn from `train`; `val` (unlabelled unless `uses_labels`) is for early stopping."""
+        train = check_input(train, self.name, "training", min_rows=self.min_train_rows)
+        train_labels = check_labels(train_labels, len(train), self.name, "train_labels")
+        if val is not None and len(val):
+            val = check_input(val, self.name, "validation", expected_shape=train.shape[1:])
+            val_labels = check_labels(val_labels, len(val), self.name, "val_labels")
+        else:
+            val, val_labels = None, None
+        self._fit(train, val, val_labels, train_labels)
+        self.input_shape = tuple(train.shape[1:])
+        return self
 
-    @abstractmethod
     def score(self, x: np.ndarray) -> np.ndarray:
         """Anomaly scores, float64 `[N]`, higher = more anomalous."""
+        if self.input_shape is None:
+            raise RuntimeError(f"{self.name}: call fit() before score()")
+        x = check_input(x, self.name, "input", expected_shape=self.input_shape, min_rows=0)
+        if len(x) == 0:
+            return np.zeros(0)
+        return np.asarray(self._score(x), dtype=np.float64).reshape(-1)
+
+    @abstractmethod
+    def _fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray | None,
+        val_labels: np.ndarray | None,
+        train_labels: np.ndarray | None,
+    ) -> None:
+        """The method's own training, on checked input."""
+
+    @abstractmethod
+    def _score(self, x: np.ndarray) -> np.ndarray:
+        """The method's own scoring of checked, non-empty input."""
 
     @abstractmethod
     def scoring_module(self) -> nn.Module:

@@ -35,6 +35,8 @@ class TorchDetector(Detector):
         self.network: nn.Module | None = None
         self.history: TrainingHistory | None = None
         self.generator: torch.Generator | None = None
+        self.train_labels: np.ndarray | None = None  # only for `uses_labels` methods
+        self.val_labels: np.ndarray | None = None
 
     @abstractmethod
     def build_network(self, n_features: int) -> nn.Module:
@@ -51,29 +53,14 @@ class TorchDetector(Detector):
     def before_training(self, train: torch.Tensor) -> None:
         """Hook for methods that fix something from the untrained network (Deep SVDD's c)."""
 
-    def fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray | None = None,
-        val_labels: np.ndarray | None = None,
-    ) -> TorchDetector:
-        if len(train) < 2:
-            raise ValueError(f"{self.name}: need at least 2 training rows, got {len(train)}")
-        self.generator = seed_everything(self.seed)
-        self.standardize = fit_standardize(np.asarray(train, dtype=np.float64))
-        train_t = self.standardize(torch.as_tensor(train, dtype=torch.float32))
-        val_t = (
-            self.standardize(torch.as_tensor(val, dtype=torch.float32))
-            if val is not None and len(val)
-            else None
-        )
-        self.network = self.build_network(int(np.prod(train.shape[1:])))
-        self.before_training(train_t)
-        self.history = train_network(
+    def train_network(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
+        """Fit `self.network` on standardized tensors; methods with several optimizers (GANs)
+        or a closed-form step (DAGMM's GMM) override this and reuse the pieces of training.py."""
+        return train_network(
             self.network,
             self.loss,
-            train_t,
-            val_t,
+            train,
+            val,
             epochs=self.epochs,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
@@ -82,16 +69,33 @@ class TorchDetector(Detector):
             generator=self.generator,
             description=self.name,
         )
-        return self
+
+    def _fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray | None,
+        val_labels: np.ndarray | None,
+        train_labels: np.ndarray | None,
+    ) -> None:
+        self.generator = seed_everything(self.seed)
+        self.standardize = fit_standardize(np.asarray(train, dtype=np.float64))
+        train_t = self.standardize(torch.as_tensor(train, dtype=torch.float32))
+        val_t = (
+            self.standardize(torch.as_tensor(val, dtype=torch.float32)) if val is not None else None
+        )
+        self.val_labels, self.train_labels = val_labels, train_labels
+        self.network = self.build_network(int(np.prod(train.shape[1:])))
+        self.before_training(train_t)
+        self.history = self.train_network(train_t, val_t)
 
     def scoring_module(self) -> ScoringModule:
         if self.standardize is None or self.network is None:
             raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
         return ScoringModule(self.standardize, self.score_head()).eval()
 
-    def score(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    def _score(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         module = self.scoring_module()
-        tensor = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        tensor = torch.as_tensor(x, dtype=torch.float32)
         with torch.no_grad():
             parts = [module(chunk) for chunk in tensor.split(batch_size)]
-        return torch.cat(parts).double().numpy() if parts else np.zeros(0)
+        return torch.cat(parts).double().numpy()

@@ -1,0 +1,97 @@
+"""Every registered detector, one parametrized suite: a new method cannot skip these checks.
+
+It learns (clear anomalies on generated data rank above normals), it exports with ONNX parity
+(or refuses export when it declares `exportable = False`), and it rejects bad input clearly."""
+
+import numpy as np
+import pytest
+
+from normalcy.detectors import accepted_params, available_detectors, create_detector
+from normalcy.evaluation.metrics import ranking_metrics
+from normalcy.export import export_onnx, parity_check
+
+FAST = {"epochs": 40, "seed": 0}
+
+
+def fast_detector(name: str):
+    """The detector with a short training budget, for every parameter it accepts."""
+    return create_detector(name, **{k: v for k, v in FAST.items() if k in accepted_params(name)})
+
+
+def low_rank_data(n: int, seed: int, n_features: int = 8) -> np.ndarray:
+    """Normal rows live near a 2-d plane inside 8-d space (plus small noise)."""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(123).normal(size=(2, n_features))
+    latent = rng.normal(size=(n, 2))
+    return (latent @ basis + 0.1 * rng.normal(size=(n, n_features)) + 5.0).astype(np.float32)
+
+
+def off_plane_anomalies(n: int, seed: int, n_features: int = 8) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (low_rank_data(n, seed, n_features) + rng.normal(0, 2.0, size=(n, n_features))).astype(
+        np.float32
+    )
+
+
+@pytest.fixture(scope="module")
+def generated():
+    train = low_rank_data(600, 0)
+    val = low_rank_data(150, 1)
+    test = np.concatenate([low_rank_data(200, 2), off_plane_anomalies(40, 3)])
+    labels = np.r_[np.zeros(200), np.ones(40)]
+    return train, val, test, labels
+
+
+@pytest.fixture(scope="module")
+def fitted(generated):
+    """Each detector fitted once and shared by the tests below (training dominates the cost)."""
+    train, val, _, _ = generated
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = fast_detector(name).fit(train, val)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", available_detectors())
+def test_detector_learns_clear_anomalies(name, generated, fitted):
+    _, _, test, labels = generated
+    scores = fitted(name).score(test)
+    assert scores.shape == (len(test),) and np.isfinite(scores).all()
+    assert ranking_metrics(labels, scores)["auroc"] > 0.85, name
+
+
+@pytest.mark.parametrize("name", available_detectors())
+def test_detector_exports_with_parity_or_refuses(name, generated, fitted, tmp_path):
+    _, _, test, _ = generated
+    detector = fitted(name)
+    if not detector.exportable:
+        with pytest.raises(NotImplementedError, match="not exportable"):
+            detector.scoring_module()
+        return
+    module = detector.scoring_module()
+    threshold = float(np.quantile(detector.score(test), 0.9))
+    path = export_onnx(module, threshold, test[:2], tmp_path / f"{name}.onnx")
+    report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()
+    assert report.spearman > 0.999
+
+
+@pytest.mark.parametrize("name", available_detectors())
+def test_detector_rejects_bad_input(name, generated, fitted):
+    train = generated[0]
+    with pytest.raises(RuntimeError, match="call fit"):
+        fast_detector(name).score(train[:3])
+    poisoned = train.copy()
+    poisoned[5, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fast_detector(name).fit(poisoned)
+    with pytest.raises(ValueError, match="must be a batch"):
+        fast_detector(name).fit(train[0])
+    with pytest.raises(ValueError, match=r"shape \[5\].*fitted on rows of shape \[8\]"):
+        fitted(name).score(train[:4, :5])
+    with pytest.raises(ValueError, match="must be numeric"):
+        fitted(name).score(np.array([["a"] * 8]))
