@@ -16,6 +16,8 @@ import onnxruntime as ort
 METADATA_KEY = "normalcy"
 SCORE_NAME = "score"
 DECISION_NAME = "is_anomaly"
+P_VALUE_NAME = "p_value"
+ANOMALY_MAP_NAME = "anomaly_map"
 
 
 def load_session(path: str | Path, intra_op_threads: int | None = None) -> ort.InferenceSession:
