@@ -78,3 +78,25 @@ def test_model_metadata_describes_the_input(splits):
     assert metadata["detector_params"]["hidden_dims"] == [64, 32]
     assert metadata["threshold"] == 1.5 and metadata["data_version"] == "x"
     json.dumps(metadata)
+
+
+def test_ensemble_candidate_combines_the_best_fitted_candidates(splits, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = TrainParams(candidates=["autoencoder", "deep_svdd", "ensemble"], epochs=3)
+    detectors, results, _ = stages.train_candidates(splits.train, splits.val, params)
+    ensemble = detectors["ensemble"]
+    assert sorted(m.name for m in ensemble.fitted) == ["autoencoder", "deep_svdd"]
+    assert ensemble.fitted[0] is detectors[ensemble.fitted[0].name]  # reused, not retrained
+    assert [r.name for r in results] == ["autoencoder", "deep_svdd", "ensemble"]
+    # Each member's normalized validation scores have median 0: the scales are comparable.
+    for member, location, scale in zip(
+        ensemble.fitted, ensemble.location, ensemble.scale, strict=True
+    ):
+        assert abs(np.median((member.score(splits.val.X) - location) / scale)) < 1e-6
+
+
+def test_ensemble_needs_two_other_candidates(tmp_path):
+    from normalcy.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match="'ensemble' combines the other candidates"):
+        load_params(tmp_path / "absent.yaml", ["train.candidates=[autoencoder, ensemble]"])

@@ -90,6 +90,7 @@ class TrainParams(_Section):
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     patience: int = Field(8, ge=1)
+    ensemble_top_k: int = Field(3, ge=2)
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
@@ -163,6 +164,12 @@ class Params(_Section):
                     raise ValueError(
                         f"{where}: unknown detector {name!r}; expected one of {sorted(known)}"
                     )
+        others = [name for name in self.train.candidates if name != "ensemble"]
+        if "ensemble" in self.train.candidates and len(others) < 2:
+            raise ValueError(
+                f"train.candidates: 'ensemble' combines the other candidates, so it needs at "
+                f"least 2 others; got {others}"
+            )
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from normalcy.config import (
 from normalcy.data.sources import DataError, load_dataset
 from normalcy.data.splits import Split, Splits, save_splits, split_dataset
 from normalcy.detectors import Detector, accepted_params, create_detector
+from normalcy.detectors.ensemble import ENSEMBLE, Ensemble
 from normalcy.evaluation.metrics import ranking_metrics, threshold_metrics
 from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
 from normalcy.evaluation.selection import CandidateResult, select_winner, validation_metric
@@ -134,22 +135,55 @@ def fit_detector(detector: Detector, train: Split, val: Split) -> Detector:
 def train_candidates(
     train: Split, val: Split, params: TrainParams
 ) -> tuple[dict[str, Detector], list[CandidateResult], CandidateResult]:
-    """Fit every candidate, score validation, and pick the winner on validation data only."""
+    """Fit every candidate, score validation, and pick the winner on validation data only.
+
+    The `ensemble` candidate is not trained again: it combines the `ensemble_top_k` best
+    exportable candidates (by the same validation metric) after score normalization."""
     detectors: dict[str, Detector] = {}
     results: list[CandidateResult] = []
-    for position, name in enumerate(params.candidates, start=1):
+    trained = [name for name in params.candidates if name != ENSEMBLE]
+    for position, name in enumerate(trained, start=1):
         log.info("candidate %d/%d: %s", position, len(params.candidates), name)
         started = time.perf_counter()
         detector = fit_detector(build_candidate(name, params), train, val)
-        fit_seconds = time.perf_counter() - started
-        metric_name, metric = validation_metric(detector.score, val.X, val.y, params.seed)
-        log.info("candidate %s: %s = %.4f (%.1f s)", name, metric_name, metric, fit_seconds)
+        results.append(_candidate_result(detector, val, params, time.perf_counter() - started))
         detectors[name] = detector
-        results.append(CandidateResult(name, metric_name, metric, detector.exportable, fit_seconds))
+    if ENSEMBLE in params.candidates:
+        started = time.perf_counter()
+        detector = ensemble_of_best(detectors, results, val, params.ensemble_top_k)
+        results.append(_candidate_result(detector, val, params, time.perf_counter() - started))
+        detectors[ENSEMBLE] = detector
     winner = select_winner(results)
     write_json({"winner": winner.name, "candidates": [asdict(r) for r in results]}, CANDIDATES)
     torch.save(detectors[winner.name], WINNER)
     return detectors, results, winner
+
+
+def _candidate_result(
+    detector: Detector, val: Split, params: TrainParams, fit_seconds: float
+) -> CandidateResult:
+    metric_name, metric = validation_metric(detector.score, val.X, val.y, params.seed)
+    log.info("candidate %s: %s = %.4f (%.1f s)", detector.name, metric_name, metric, fit_seconds)
+    return CandidateResult(detector.name, metric_name, metric, detector.exportable, fit_seconds)
+
+
+def ensemble_of_best(
+    detectors: dict[str, Detector], results: list[CandidateResult], val: Split, top_k: int
+) -> Ensemble:
+    """The `top_k` best exportable fitted candidates by validation metric, normalized on val."""
+    ranked = sorted(
+        (r for r in results if r.exportable and np.isfinite(r.metric)),
+        key=lambda r: r.metric,
+        reverse=True,
+    )
+    chosen = [detectors[r.name] for r in ranked[:top_k]]
+    if len(chosen) < 2:
+        raise ValueError(
+            f"the ensemble candidate needs at least 2 other exportable candidates with a finite "
+            f"validation metric; got {[r.name for r in ranked]}"
+        )
+    log.info("ensemble of %s", [d.name for d in chosen])
+    return Ensemble.from_fitted(chosen, val.X)
 
 
 def load_winner(path: str | Path = WINNER) -> Detector:

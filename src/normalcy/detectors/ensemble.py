@@ -1,0 +1,133 @@
+"""Score-normalized ensemble of detectors (Aggarwal & Sathe, "Outlier Ensembles", 2017;
+Zhao et al., "SUOD"/PyOD's score combination): average of robustly standardized member scores.
+
+Detectors' raw scores live on unrelated scales (squared errors, distances, energies), so each is
+mapped to `(s - median) / (1.4826 * MAD)` over held-out rows before averaging. The medians and
+scales are constants, so the whole ensemble is one exportable graph."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from normalcy.detectors.base import Detector
+from normalcy.detectors.registry import accepted_params, create_detector, register
+
+ENSEMBLE = "ensemble"
+MIN_SCALE = 1e-12
+
+
+def robust_location_scale(scores: np.ndarray) -> tuple[float, float]:
+    """(median, 1.4826 * MAD), the scale floored so a constant score cannot divide by zero."""
+    median = float(np.median(scores))
+    mad = 1.4826 * float(np.median(np.abs(scores - median)))
+    if mad <= MIN_SCALE:  # more than half the scores tie: fall back to the standard deviation
+        mad = float(np.std(scores))
+    return median, max(mad, MIN_SCALE)
+
+
+class MeanOfNormalizedScores(nn.Module):
+    """Members' scoring modules -> mean of `(score - location) / scale`."""
+
+    def __init__(self, members: Sequence[nn.Module], location: np.ndarray, scale: np.ndarray):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.register_buffer("location", torch.as_tensor(location, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.stack([member(x).to(torch.float32) for member in self.members], dim=1)
+        return ((scores - self.location) / self.scale).mean(dim=1)
+
+
+@register(ENSEMBLE)
+class Ensemble(Detector):
+    """Fits each member on the same data, then averages their normalized scores.
+
+    In the pipeline, `Ensemble.from_fitted` combines the best candidates already trained instead
+    of training them again. Normalization statistics come from the validation rows when given
+    (held-out, so memorizing methods such as kNN are not flattered), else from the training rows.
+    """
+
+    name = ENSEMBLE
+
+    def __init__(
+        self,
+        members: Sequence[str] = ("autoencoder", "deep_svdd"),
+        member_params: dict[str, dict[str, Any]] | None = None,
+        epochs: int = 40,
+        batch_size: int = 64,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-6,
+        patience: int = 8,
+        seed: int = 0,
+    ) -> None:
+        """Training settings are passed to every member that accepts them; `member_params`
+        (per member name) override them and set each member's architecture."""
+        members = list(members)
+        if len(members) < 2:
+            raise ValueError(f"ensemble: needs at least 2 members, got {members}")
+        if "ensemble" in members:
+            raise ValueError("ensemble: an ensemble cannot contain another ensemble")
+        self.members = members
+        self.member_params = dict(member_params or {})
+        self.training = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "weight_decay": weight_decay,
+            "patience": patience,
+            "seed": seed,
+        }
+        self.fitted: list[Detector] = []
+        self.location = np.zeros(0)
+        self.scale = np.ones(0)
+
+    @property
+    def exportable(self) -> bool:  # type: ignore[override]
+        return all(member.exportable for member in self.fitted) if self.fitted else True
+
+    def _member(self, name: str) -> Detector:
+        shared = {k: v for k, v in self.training.items() if k in accepted_params(name)}
+        return create_detector(name, **{**shared, **self.member_params.get(name, {})})
+
+    def _fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray | None,
+        val_labels: np.ndarray | None,
+        train_labels: np.ndarray | None,
+    ) -> None:
+        self.fitted = [self._member(name).fit(train, val) for name in self.members]
+        self._normalize_on(val if val is not None else train)
+
+    def _normalize_on(self, X: np.ndarray) -> None:
+        stats = [robust_location_scale(member.score(X)) for member in self.fitted]
+        self.location = np.array([s[0] for s in stats])
+        self.scale = np.array([s[1] for s in stats])
+
+    @classmethod
+    def from_fitted(cls, detectors: Sequence[Detector], normalization_X: np.ndarray) -> Ensemble:
+        """An ensemble of detectors that are already fitted, normalized on `normalization_X`."""
+        ensemble = cls(members=[d.name for d in detectors])
+        ensemble.fitted = list(detectors)
+        ensemble._normalize_on(np.asarray(normalization_X))
+        ensemble.input_shape = detectors[0].input_shape
+        return ensemble
+
+    def _score(self, x: np.ndarray) -> np.ndarray:
+        scores = np.stack([member.score(x) for member in self.fitted], axis=1)
+        return ((scores - self.location) / self.scale).mean(axis=1)
+
+    def scoring_module(self) -> nn.Module:
+        if not self.fitted:
+            raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
+        if not self.exportable:
+            blocked = [m.name for m in self.fitted if not m.exportable]
+            raise NotImplementedError(f"ensemble: members {blocked} are not exportable")
+        modules = [member.scoring_module() for member in self.fitted]
+        return MeanOfNormalizedScores(modules, self.location, self.scale).eval()
