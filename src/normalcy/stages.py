@@ -135,6 +135,16 @@ def fit_detector(detector: Detector, train: Split, val: Split) -> Detector:
 def train_candidates(
     train: Split, val: Split, params: TrainParams
 ) -> tuple[dict[str, Detector], list[CandidateResult], CandidateResult]:
+    """`fit_candidates`, then write the candidates' table and the winner for the next stage."""
+    detectors, results, winner = fit_candidates(train, val, params)
+    write_json({"winner": winner.name, "candidates": [asdict(r) for r in results]}, CANDIDATES)
+    torch.save(detectors[winner.name], WINNER)
+    return detectors, results, winner
+
+
+def fit_candidates(
+    train: Split, val: Split, params: TrainParams
+) -> tuple[dict[str, Detector], list[CandidateResult], CandidateResult]:
     """Fit every candidate, score validation, and pick the winner on validation data only.
 
     The `ensemble` candidate is not trained again: it combines the `ensemble_top_k` best
@@ -153,10 +163,7 @@ def train_candidates(
         detector = ensemble_of_best(detectors, results, val, params.ensemble_top_k)
         results.append(_candidate_result(detector, val, params, time.perf_counter() - started))
         detectors[ENSEMBLE] = detector
-    winner = select_winner(results)
-    write_json({"winner": winner.name, "candidates": [asdict(r) for r in results]}, CANDIDATES)
-    torch.save(detectors[winner.name], WINNER)
-    return detectors, results, winner
+    return detectors, results, select_winner(results)
 
 
 def _candidate_result(
