@@ -53,8 +53,8 @@ def test_soft_boundary_leaves_about_nu_outside_and_scores_distance_minus_radius(
     detector = create_detector(
         "deep_svdd", objective="soft-boundary", nu=0.2, warmup_epochs=2, epochs=6, patience=99
     ).fit(train, val)
-    # R refitted after every epoch past the warm-up (epochs 3..6 start with a new R) ...
-    assert len(detector.radius_sq_history) == 6 - 2
+    # R stays 0 during the 2 warm-up epochs, then is refitted after epochs 2..6 ...
+    assert len(detector.radius_sq_history) == 6 - 2 + 1
     assert detector.radius_sq > 0
     # ... and finally for the kept weights: about nu of the training data lies outside
     outside = (detector.score(train) > 0).mean()

@@ -177,7 +177,6 @@ class DeepSVDD(TorchDetector):
         self.radius_sq_history: list[float] = []  # R^2 after each epoch-end update
         self.pretrain_history: TrainingHistory | None = None
         self._train: torch.Tensor | None = None
-        self._rows_seen = 0
 
     def build_network(self, n_features: int) -> nn.Module:
         return mlp(n_features, self.hidden_dims, self.latent_dim, bias=False)
@@ -205,12 +204,12 @@ class DeepSVDD(TorchDetector):
 
     def train_network(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
         """Optional pretraining, c from the (pre)trained network, then the shared loop; the
-        soft-boundary radius is refitted at epoch ends (see `loss`) and for the final weights."""
+        soft-boundary radius is refitted after each epoch and for the final weights."""
         if self.pretrain_epochs > 0:
             self.pretrain_history = self.pretrain(train, val)
         self.center = initial_center(forward_in_batches(self.network, train))
         self.radius_sq, self.radius_sq_history = 0.0, []
-        self._train, self._rows_seen = train, 0
+        self._train = train
         try:
             history = super().train_network(train, val)
         finally:
@@ -221,22 +220,17 @@ class DeepSVDD(TorchDetector):
         warn_if_collapsed(embeddings, self.name)
         return history
 
-    def _update_radius_at_epoch_end(self, n_rows: int) -> None:
-        """The shared loop visits every training row exactly once per epoch (in train mode), so
-        when the rows counted so far reach a multiple of the training size, an epoch has just
-        ended: R is refitted there (after the warm-up), with no second training loop."""
-        if self._train is None:
+    def on_epoch_end(self, epoch: int) -> None:
+        """Soft boundary: after the warm-up, refit R to the (1 - nu) quantile of the training
+        distances (the exact minimizer of the objective for the current weights)."""
+        if self.objective != "soft-boundary" or self._train is None:
             return
-        epochs_done, partial = divmod(self._rows_seen, len(self._train))
-        if partial == 0 and epochs_done >= max(self.warmup_epochs, 1):
+        if epoch + 1 >= max(self.warmup_epochs, 1):
             distances = squared_distance(forward_in_batches(self.network, self._train), self.center)
             self.radius_sq = radius_sq_for(distances, self.nu)
             self.radius_sq_history.append(self.radius_sq)
-        self._rows_seen += n_rows
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.objective == "soft-boundary" and self.network.training:
-            self._update_radius_at_epoch_end(len(batch))
         distances = squared_distance(self.network(batch), self.center)
         if self.objective == "one-class":
             return distances.mean()

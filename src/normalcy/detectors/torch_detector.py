@@ -50,6 +50,9 @@ class TorchDetector(Detector):
     def score_head(self) -> nn.Module:
         """Standardized input -> score `[N]`."""
 
+    def on_epoch_end(self, epoch: int) -> None:
+        """Hook after each training epoch (Deep SVDD's soft-boundary radius update)."""
+
     def before_training(self, train: torch.Tensor) -> None:
         """Hook for methods that fix something from the untrained network (Deep SVDD's c)."""
 
@@ -68,6 +71,7 @@ class TorchDetector(Detector):
             patience=self.patience,
             generator=self.generator,
             description=self.name,
+            on_epoch_end=self.on_epoch_end,
         )
 
     def _fit(

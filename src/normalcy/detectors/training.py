@@ -52,8 +52,12 @@ def train_network(
     patience: int,
     generator: torch.Generator,
     description: str = "train",
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainingHistory:
-    """Adam on `loss_fn(batch)` (mean over the batch); keeps the weights of the best val epoch."""
+    """Adam on `loss_fn(batch)` (mean over the batch); keeps the weights of the best val epoch.
+
+    `on_epoch_end(epoch)` runs after each epoch's updates, before the validation loss (Deep
+    SVDD's soft boundary refits its radius there)."""
     optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
     history = TrainingHistory()
     best_loss, best_state, stale = float("inf"), copy.deepcopy(network.state_dict()), 0
@@ -70,6 +74,8 @@ def train_network(
             optimizer.step()
             running += loss.item() * len(batch)
         network.eval()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
         history.train_loss.append(running / len(train))
         monitored = (
             _mean_loss(loss_fn, val, batch_size) if val is not None else history.train_loss[-1]
