@@ -23,7 +23,7 @@ def check_input(
     X = np.asarray(X)
     if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
         raise ValueError(f"{who}: {what} must be numeric, got dtype {X.dtype}")
-    X = X.astype(np.float32, copy=False) if X.dtype != np.float64 else X
+    X = np.ascontiguousarray(X, dtype=np.float64 if X.dtype == np.float64 else np.float32)
     if X.ndim < 2:
         raise ValueError(
             f"{who}: {what} must be a batch [N, features] or [N, C, H, W], got shape {X.shape}"

@@ -1,8 +1,8 @@
 """Deep SVDD (Ruff et al., "Deep One-Class Classification", ICML 2018): the one-class and
 soft-boundary objectives, autoencoder pretraining, and the guards against hypersphere collapse.
 
-The distance-to-center pieces here (`squared_distance`, `DistanceToCenter`, `initial_center`,
-`forward_in_batches`) are shared with the other hypersphere methods, which import them."""
+The distance-to-center pieces here (`squared_distance`, `DistanceToCenter`, `initial_center`)
+are shared with the other hypersphere methods, which import them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from normalcy.detectors.autoencoder import ReconstructionError
-from normalcy.detectors.networks import mlp
+from normalcy.detectors.networks import forward_in_batches, mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
 from normalcy.detectors.training import TrainingHistory, train_network
@@ -63,20 +63,6 @@ def initial_center(embeddings: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
     center[(center.abs() < eps) & (center < 0)] = -eps
     center[(center.abs() < eps) & (center >= 0)] = eps
     return center
-
-
-def forward_in_batches(
-    module: nn.Module, data: torch.Tensor, batch_size: int = 4096
-) -> torch.Tensor:
-    """`module(data)` without gradients and in eval mode (its train/eval flag restored after),
-    in chunks so a large training set does not need one huge activation."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            return torch.cat([module(chunk) for chunk in data.split(batch_size)])
-    finally:
-        module.train(was_training)
 
 
 def require_bias_free(network: nn.Module, who: str = "deep_svdd") -> None:

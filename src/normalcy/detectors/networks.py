@@ -56,3 +56,17 @@ class ScoringModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.standardize(x))
+
+
+def forward_in_batches(
+    module: nn.Module, data: torch.Tensor, batch_size: int = 4096
+) -> torch.Tensor:
+    """`module(data)` without gradients and in eval mode (its train/eval flag restored after),
+    in chunks so a large training set does not need one huge activation."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([module(chunk) for chunk in data.split(batch_size)])
+    finally:
+        module.train(was_training)

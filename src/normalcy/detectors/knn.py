@@ -1,0 +1,199 @@
+"""k-nearest-neighbour distance to a memory bank of normal rows, with PatchCore's greedy coreset."""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral
+
+import numpy as np
+import torch
+from torch import nn
+
+from normalcy.detectors.base import Detector
+from normalcy.detectors.networks import (
+    ScoringModule,
+    Standardize,
+    fit_standardize,
+    forward_in_batches,
+)
+from normalcy.detectors.registry import register
+
+
+def bank_constants(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-2 B^T `[F, M]`, ||B||^2 `[M]`): the bank's part of the distance, computed once."""
+    return (-2.0 * bank.transpose(0, 1)).contiguous(), (bank * bank).sum(dim=-1)
+
+
+def partial_squared_distances(
+    x: torch.Tensor, minus_two_bank_t: torch.Tensor, bank_sq: torch.Tensor
+) -> torch.Tensor:
+    """||B||^2 - 2 x.B^T `[..., M]`: the squared distance less ||x||^2, which is constant along
+    a row, so it can be added after a per-row top-k instead of to the whole `[N, M]` matrix.
+    One fused matmul + bias (Gemm) for 2-d `x`; no `[..., M, F]` difference tensor."""
+    if x.dim() == 2:
+        return torch.addmm(bank_sq, x, minus_two_bank_t)
+    return torch.matmul(x, minus_two_bank_t) + bank_sq
+
+
+def squared_distances_to(
+    x: torch.Tensor, minus_two_bank_t: torch.Tensor, bank_sq: torch.Tensor
+) -> torch.Tensor:
+    """`[..., F]` -> `[..., M]` squared Euclidean distances ||x||^2 - 2 x.B^T + ||B||^2 to a bank
+    given by `bank_constants`, clamped at 0 (float32 cancellation can dip below it)."""
+    partial = partial_squared_distances(x, minus_two_bank_t, bank_sq)
+    return (partial + (x * x).sum(dim=-1, keepdim=True)).clamp_min(0.0)
+
+
+def squared_distances(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """`[..., F]` x `[M, F]` -> `[..., M]` squared Euclidean distances (`squared_distances_to`)."""
+    return squared_distances_to(x, *bank_constants(bank))
+
+
+def greedy_coreset(
+    rows: torch.Tensor, size: int, generator: torch.Generator, projection_dim: int | None = None
+) -> torch.Tensor:
+    """Indices of `size` rows chosen by greedy k-center (iterative farthest point) selection.
+
+    PatchCore (Roth et al. 2022, Alg. 1): start from a random row, then repeatedly add the row
+    farthest from the current coreset, which approximately minimises the largest distance from
+    any row to its nearest coreset member (a 2-approximation of the k-center optimum). Rows wider
+    than `projection_dim` are first mapped by a seeded Gaussian random projection, as PatchCore
+    does for speed (Johnson-Lindenstrauss keeps the distances approximately)."""
+    n = len(rows)
+    if size >= n:
+        return torch.arange(n)
+    if projection_dim is not None and rows.shape[1] > projection_dim:
+        projection = torch.randn(rows.shape[1], projection_dim, generator=generator)
+        rows = rows @ (projection / math.sqrt(projection_dim))
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = int(torch.randint(n, (1,), generator=generator))
+    nearest = ((rows - rows[chosen[0]]) ** 2).sum(dim=1)
+    for i in range(1, size):
+        chosen[i] = int(torch.argmax(nearest))
+        nearest = torch.minimum(nearest, ((rows - rows[chosen[i]]) ** 2).sum(dim=1))
+    return chosen
+
+
+class KthNeighbourDistance(nn.Module):
+    """Standardized rows -> Euclidean distance to the `k`-th nearest row of the constant bank:
+    top-k smallest of ||B||^2 - 2 x.B^T, then + ||x||^2, clamp at 0 and sqrt on those k only."""
+
+    def __init__(self, bank: torch.Tensor, k: int) -> None:
+        super().__init__()
+        minus_two_bank_t, bank_sq = bank_constants(bank)
+        self.register_buffer("minus_two_bank_t", minus_two_bank_t)
+        self.register_buffer("bank_sq", bank_sq)
+        self.k = int(k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        partial = partial_squared_distances(x, self.minus_two_bank_t, self.bank_sq)
+        smallest = torch.topk(partial, self.k, dim=1, largest=False, sorted=True).values
+        kth = smallest[:, self.k - 1] + (x * x).sum(dim=1)
+        return torch.sqrt(kth.clamp_min(0.0))
+
+
+@register("knn")
+class KNN(Detector):
+    """Distance to the `k`-th nearest normal training row, in standardized units.
+
+    The k-th nearest-neighbour distance outlier score of Ramaswamy, Rastogi & Shim (SIGMOD 2000;
+    Angiulli & Pizzuti, PKDD 2002, sum the k distances instead), in the memory-bank form of
+    PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022)
+    applied to feature vectors: `k=1` is PatchCore's nearest-neighbour score.
+
+    The bank is every standardized training row, or, with `coreset_fraction` (share of the
+    training rows) or `coreset_size` (a row count), a greedy k-center coreset of them (see
+    `greedy_coreset`). A bank above `max_bank` rows is refused at fit, never silently subsampled:
+    exact kNN stays exact, and the caller chooses the approximation (a coreset) or a larger
+    `max_bank` (scoring cost and the exported file grow linearly with the bank).
+
+    Scoring a training row itself finds that row in the bank at distance 0, so training scores
+    are biased low (with `k=1` they are 0 up to float32 rounding); score held-out rows, as the
+    pipeline does.
+    """
+
+    name = "knn"
+
+    def __init__(
+        self,
+        k: int = 5,
+        coreset_fraction: float | None = None,
+        coreset_size: int | None = None,
+        projection_dim: int | None = 128,
+        max_bank: int = 20_000,
+        seed: int = 0,
+        batch_size: int = 1024,
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+            raise ValueError(f"knn: k must be an integer >= 1, got {k!r}")
+        if coreset_fraction is not None and coreset_size is not None:
+            raise ValueError("knn: give coreset_fraction or coreset_size, not both")
+        if coreset_fraction is not None and not 0.0 < coreset_fraction <= 1.0:
+            raise ValueError(
+                f"knn: coreset_fraction must be in (0, 1] (a share of the training rows), "
+                f"got {coreset_fraction!r}"
+            )
+        if coreset_size is not None and coreset_size < k:
+            raise ValueError(f"knn: coreset_size must be >= k={k}, got {coreset_size!r}")
+        if projection_dim is not None and projection_dim < 1:
+            raise ValueError(f"knn: projection_dim must be >= 1 or None, got {projection_dim!r}")
+        if max_bank < k:
+            raise ValueError(f"knn: max_bank must be >= k={k}, got {max_bank!r}")
+        if batch_size < 1:
+            raise ValueError(f"knn: batch_size must be >= 1, got {batch_size!r}")
+        self.k = int(k)
+        self.coreset_fraction = coreset_fraction
+        self.coreset_size = coreset_size
+        self.projection_dim = projection_dim
+        self.max_bank = max_bank
+        self.seed = seed
+        self.batch_size = batch_size
+        self.standardize: Standardize | None = None
+        self.bank: torch.Tensor | None = None
+        self.coreset_indices: torch.Tensor | None = None  # training rows kept in the bank
+
+    def bank_size(self, n_rows: int) -> int:
+        """Rows the bank will hold for `n_rows` training rows."""
+        if self.coreset_size is not None:
+            return min(self.coreset_size, n_rows)
+        if self.coreset_fraction is not None:
+            return max(1, math.ceil(self.coreset_fraction * n_rows))
+        return n_rows
+
+    def _fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray | None,
+        val_labels: np.ndarray | None,
+        train_labels: np.ndarray | None,
+    ) -> None:
+        size = self.bank_size(len(train))
+        if size > self.max_bank:
+            raise ValueError(
+                f"knn: the memory bank would hold {size} rows, above max_bank={self.max_bank}; "
+                "set coreset_fraction or coreset_size to keep a greedy coreset of the training "
+                "rows, or raise max_bank (scoring time and the exported model grow with it)"
+            )
+        if size < self.k:
+            raise ValueError(
+                f"knn: k={self.k} needs at least {self.k} rows in the memory bank, got {size} "
+                f"(from {len(train)} training rows)"
+            )
+        self.standardize = fit_standardize(np.asarray(train, dtype=np.float64))
+        with torch.no_grad():
+            rows = self.standardize(
+                torch.as_tensor(np.ascontiguousarray(train), dtype=torch.float32)
+            ).flatten(1)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.coreset_indices = greedy_coreset(rows, size, generator, self.projection_dim)
+        self.bank = rows[self.coreset_indices].contiguous()
+
+    def scoring_module(self) -> ScoringModule:
+        if self.standardize is None or self.bank is None:
+            raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
+        return ScoringModule(self.standardize, KthNeighbourDistance(self.bank, self.k)).eval()
+
+    def _score(self, x: np.ndarray) -> np.ndarray:
+        rows = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+        return forward_in_batches(self.scoring_module(), rows, self.batch_size).double().numpy()
