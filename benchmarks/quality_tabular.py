@@ -53,6 +53,7 @@ class Scores:
     auroc: list[float] = field(default_factory=list)
     auprc: list[float] = field(default_factory=list)
     fit_seconds: list[float] = field(default_factory=list)
+    selection_metric: list[float] = field(default_factory=list)  # label-free, validation only
     note: str = ""
 
     def add(self, labels: np.ndarray, scores: np.ndarray, seconds: float) -> None:
@@ -63,6 +64,8 @@ class Scores:
 
     def to_dict(self) -> dict:
         out = {"auroc": self.auroc, "auprc": self.auprc, "fit_seconds": self.fit_seconds}
+        if self.selection_metric:
+            out["selection_metric"] = self.selection_metric
         return {**out, "note": self.note} if self.note else out
 
 
@@ -187,6 +190,7 @@ def benchmark_dataset(
         for result in results:
             scores = detectors[result.name].score(test_X)
             column(result.name).add(test_y, scores, result.fit_seconds)
+            column(result.name).selection_metric.append(result.metric)
             test_auroc[result.name] = column(result.name).auroc[-1]
         winner_index = len(column(winner).auroc) - 1
         column(SELECTED).auroc.append(column(winner).auroc[winner_index])

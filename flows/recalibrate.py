@@ -11,19 +11,22 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow import MlflowClient
 from prefect import flow
 
 from normalcy import registry
 from normalcy.calibration import recalibrated_threshold, robust_normal_scores
 from normalcy.config import load_params
-from normalcy.export import set_threshold
-from normalcy.flows.monitor import fetch_champion, read_batch
+from normalcy.export import recalibrate_graph, subsample_calibration
+from normalcy.flows.monitor import ChampionBundle, fetch_champion, read_batch
+from normalcy.model_card import model_card
 from normalcy.scoring import score_onnx
 from normalcy.stages import ARTIFACTS
 
 log = logging.getLogger("normalcy.recalibrate")
 LOCK = ARTIFACTS / "recalibrate.lock"
 RECALIBRATED = ARTIFACTS / "model.recalibrated.onnx"
+RECALIBRATED_INT8 = ARTIFACTS / "model.recalibrated.int8.onnx"
 
 
 class RecalibrationBusy(RuntimeError):
@@ -45,14 +48,35 @@ def exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def recalibrate_int8_twin(
+    model_name: str,
+    champion: ChampionBundle,
+    threshold: float,
+    calibration_scores: np.ndarray,
+    updates: dict,
+    workdir: str | Path,
+) -> Path | None:
+    """The champion's INT8 twin (if it has one) with the same new threshold and calibration
+    scores; only the float calibration head changes, so its INT8 parity still holds."""
+    tags = MlflowClient().get_model_version(model_name, champion.version).tags
+    uri = tags.get(registry.INT8_TAG, "")
+    if not uri.startswith("runs:/"):
+        return None
+    run_id, _, artifact_path = uri.removeprefix("runs:/").partition("/")
+    twin = registry.download_run_artifact(run_id, artifact_path, Path(workdir) / "int8")
+    return recalibrate_graph(twin, threshold, calibration_scores, RECALIBRATED_INT8, updates)
+
+
 @flow(name="normalcy-recalibrate", log_prints=True)
 def recalibrate_flow(
     batch_path: str, params_path: str = "params.yaml", overrides: list[str] | None = None
 ) -> dict:
-    """Re-estimate the threshold on the batch (its anomalous tail trimmed), write it into the
-    champion's graph and register that graph as the new champion version."""
+    """Re-estimate the threshold on the batch (its anomalous tail trimmed), write it and the kept
+    batch scores (the new calibration scores) into the champion's graph and register that graph
+    as the new champion version."""
     params = load_params(params_path, overrides)
     registry.setup_tracking(params.mlflow)
+    name = params.mlflow.model_name
     with exclusive(LOCK), tempfile.TemporaryDirectory() as workdir:
         champion = fetch_champion(params, workdir)
         batch = read_batch(batch_path, champion)
@@ -61,20 +85,17 @@ def recalibrate_flow(
         old_threshold = float(champion.metadata["threshold"])
         kept_scores = robust_normal_scores(scores, params.monitor.mad_threshold)
         threshold = recalibrated_threshold(scores, target_fpr, params.monitor.mad_threshold)
+        stored = subsample_calibration(kept_scores, params.export.max_calibration_scores)
         with mlflow.start_run(
             run_name="recalibrate", tags={"normalcy.run_type": "recalibrate"}
         ) as run:
-            path = set_threshold(
-                champion.onnx_path,
-                threshold,
-                RECALIBRATED,
-                {
-                    "threshold": threshold,
-                    "n_calibration_scores": int(len(kept_scores)),
-                    "recalibrated_from_version": champion.version,
-                    "mlflow_run_id": run.info.run_id,
-                },
-            )
+            updates = {
+                "n_calibration_scores": int(len(kept_scores)),
+                "recalibrated_from_version": champion.version,
+                "mlflow_run_id": run.info.run_id,
+            }
+            path = recalibrate_graph(champion.onnx_path, threshold, stored, RECALIBRATED, updates)
+            int8_path = recalibrate_int8_twin(name, champion, threshold, stored, updates, workdir)
             reference = Path(workdir) / "drift_reference.npz"
             rows = np.random.default_rng(0).permutation(len(batch))[: params.monitor.reference_size]
             np.savez(
@@ -86,14 +107,13 @@ def recalibrate_flow(
             )
             mlflow.log_artifact(str(reference), "reference")
             mlflow.log_dict(champion.validation_spec, "reference/validation_spec.json")
-            mlflow.log_metrics(
-                {
-                    "old_threshold": old_threshold,
-                    "threshold": threshold,
-                    "batch_rows": len(batch),
-                    "trimmed_rows": len(batch) - len(kept_scores),
-                }
-            )
+            metrics = {
+                "old_threshold": old_threshold,
+                "threshold": threshold,
+                "batch_rows": len(batch),
+                "trimmed_rows": len(batch) - len(kept_scores),
+            }
+            mlflow.log_metrics(metrics)
             mlflow.set_tags(
                 {"recalibrated_from_version": champion.version, "batch_path": batch_path}
             )
@@ -103,8 +123,21 @@ def recalibrate_flow(
                 "threshold": f"{threshold:.6g}",
                 "recalibrated_from_version": champion.version,
             }
-            registered = registry.register_challenger(path, params.mlflow.model_name, tags)
-            registry.set_champion(params.mlflow.model_name, registered.version)
+            registered = registry.register_challenger(path, name, tags)
+            mlflow.log_dict(registered.metadata, "model_card/metadata.json")
+            if int8_path is not None:
+                registry.log_int8_twin(int8_path, registered)
+            data = {
+                "source": "recalibration batch",
+                "path": batch_path,
+                "rows": {"batch": len(batch), "kept as normal": len(kept_scores)},
+                "description": f"the network is version {champion.version}'s; only the "
+                "threshold and calibration scores come from this batch",
+            }
+            card = model_card(registered.metadata, metrics, data)
+            mlflow.log_text(card, "model_card/model_card.md")
+            registry.describe_version(name, registered.version, card)
+            registry.set_champion(name, registered.version)
     log.info(
         "threshold %.5g -> %.5g; champion is now v%s", old_threshold, threshold, registered.version
     )

@@ -17,8 +17,9 @@ from normalcy.data.splits import Split, Splits
 from normalcy.data.versioning import DataVersion, snapshot_data
 from normalcy.detectors import Detector
 from normalcy.evaluation.selection import validation_metric
-from normalcy.export import ParityReport, require_parity
+from normalcy.export import ParityReport, QuantizedParityReport, require_parity
 from normalcy.jsonio import write_json
+from normalcy.model_card import model_card
 from normalcy.scoring import load_session, read_metadata, score_onnx
 
 log = logging.getLogger("normalcy.train")
@@ -97,7 +98,8 @@ def evaluate_winner(detector: Detector, splits: Splits, params: Params) -> stage
 def export_winner(
     detector: Detector, evaluation: stages.Evaluation, splits: Splits, params: Params, extra: dict
 ) -> tuple[Path, ParityReport]:
-    """ONNX graph with the threshold inside, checked against torch before anything is registered."""
+    """ONNX graph with the threshold and calibration scores inside, every output checked against
+    torch before anything is registered."""
     metadata = stages.model_metadata(
         detector,
         splits.feature_names,
@@ -109,13 +111,59 @@ def export_winner(
         extra,
     )
     path, report = stages.export(
-        detector, evaluation.threshold, splits.test.X, params.export, metadata
+        detector,
+        evaluation.threshold,
+        splits.test.X,
+        params.export,
+        metadata,
+        evaluation.calibration_scores,
     )
     mlflow.log_dict(report.to_dict(), "parity/parity.json")
     mlflow.log_metrics(
-        {"parity_max_abs_diff": report.max_abs_diff, "parity_spearman": report.spearman}
+        {
+            "parity_max_abs_diff": report.max_abs_diff,
+            "parity_spearman": report.spearman,
+            "parity_p_value_mismatches": report.n_p_value_mismatches,
+        }
     )
     require_parity(report)
+    return path, report
+
+
+@task
+def quantize_winner(
+    detector: Detector,
+    evaluation: stages.Evaluation,
+    splits: Splits,
+    params: Params,
+    onnx_path: Path,
+) -> tuple[Path | None, QuantizedParityReport | None]:
+    """INT8 twin of the graph under its own tolerances; its failure never blocks the float model."""
+    try:
+        path, report = stages.quantize(
+            detector,
+            evaluation.threshold,
+            splits.test.X,
+            params.export,
+            evaluation.calibration_scores,
+            onnx_path,
+        )
+    except Exception as exc:  # e.g. an operator the quantizer cannot handle: float model only
+        log.warning("INT8 quantization failed, the float model stands alone: %s", exc)
+        mlflow.set_tag("int8", f"failed: {exc}"[:500])
+        return None, None
+    mlflow.log_dict(report.to_dict(), "parity/parity_int8.json")
+    mlflow.log_metrics(
+        {
+            "int8_spearman": report.spearman,
+            "int8_is_anomaly_agreement": report.is_anomaly_agreement,
+            "int8_max_rel_diff": report.max_rel_diff,
+        }
+    )
+    mlflow.set_tag("int8", "passed" if report.passed else "rejected")
+    if not report.passed:
+        log.warning("%s; only the float model is registered", report.message())
+        return None, report
     return path, report
 
 
@@ -144,7 +192,9 @@ def promotion_metric(session: InferenceSession, test: Split, seed: int) -> tuple
 
 
 @task
-def register_and_promote(onnx_path: Path, splits: Splits, params: Params, tags: dict) -> dict:
+def register_and_promote(
+    onnx_path: Path, splits: Splits, params: Params, tags: dict
+) -> tuple[registry.Registered, dict]:
     """Register the winner as challenger; make it champion only if it beats the champion."""
     name = params.mlflow.model_name
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,11 +222,43 @@ def register_and_promote(onnx_path: Path, splits: Splits, params: Params, tags: 
     )
     mlflow.log_metric(f"promotion_{metric_name}", challenger_metric)
     log.info("registered %s v%s: %s", name, registered.version, decision.reason)
-    return {
+    return registered, {
         "model_version": registered.version,
         "promoted": decision.promoted,
         "promotion_reason": decision.reason,
     }
+
+
+def describe_data(splits: Splits, cleaned: Split, params: Params) -> dict:
+    """What the model card says about the training data."""
+    rows = {"train": len(cleaned), "val": len(splits.val), "test": len(splits.test)}
+    labelled = {"train": cleaned.y, "val": splits.val.y, "test": splits.test.y}
+    return {
+        "source": params.data.source,
+        "path": params.data.path,
+        "rows": rows,
+        "anomaly_share": {k: float(np.mean(y)) for k, y in labelled.items() if y is not None},
+        "removed_by_cleaning": len(splits.train) - len(cleaned),
+    }
+
+
+@task
+def publish_model_card(
+    registered: registry.Registered,
+    metrics: dict,
+    data: dict,
+    int8_path: Path | None,
+) -> str:
+    """Log the registered file's metadata JSON next to its markdown model card (and the INT8
+    twin, when it passed its gate); the card is also the version's description."""
+    mlflow.log_dict(registered.metadata, "model_card/metadata.json")
+    if int8_path is not None:
+        uri = registry.log_int8_twin(int8_path, registered)
+        log.info("INT8 twin of v%s logged at %s", registered.version, uri)
+    card = model_card(registered.metadata, metrics, data)
+    mlflow.log_text(card, "model_card/model_card.md")
+    registry.describe_version(registered.name, registered.version, card)
+    return card
 
 
 @flow(name="normalcy-train", log_prints=True)
@@ -199,7 +281,12 @@ def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = N
             "mlflow_run_id": run.info.run_id,
             "model_name": params.mlflow.model_name,
         }
-        onnx_path, _ = export_winner(detector, evaluation, splits, params, extra)
+        onnx_path, parity = export_winner(detector, evaluation, splits, params, extra)
+        int8_path, int8_report = None, None
+        if params.export.quantize:
+            int8_path, int8_report = quantize_winner(
+                detector, evaluation, splits, params, onnx_path
+            )
         mlflow.log_artifact(str(stages.VALIDATION_SPEC), "reference")
         reference = save_drift_reference(
             cleaned,
@@ -214,7 +301,18 @@ def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = N
             "detector": winner["name"],
             "threshold": f"{evaluation.threshold:.6g}",
         }
-        registration = register_and_promote(onnx_path, splits, params, tags)
+        registered, registration = register_and_promote(onnx_path, splits, params, tags)
+        metrics = {
+            "selection_metric": winner["metric_name"],
+            "selection_value": winner["metric"],
+            **{f"test_{key}": value for key, value in evaluation.test.items()},
+            "parity_max_abs_diff": parity.max_abs_diff,
+            "parity_spearman": parity.spearman,
+        }
+        if int8_report is not None:
+            metrics["int8_spearman"] = int8_report.spearman
+            metrics["int8_is_anomaly_agreement"] = int8_report.is_anomaly_agreement
+        publish_model_card(registered, metrics, describe_data(splits, cleaned, params), int8_path)
         summary = {
             "winner": winner["name"],
             "selection_metric": winner["metric_name"],
@@ -230,6 +328,8 @@ def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = N
             "model_name": params.mlflow.model_name,
             **registration,
             "onnx_path": str(onnx_path),
+            "int8_onnx_path": None if int8_path is None else str(int8_path),
+            "int8_passed": None if int8_report is None else int8_report.passed,
         }
         write_json(summary, SUMMARY)
         mlflow.log_artifact(str(SUMMARY))

@@ -78,3 +78,14 @@ def test_plots_are_written_as_png(tmp_path):
         plot_score_histogram(scores, None, 1.5, "t", tmp_path / "hist_unlabelled.png"),
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_label_free_criterion_does_not_judge_methods_trained_on_synthetic_outliers():
+    from normalcy.evaluation.selection import validation_metric
+
+    X = np.random.default_rng(0).normal(size=(50, 3))
+    name, value = validation_metric(lambda x: x.sum(axis=1), X, None, 0, True)
+    assert name == "val_synthetic_auroc" and np.isnan(value)
+    labelled = np.r_[np.zeros(45), np.ones(5)]
+    name, value = validation_metric(lambda x: x.sum(axis=1), X, labelled, 0, True)
+    assert name == "val_auprc" and np.isfinite(value)

@@ -12,21 +12,41 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
 from sklearn.datasets import load_digits
 from torch import nn
 
 from normalcy.detectors import create_detector
 from normalcy.export import (
     ParityError,
+    _p_value_mismatches,
     export_onnx,
+    graph_calibration,
     parity_check,
+    quantize_int8,
+    quantized_parity_check,
+    recalibrate_graph,
     require_parity,
-    set_threshold,
+    subsample_calibration,
 )
 from normalcy.scoring import load_session, read_metadata, score_onnx
 
 TOLERANCES = {"max_abs": 1e-4, "max_rel": 1e-3, "min_agreement": 1.0}
 METHODS = ["autoencoder", "deep_svdd"]
+OUTPUTS = ["score", "is_anomaly", "p_value"]
+
+
+def numpy_p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+    """The conformal p-value, written out independently of normalcy.export."""
+    s = np.asarray(scores, dtype=np.float32)
+    c = np.asarray(calibration, dtype=np.float32)
+    return np.array([(1 + np.sum(c >= v)) / (len(c) + 1) for v in s])
+
+
+def run_all(path: Path, X: np.ndarray) -> dict[str, np.ndarray]:
+    session = load_session(path)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"input": X}), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +62,28 @@ def exported(digits: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> di
     for method in METHODS:
         detector = create_detector(method, epochs=3).fit(digits)
         module = detector.scoring_module()
-        threshold = float(np.quantile(detector.score(digits), 0.9))
+        scores = detector.score(digits)
+        threshold = float(np.quantile(scores, 0.9))
+        calibration = scores[::7]  # some of the rows scored below are calibration rows: ties
         path = root / "not" / "yet" / f"{method}.onnx"
         metadata = {"detector": method, "threshold": threshold, "n_features": 64}
-        export_onnx(module, threshold, digits[:32], path, metadata=metadata)
+        export_onnx(
+            module, threshold, digits[:32], path, metadata=metadata, calibration_scores=calibration
+        )
         models[method] = {
             "module": module,
             "threshold": threshold,
+            "calibration": calibration,
             "path": path,
-            "metadata": metadata,
+            "metadata": {
+                **metadata,
+                "outputs": [
+                    {"name": "score", "dtype": "float32", "shape": ["N"]},
+                    {"name": "is_anomaly", "dtype": "bool", "shape": ["N"]},
+                    {"name": "p_value", "dtype": "float32", "shape": ["N"]},
+                ],
+                "n_p_value_scores": len(calibration),
+            },
         }
     return models
 
@@ -72,7 +105,9 @@ def test_export_is_one_file_with_named_io_and_dynamic_batch(exported: dict, meth
     model = onnx.load(str(path), load_external_data=False)
     assert not any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
     assert [i.name for i in model.graph.input] == ["input"]
-    assert [o.name for o in model.graph.output] == ["score", "is_anomaly"]
+    assert [o.name for o in model.graph.output] == OUTPUTS
+    initializers = {t.name for t in model.graph.initializer}
+    assert {"threshold", "calibration_scores"} <= initializers
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and not dims[0].HasField("dim_value")
     assert [d.dim_value for d in dims[1:]] == [64]
@@ -99,9 +134,17 @@ def test_parity_passes_for_the_exported_model(
 ) -> None:
     entry = exported[method]
     report = parity_check(
-        entry["module"], entry["threshold"], entry["path"], digits, **TOLERANCES, batch_size=500
+        entry["module"],
+        entry["threshold"],
+        entry["path"],
+        digits,
+        **TOLERANCES,
+        batch_size=500,
+        calibration_scores=entry["calibration"],
     )
     assert report.passed, report.message()
+    assert report.outputs_compared == OUTPUTS and report.missing_outputs == []
+    assert report.n_p_value_mismatches == 0
     assert report.max_abs_diff <= 1e-4
     assert report.n_rows == len(digits)
     assert report.is_anomaly_agreement == 1.0
@@ -114,7 +157,12 @@ def test_parity_passes_for_the_exported_model(
 def test_parity_fails_against_a_different_model(exported: dict, digits: np.ndarray) -> None:
     other = exported["deep_svdd"]
     report = parity_check(
-        other["module"], other["threshold"], exported["autoencoder"]["path"], digits, **TOLERANCES
+        other["module"],
+        other["threshold"],
+        exported["autoencoder"]["path"],
+        digits,
+        **TOLERANCES,
+        calibration_scores=other["calibration"],
     )
     assert not report.passed
     assert report.n_score_mismatches > 0
@@ -131,9 +179,16 @@ def test_parity_fails_when_only_the_decisions_differ(exported: dict, digits: np.
     entry = exported["autoencoder"]
     scores = _torch_scores(entry["module"], digits)
     other_threshold = float(np.median(scores))  # the file still compares against the 90% quantile
-    report = parity_check(entry["module"], other_threshold, entry["path"], digits, **TOLERANCES)
+    report = parity_check(
+        entry["module"],
+        other_threshold,
+        entry["path"],
+        digits,
+        **TOLERANCES,
+        calibration_scores=entry["calibration"],
+    )
     assert not report.passed
-    assert report.n_score_mismatches == 0
+    assert report.n_score_mismatches == 0 and report.n_p_value_mismatches == 0
     assert 0.2 < report.is_anomaly_agreement < 0.8
     assert "parity_min_agreement" in report.message()
     assert "parity_max_abs" not in report.message()
@@ -151,34 +206,260 @@ def test_metadata_round_trip(exported: dict, tmp_path: Path) -> None:
     assert read_metadata(bare) == {}
 
 
-def test_set_threshold_changes_decisions_not_scores(
+def test_parity_checks_p_values_against_the_given_calibration_scores(
+    exported: dict, digits: np.ndarray
+) -> None:
+    entry = exported["autoencoder"]
+    scores = _torch_scores(entry["module"], digits)
+    shifted = entry["calibration"] + np.float32(np.std(scores))  # not what the file stores
+    report = parity_check(
+        entry["module"],
+        entry["threshold"],
+        entry["path"],
+        digits,
+        **TOLERANCES,
+        calibration_scores=shifted,
+    )
+    assert not report.passed
+    assert report.n_score_mismatches == 0 and report.is_anomaly_agreement == 1.0
+    assert report.n_p_value_mismatches > 0
+    assert "p_values differ by more than their scores explain" in report.message()
+    with pytest.raises(ValueError, match=r"pass calibration_scores to check p_value"):
+        parity_check(entry["module"], entry["threshold"], entry["path"], digits, **TOLERANCES)
+
+
+def test_p_value_is_the_conformal_formula_with_ties(tmp_path: Path) -> None:
+    """Identity scoring: the graph's p_value equals the numpy formula, ties included."""
+    rng = np.random.default_rng(0)
+    calibration = np.round(rng.normal(size=200), 1).astype(np.float32)  # many tied values
+    X = np.concatenate(
+        [
+            calibration[:50],  # exactly tied with calibration scores
+            np.round(rng.normal(size=50), 1),  # ties by rounding
+            rng.normal(size=50),
+            [calibration.min() - 1, calibration.max(), calibration.max() + 1],
+        ]
+    ).astype(np.float32)[:, None]
+    path = export_onnx(
+        FirstColumn(), 0.5, X[:2], tmp_path / "p.onnx", calibration_scores=calibration
+    )
+    out = run_all(path, X)
+    assert out["p_value"].dtype == np.float32 and out["p_value"].shape == (len(X),)
+    np.testing.assert_allclose(out["p_value"], numpy_p_values(X[:, 0], calibration), rtol=1e-6)
+    n = len(calibration)
+    counts = np.rint(out["p_value"].astype(np.float64) * (n + 1)) - 1
+    np.testing.assert_array_equal(counts, (calibration[None, :] >= X[:, :1]).sum(axis=1))
+    assert out["p_value"][-3] == pytest.approx(1.0)  # below every calibration score
+    ties_at_max = int((calibration == calibration.max()).sum())
+    assert out["p_value"][-2] == pytest.approx((1 + ties_at_max) / (n + 1))  # ties count
+    assert out["p_value"][-1] == pytest.approx(1 / (n + 1))  # above every calibration score
+    report = parity_check(FirstColumn(), 0.5, path, X, **TOLERANCES, calibration_scores=calibration)
+    assert report.passed and report.max_p_value_diff == 0.0, report.message()
+
+
+def test_without_calibration_scores_there_is_no_p_value(tmp_path: Path) -> None:
+    X = np.random.default_rng(1).normal(size=(9, 3)).astype(np.float32)
+    path = export_onnx(FirstColumn(), 0.0, X[:2], tmp_path / "bare.onnx")
+    assert list(run_all(path, X)) == ["score", "is_anomaly"]
+    assert "n_p_value_scores" not in read_metadata(path)
+    report = parity_check(FirstColumn(), 0.0, path, X, **TOLERANCES)
+    assert report.passed and report.outputs_compared == ["score", "is_anomaly"], report.message()
+    # the head can be added later without torch, as for a file from before p_value
+    upgraded = recalibrate_graph(path, 0.0, X[:4, 0], tmp_path / "upgraded.onnx")
+    assert list(run_all(upgraded, X)) == OUTPUTS
+
+
+def test_p_value_tie_at_the_boundary_is_not_a_mismatch() -> None:
+    calibration = np.array([0.0, 1.0, 1.0, 2.0], dtype=np.float32)
+    n = len(calibration)
+
+    def p(counts: list[int]) -> np.ndarray:
+        return (1 + np.array(counts, dtype=np.float32)) / np.float32(n + 1)
+
+    torch_score = np.array([1.0, 1.0, 0.5, 3.0], dtype=np.float32)
+    # row 0: torch ties the two 1.0s (count 3), onnxruntime lands just above them (count 1);
+    # row 1: the same scores but another count: a real mismatch; rows 2-3: bit-equal, equal counts
+    ort_score = np.array([np.nextafter(np.float32(1.0), np.float32(2.0)), 1.0, 0.5, 3.0])
+    bad = _p_value_mismatches(torch_score, ort_score, p([3, 3, 3, 0]), p([1, 2, 3, 0]), calibration)
+    assert bad.tolist() == [False, True, False, False]
+
+
+def test_recalibration_swaps_threshold_and_calibration_scores_not_scores(
     exported: dict, digits: np.ndarray, tmp_path: Path
 ) -> None:
     entry = exported["autoencoder"]
     original_hash = _sha(entry["path"])
-    before_score, before_flag = score_onnx(entry["path"], digits)
-    assert 0.05 < before_flag.mean() < 0.15  # exported at the 90% quantile
+    before = run_all(entry["path"], digits)
+    assert 0.05 < before["is_anomaly"].mean() < 0.15  # exported at the 90% quantile
 
-    median = float(np.median(before_score))
+    median = float(np.median(before["score"]))
+    calibration = before["score"][::3] * np.float32(1.5)
     out = tmp_path / "sub" / "recalibrated.onnx"
-    assert (
-        set_threshold(entry["path"], median, out, {"threshold": median, "reason": "drift"}) == out
+    result = recalibrate_graph(
+        entry["path"], median, calibration, out, {"reason": "drift", "n_calibration_scores": 600}
     )
+    assert result == out
 
-    session = load_session(out)
-    after_score, after_flag = score_onnx(session, digits)
-    np.testing.assert_array_equal(after_score, before_score)
-    np.testing.assert_array_equal(after_flag, after_score > np.float32(median))
-    assert 0.45 < after_flag.mean() <= 0.5
-    assert read_metadata(session) == {**entry["metadata"], "threshold": median, "reason": "drift"}
+    after = run_all(out, digits)
+    assert list(after) == OUTPUTS
+    np.testing.assert_array_equal(after["score"], before["score"])  # bit-identical
+    np.testing.assert_array_equal(after["is_anomaly"], after["score"] > np.float32(median))
+    assert 0.45 < after["is_anomaly"].mean() <= 0.5
+    np.testing.assert_allclose(
+        after["p_value"], numpy_p_values(after["score"], calibration), rtol=1e-6
+    )
+    threshold, stored = graph_calibration(out)
+    assert threshold == np.float32(median)
+    np.testing.assert_array_equal(stored, calibration)
+    assert read_metadata(out) == {
+        **entry["metadata"],
+        "threshold": median,
+        "reason": "drift",
+        "n_calibration_scores": 600,
+        "n_p_value_scores": len(calibration),
+    }
     assert _sha(entry["path"]) == original_hash
     assert [p.name for p in out.parent.iterdir()] == ["recalibrated.onnx"]
 
-    # In place, and repeatedly: the threshold initializer is rewritten, not accumulated.
-    set_threshold(out, float(before_score.max()), out)
-    assert not score_onnx(out, digits)[1].any()
-    inits = [t.name for t in onnx.load(str(out)).graph.initializer if "threshold" in t.name]
-    assert inits == ["threshold"]
+    # In place, and repeatedly: the head is rewritten, not accumulated; names stay stable.
+    size = len(onnx.load(str(out)).graph.node)
+    recalibrate_graph(out, float(before["score"].max()), calibration[:10], out)
+    again = run_all(out, digits)
+    assert not again["is_anomaly"].any()
+    np.testing.assert_array_equal(again["score"], before["score"])
+    model = onnx.load(str(out))
+    assert len(model.graph.node) == size
+    names = [t.name for t in model.graph.initializer]
+    assert names.count("threshold") == 1 and names.count("calibration_scores") == 1
+    assert not any(n.startswith(("threshold_", "calibration_scores_")) for n in names)
+    assert len(graph_calibration(out)[1]) == 10
+    with pytest.raises(ValueError, match="non-finite"):
+        recalibrate_graph(out, 1.0, np.array([1.0, np.nan]), tmp_path / "nan.onnx")
+    assert not (tmp_path / "nan.onnx").exists()
+
+
+def test_recalibration_upgrades_a_graph_without_p_value(tmp_path: Path) -> None:
+    """A file from before p_value: score -> Greater(score, threshold) only."""
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3])
+    outputs = [
+        helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+        helper.make_tensor_value_info("is_anomaly", TensorProto.BOOL, ["N"]),
+    ]
+    inits = [
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("threshold", TensorProto.FLOAT, [], [1.0]),
+    ]
+    nodes = [
+        helper.make_node("ReduceSum", ["input", "axes"], ["score"], keepdims=0),
+        helper.make_node("Greater", ["score", "threshold"], ["is_anomaly"]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "legacy", [x], outputs, inits),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    legacy = tmp_path / "legacy.onnx"
+    onnx.save(model, str(legacy))
+    X = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    calibration = X[:10].sum(axis=1)
+    out = recalibrate_graph(legacy, 0.0, calibration, tmp_path / "upgraded.onnx")
+    result = run_all(out, X)
+    assert list(result) == OUTPUTS
+    np.testing.assert_array_equal(result["score"], run_all(legacy, X)["score"])
+    np.testing.assert_array_equal(result["is_anomaly"], result["score"] > 0)
+    np.testing.assert_allclose(result["p_value"], numpy_p_values(result["score"], calibration))
+
+
+class FirstColumn(nn.Module):
+    """Score = the first feature: makes p-values and ties easy to reason about."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] * 1.0
+
+
+class Localizing(nn.Module):
+    """A toy image scorer with a map: per-pixel squared deviation, the score its maximum."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        anomaly_map = (x - 0.5).pow(2).mean(dim=1)  # [N, H, W]
+        return anomaly_map.flatten(1).amax(dim=1), anomaly_map
+
+
+def test_a_localizing_module_exports_an_anomaly_map(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).random((12, 3, 4, 5), dtype=np.float32)
+    module = Localizing()
+    scores = module(torch.from_numpy(images))[0].numpy()
+    calibration = scores[:6]
+    threshold = float(np.median(scores))
+    path = export_onnx(
+        module, threshold, images[:1], tmp_path / "map.onnx", calibration_scores=calibration
+    )
+    out = run_all(path, images)
+    assert list(out) == [*OUTPUTS, "anomaly_map"]
+    assert out["anomaly_map"].shape == (12, 4, 5) and out["anomaly_map"].dtype == np.float32
+    np.testing.assert_allclose(out["anomaly_map"], module(torch.from_numpy(images))[1], atol=1e-6)
+    meta = read_metadata(path)
+    assert meta["outputs"][-1] == {"name": "anomaly_map", "dtype": "float32", "shape": ["N", 4, 5]}
+    report = parity_check(
+        module, threshold, path, images, **TOLERANCES, calibration_scores=calibration
+    )
+    assert report.passed and report.outputs_compared == [*OUTPUTS, "anomaly_map"], report.message()
+
+    class WrongMap(Localizing):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            score, anomaly_map = super().forward(x)
+            return score, anomaly_map * 2
+
+    bad = parity_check(
+        WrongMap(), threshold, path, images, **TOLERANCES, calibration_scores=calibration
+    )
+    assert not bad.passed and bad.n_map_mismatches > 0 and bad.n_score_mismatches == 0
+    assert "anomaly_map pixels are outside both tolerances" in bad.message()
+
+    # recalibration keeps the map; a map of the wrong rank is refused at export
+    recalibrated = run_all(recalibrate_graph(path, 0.0, calibration, tmp_path / "r.onnx"), images)
+    np.testing.assert_array_equal(recalibrated["anomaly_map"], out["anomaly_map"])
+
+    class FlatMap(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x.flatten(1).mean(dim=1), x.flatten(1)
+
+    with pytest.raises(ValueError, match=r"anomaly map of shape \[2, 60\].*expected \[2, H, W\]"):
+        export_onnx(FlatMap(), 0.0, images[:2], tmp_path / "flat.onnx")
+    assert not (tmp_path / "flat.onnx").exists()
+
+
+def test_int8_twin_passes_loose_and_fails_impossible_tolerances(
+    exported: dict, digits: np.ndarray, tmp_path: Path
+) -> None:
+    entry = exported["autoencoder"]
+    int8 = quantize_int8(entry["path"], tmp_path / "model.int8.onnx")
+    assert read_metadata(int8) == {**entry["metadata"], "quantized": "int8"}
+    assert {n.op_type for n in onnx.load(str(int8)).graph.node} & {"MatMulInteger", "ConvInteger"}
+    args = (entry["module"], entry["threshold"], int8, digits)
+    loose = quantized_parity_check(*args, 1.0, 0.9, 0.9, calibration_scores=entry["calibration"])
+    assert loose.passed, loose.message()
+    assert loose.spearman > 0.99 and loose.outputs_compared == OUTPUTS
+    assert "INT8 parity passed" in loose.message()
+    strict = quantized_parity_check(*args, 1e-9, 1.0, 1.0, calibration_scores=entry["calibration"])
+    assert not strict.passed
+    assert "misses quantized_max_rel" in strict.message() and "worst row" in strict.message()
+    json.dumps(strict.to_dict())
+    # the INT8 graph recalibrates like the float one: its scores stay bit-identical
+    before = run_all(int8, digits)
+    out = recalibrate_graph(int8, 0.1, entry["calibration"][:5], tmp_path / "r.int8.onnx")
+    after = run_all(out, digits)
+    np.testing.assert_array_equal(after["score"], before["score"])
+    assert read_metadata(out)["quantized"] == "int8"
+
+
+def test_subsample_calibration_is_seeded_and_bounded() -> None:
+    scores = np.arange(100, dtype=np.float64)
+    np.testing.assert_array_equal(subsample_calibration(scores, 200), scores)
+    kept = subsample_calibration(scores, 10)
+    assert len(kept) == 10 and np.all(np.diff(kept) > 0)
+    np.testing.assert_array_equal(kept, subsample_calibration(scores, 10))
+    with pytest.raises(ValueError, match="max_scores"):
+        subsample_calibration(scores, 0)
 
 
 def test_images_export_and_score_with_a_one_row_example(digits: np.ndarray, tmp_path: Path) -> None:
@@ -186,7 +467,10 @@ def test_images_export_and_score_with_a_one_row_example(digits: np.ndarray, tmp_
     detector = create_detector("autoencoder", epochs=3).fit(images)
     module = detector.scoring_module()
     threshold = float(np.quantile(detector.score(images), 0.9))
-    path = export_onnx(module, threshold, images[:1], tmp_path / "images.onnx")
+    calibration = detector.score(images[::5])
+    path = export_onnx(
+        module, threshold, images[:1], tmp_path / "images.onnx", calibration_scores=calibration
+    )
 
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 8, 8]
@@ -194,7 +478,10 @@ def test_images_export_and_score_with_a_one_row_example(digits: np.ndarray, tmp_
         score, is_anomaly = score_onnx(path, images[:n_rows])
         np.testing.assert_allclose(score, _torch_scores(module, images[:n_rows]), atol=1e-4)
         np.testing.assert_array_equal(is_anomaly, score > np.float32(threshold))
-    assert parity_check(module, threshold, path, images, **TOLERANCES).passed
+    report = parity_check(
+        module, threshold, path, images, **TOLERANCES, calibration_scores=calibration
+    )
+    assert report.passed, report.message()
 
     with pytest.raises(ValueError, match=r"expects \[N, 1, 8, 8\], got \[5, 64\]"):
         score_onnx(path, digits[:5])

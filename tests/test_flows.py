@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -16,7 +17,8 @@ import yaml
 from mlflow import MlflowClient
 
 from normalcy.evaluation.metrics import ranking_metrics
-from normalcy.scoring import read_metadata, score_onnx
+from normalcy.export import graph_calibration
+from normalcy.scoring import load_session, read_metadata, score_onnx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = {
@@ -107,9 +109,45 @@ def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained, monke
     metadata = read_metadata(str(root / summary["onnx_path"]))
     assert metadata["data_version"] == md5 and metadata["mlflow_run_id"] == summary["mlflow_run_id"]
     assert metadata["input"]["feature_names"][0] == "pixel_0_0"
+    # the metadata an ops team reads: every field, with the registry version written in
+    assert metadata["model_name"] == "normalcy" and metadata["model_version"] == 1
+    assert metadata["detector"] == summary["winner"] and metadata["detector_params"]
+    assert metadata["input"] == {
+        "name": "input",
+        "dtype": "float32",
+        "shape": ["N", 64],
+        "feature_names": [f"pixel_{r}_{c}" for r in range(8) for c in range(8)],
+    }
+    assert [o["name"] for o in metadata["outputs"]] == ["score", "is_anomaly", "p_value"]
+    assert metadata["threshold"] == pytest.approx(summary["threshold"])
+    assert metadata["target_fpr"] == summary["target_fpr"] == 0.01
+    threshold, calibration = graph_calibration(root / summary["onnx_path"])
+    assert threshold == np.float32(summary["threshold"])
+    assert metadata["n_calibration_scores"] == metadata["n_p_value_scores"] == len(calibration)
+    assert metadata["opset"] == 18 and metadata["normalcy_version"]
+    assert metadata["decision_rule"] == "is_anomaly = score > threshold"
+    # the registered file is the local one, metadata and all
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri="models:/normalcy/1", dst_path=tmp)
+        (registered_file,) = Path(local).glob("*.onnx")
+        assert read_metadata(str(registered_file)) == metadata
+    # p_value from the graph is the conformal formula over the stored calibration scores
+    with np.load(root / "data" / "prepared" / "test.npz") as test:
+        session = load_session(root / summary["onnx_path"])
+        score, p_value = session.run(["score", "p_value"], {"input": test["X"].astype(np.float32)})
+    expected = (1 + (calibration[None, :] >= score[:, None]).sum(axis=1)) / (len(calibration) + 1)
+    np.testing.assert_allclose(p_value, expected, rtol=1e-6)
     # what the run logged
     artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
-    assert {"plots", "validation", "cleaning", "reference", "parity"} <= artifacts
+    assert {"plots", "validation", "cleaning", "reference", "parity", "model_card"} <= artifacts
+    run_id = summary["mlflow_run_id"]
+    assert mlflow.artifacts.load_dict(f"runs:/{run_id}/model_card/metadata.json") == metadata
+    card = mlflow.artifacts.load_text(f"runs:/{run_id}/model_card/model_card.md")
+    assert card.startswith("# Model card: normalcy v1") and "## How to score it" in card
+    assert client.get_model_version("normalcy", "1").description == card
+    parity = mlflow.artifacts.load_dict(f"runs:/{run_id}/parity/parity.json")
+    assert parity["passed"] and parity["outputs_compared"] == ["score", "is_anomaly", "p_value"]
+    assert summary["int8_onnx_path"] is None and summary["int8_passed"] is None  # quantize: false
     plots = {Path(a.path).name for a in client.list_artifacts(summary["mlflow_run_id"], "plots")}
     assert {"roc_pr_test.png", "scores_test.png"} <= plots
 
@@ -119,10 +157,36 @@ def test_second_run_goes_through_the_promotion_gate(trained, monkeypatch):
 
     root, first = trained
     monkeypatch.chdir(root)
-    summary = train_flow("params.yaml", ["train.epochs=1", "clean.enabled=false"])
+    loose_int8 = [
+        "export.quantize=true",
+        "export.quantized_max_rel=100",
+        "export.quantized_min_spearman=-1",
+        "export.quantized_min_agreement=0.01",
+    ]
+    summary = train_flow("params.yaml", ["train.epochs=1", "clean.enabled=false", *loose_int8])
     client = client_for(root)
     version = client.get_model_version(summary["model_name"], summary["model_version"])
     assert summary["model_version"] == "2"
+    # the INT8 twin passed its (loose) gate: logged beside version 2, with version 2's metadata
+    assert summary["int8_passed"] is True
+    int8_file = root / summary["int8_onnx_path"]
+    assert int8_file.name == "model.int8.onnx" and int8_file.is_file()
+    run_id = summary["mlflow_run_id"]
+    assert version.tags["int8_artifact"] == f"runs:/{run_id}/model_int8/model.int8.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        twin = mlflow.artifacts.download_artifacts(version.tags["int8_artifact"], dst_path=tmp)
+        twin_meta = read_metadata(twin)
+    float_meta = read_metadata(str(root / summary["onnx_path"]))
+    assert twin_meta == {**float_meta, "quantized": "int8"} and twin_meta["model_version"] == 2
+    int8_parity = mlflow.artifacts.load_dict(f"runs:/{run_id}/parity/parity_int8.json")
+    assert int8_parity["passed"] and int8_parity["tolerances"]["quantized_max_rel"] == 100
+    print(
+        "INT8 parity (flow, second run):",
+        {
+            k: int8_parity[k]
+            for k in ("spearman", "is_anomaly_agreement", "max_rel_diff", "max_p_value_diff")
+        },
+    )
     assert "challenger" in version.aliases
     champion = client.get_model_version_by_alias(summary["model_name"], "champion")
     expected_champion = "2" if summary["promoted"] else "1"
@@ -149,9 +213,19 @@ def test_monitor_detects_drift_and_recalibrates(trained, monkeypatch):
     assert int(after.version) > int(before.version)
     assert after.tags["recalibrated_from_version"] == str(before.version)
     recalibrated = root / "artifacts" / "model.recalibrated.onnx"
-    assert read_metadata(str(recalibrated))["threshold"] == pytest.approx(
-        recalibration["threshold"]
-    )
+    meta = read_metadata(str(recalibrated))
+    assert meta["threshold"] == pytest.approx(recalibration["threshold"])
+    # the new version's file names itself, and carries the batch's kept scores for p_value
+    assert meta["model_version"] == int(after.version)
+    assert meta["recalibrated_from_version"] == str(before.version)
+    _, calibration = graph_calibration(recalibrated)
+    assert len(calibration) == meta["n_p_value_scores"] == meta["n_calibration_scores"]
+    assert [o["name"] for o in meta["outputs"]] == ["score", "is_anomaly", "p_value"]
+    card = client.get_model_version("normalcy", after.version).description
+    assert card.startswith(f"# Model card: normalcy v{after.version}")
+    assert f"Recalibrated from version {before.version}" in card
+    # a champion with an INT8 twin hands a recalibrated twin to its successor
+    assert ("int8_artifact" in after.tags) == ("int8_artifact" in before.tags)
     assert (root / "artifacts" / "drift_report.json").exists()
     assert result["validation_passed"] is False  # values beyond the training range
     # the recalibrated champion carries the batch as its new reference: the same batch is normal now
@@ -266,7 +340,23 @@ def test_unlabelled_data_uses_the_label_free_criterion(tmp_path, prefect_harness
         },
         monkeypatch,
     )
-    summary = train_flow("params.yaml")
+    impossible_int8 = [
+        "export.quantize=true",
+        "export.quantized_max_rel=1e-12",
+        "export.quantized_min_spearman=1.0",
+        "export.quantized_min_agreement=1.0",
+    ]
+    summary = train_flow("params.yaml", impossible_int8)
+    # the INT8 twin is refused; the float model is registered regardless
+    assert summary["int8_passed"] is False and summary["int8_onnx_path"] is None
+    assert (root / "artifacts" / "model.int8.rejected.onnx").exists()
+    assert not (root / "artifacts" / "model.int8.onnx").exists()
+    client = client_for(root)
+    assert "int8_artifact" not in client.get_model_version("normalcy", "1").tags
+    refused = mlflow.artifacts.load_dict(
+        f"runs:/{summary['mlflow_run_id']}/parity/parity_int8.json"
+    )
+    assert refused["passed"] is False
     assert summary["selection_metric"] == "val_synthetic_auroc"
     assert 0.5 < summary["selection_value"] <= 1.0
     assert summary["test_auroc"] is None and summary["promoted"] is True

@@ -18,13 +18,17 @@ from mlflow import MlflowClient
 from onnx import TensorProto, helper
 
 from normalcy.config import MlflowParams
+from normalcy.export import read_onnx_metadata, update_metadata
 from normalcy.registry import (
     CHALLENGER,
     CHAMPION,
+    INT8_TAG,
     MAX_PARAM_VAL_LENGTH,
     decide_promotion,
+    describe_version,
     download_run_artifact,
     load_champion,
+    log_int8_twin,
     log_json,
     log_onnx_model,
     log_params_flat,
@@ -283,6 +287,98 @@ def test_promotion_sequence(store: Store, tmp_path: Path) -> None:
     rolled = load_champion(name, tmp_path / "serve")
     assert rolled is not None and rolled.version == "1"
     np.testing.assert_allclose(run_onnx(rolled.onnx_path, x), [6.0, 1.0])
+
+
+# --- the version number inside the registered file ---------------------------------------------
+
+
+def version_file(name: str, version: str, dst: Path) -> Path:
+    """The .onnx file a registered version points at, downloaded."""
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}/{version}", dst_path=str(dst / f"v{version}")
+    )
+    (onnx_file,) = Path(local).glob("*.onnx")
+    return onnx_file
+
+
+def test_registered_file_carries_its_own_version(store: Store, tmp_path: Path) -> None:
+    name = fresh_name()
+    path = update_metadata(
+        store.onnx(1.0), {"detector": "autoencoder", "model_version": None}, store.base / "m.onnx"
+    )
+    registered = []
+    for _ in range(2):
+        with mlflow.start_run() as run:
+            registered.append(register_challenger(path, name, {"detector": "autoencoder"}))
+        assert registered[-1].run_id == run.info.run_id
+    assert [r.version for r in registered] == ["1", "2"]
+    for r in registered:
+        meta = read_onnx_metadata(version_file(name, r.version, tmp_path))
+        assert meta == r.metadata
+        assert meta == {
+            "detector": "autoencoder",
+            "model_name": name,
+            "model_version": int(r.version),
+            "mlflow_run_id": r.run_id,
+        }
+    # the local file is the last registered one; MLmodel carries the same metadata
+    assert read_onnx_metadata(path) == registered[-1].metadata
+    mlmodel = mlflow.models.Model.load(f"models:/{name}/2")
+    assert mlmodel.metadata == {"normalcy": registered[-1].metadata}
+    x = np.ones((2, 3), dtype=np.float32)
+    np.testing.assert_allclose(run_onnx(version_file(name, "2", tmp_path), x), [3.0, 3.0])
+
+
+def test_version_numbers_held_by_deleted_versions_are_skipped(store: Store, tmp_path: Path) -> None:
+    """MLflow never reuses a deleted version's number, and the registry does not show it: the
+    predicted number is wrong, the wrong version is deleted and the next number is used."""
+    name = fresh_name()
+    client = MlflowClient()
+    with mlflow.start_run():
+        register_challenger(store.onnx(1.0), name, {})
+        register_challenger(store.onnx(2.0), name, {})
+    client.delete_model_version(name, "2")
+    with mlflow.start_run():
+        third = register_challenger(store.onnx(3.0), name, {"detector": "deep_svdd"})
+    visible = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    assert visible == [1, int(third.version)] and int(third.version) > 3
+    for version in visible:
+        meta = read_onnx_metadata(version_file(name, str(version), tmp_path))
+        assert meta["model_version"] == version
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == third.version
+    assert client.get_model_version(name, third.version).tags["detector"] == "deep_svdd"
+
+
+def test_a_failed_registration_leaves_no_version(store: Store, tmp_path: Path) -> None:
+    name = fresh_name()
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with mlflow.start_run(), pytest.raises(ValueError, match="not a loadable ONNX model"):
+        register_challenger(broken, name, {})
+    assert MlflowClient().search_model_versions(f"name = '{name}'") == []
+    assert broken.read_bytes() == b"not a model"
+
+
+def test_int8_twin_is_logged_beside_its_version(store: Store, tmp_path: Path) -> None:
+    name = fresh_name()
+    twin = update_metadata(store.onnx(1.0), {"quantized": "int8"}, store.base / "m.int8.onnx")
+    with mlflow.start_run() as run:
+        registered = register_challenger(store.onnx(1.0), name, {})
+        uri = log_int8_twin(twin, registered)
+    assert uri == f"runs:/{run.info.run_id}/model_int8/m.int8.onnx"
+    version = MlflowClient().get_model_version(name, registered.version)
+    assert version.tags[INT8_TAG] == uri
+    local = download_run_artifact(run.info.run_id, "model_int8/m.int8.onnx", tmp_path)
+    assert read_onnx_metadata(local) == {
+        "quantized": "int8",
+        "model_name": name,
+        "model_version": 1,
+        "mlflow_run_id": run.info.run_id,
+    }
+    with mlflow.start_run(), pytest.raises(RuntimeError, match="in the run that registered"):
+        log_int8_twin(twin, registered)
+    describe_version(name, registered.version, "# Model card\n")
+    assert MlflowClient().get_model_version(name, "1").description == "# Model card\n"
 
 
 # --- the decision rule (pure) ----------------------------------------------------------------

@@ -109,6 +109,11 @@ class ExportParams(_Section):
     parity_max_abs: float = Field(1e-4, gt=0)
     parity_max_rel: float = Field(1e-3, gt=0)
     parity_min_agreement: float = Field(1.0, gt=0, le=1)
+    max_calibration_scores: int = Field(5000, ge=1)
+    quantize: bool = False
+    quantized_max_rel: float = Field(0.1, gt=0)
+    quantized_min_spearman: float = Field(0.99, ge=-1, le=1)
+    quantized_min_agreement: float = Field(0.99, gt=0, le=1)
 
 
 class MlflowParams(_Section):
@@ -133,6 +138,18 @@ class ScheduleParams(_Section):
     timezone: str = "UTC"
 
 
+class ScoringParams(_Section):
+    """`normalcy score` / `normalcy serve`: onnxruntime session settings and batch sizes."""
+
+    chunk_rows: int = Field(65536, ge=1)
+    max_request_rows: int = Field(10000, ge=1)
+    intra_op_threads: int | None = Field(None, ge=1)
+    inter_op_threads: int = Field(1, ge=1)
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    reload_interval_s: float = Field(30.0, gt=0)
+
+
 class Params(_Section):
     data: DataParams = Field(default_factory=DataParams)
     prepare: PrepareParams = Field(default_factory=PrepareParams)
@@ -146,6 +163,7 @@ class Params(_Section):
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
     schedule: ScheduleParams = Field(default_factory=ScheduleParams)
+    scoring: ScoringParams = Field(default_factory=ScoringParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -7,11 +7,13 @@ is a single atomic update, and `models:/<name>@champion` always resolves to one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
 from normalcy.config import MlflowParams
+from normalcy.export import read_onnx_metadata, update_metadata
 from normalcy.jsonio import json_default
 
 try:  # the limits MLflow enforces server-side; the values below are MLflow 3's
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT_NAME = "model"
+INT8_ARTIFACT_DIR = "model_int8"
+INT8_TAG = "int8_artifact"  # version tag: runs:/ URI of the version's INT8 twin, when it has one
+REGISTER_ATTEMPTS = 3
 _SQLITE_PREFIX = "sqlite:///"
 _LOCAL_SCHEMES = ("", "file", "sqlite")
 _BARE_REMOTE_URIS = ("databricks", "databricks-uc", "uc")  # tracking URIs without "://"
@@ -156,7 +162,9 @@ def log_json(obj: Any, artifact_file: str) -> None:
     mlflow.log_dict(json.loads(json.dumps(obj, default=json_default)), artifact_file)
 
 
-def _log_onnx(onnx_path: str | Path, model_name: str | None) -> ModelInfo:
+def _log_onnx(
+    onnx_path: str | Path, model_name: str | None, metadata: dict | None = None
+) -> ModelInfo:
     _active_run_id()
     # save_as_external_data=False: with MLflow's default, logging the same proto twice left the
     # second version's weights file missing. Loading here pulls external data into the proto.
@@ -168,6 +176,7 @@ def _log_onnx(onnx_path: str | Path, model_name: str | None) -> ModelInfo:
         save_as_external_data=False,
         pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         registered_model_name=model_name,
+        metadata=metadata,
     )
 
 
@@ -205,22 +214,101 @@ class Registered:
     name: str
     version: str
     run_id: str
+    metadata: dict = field(default_factory=dict)  # the 'normalcy' metadata of the registered file
 
 
-def register_challenger(onnx_path: str | Path, model_name: str, tags: dict[str, str]) -> Registered:
-    """Log and register the ONNX model from the active run, tag the new version and point the
-    `challenger` alias at it, so it can be compared with the champion before serving."""
+def _last_version(client: MlflowClient, model_name: str) -> int:
+    """Highest version number the registry shows for the model; 0 when it has none."""
+    versions = client.search_model_versions(
+        f"name = '{model_name}'", max_results=1, order_by=["version_number DESC"]
+    )
+    return max((int(v.version) for v in versions), default=0)
+
+
+def register_challenger(
+    onnx_path: str | Path,
+    model_name: str,
+    tags: dict[str, str],
+    attempts: int = REGISTER_ATTEMPTS,
+) -> Registered:
+    """Log and register the ONNX model from the active run with its version number written into
+    its metadata, tag the new version and point the `challenger` alias at it.
+
+    MLflow assigns the version number only at registration, and a logged file cannot change
+    afterwards. So: predict the number (last shown + 1), write it (with the model name and this
+    run's id) into the metadata of a copy, log that copy, register it, and check the number
+    MLflow gave. On a mismatch (another process registered meanwhile, or deleted versions hold
+    numbers) the version is deleted before anything points at it and the next number is tried.
+    Every registered version therefore points at a complete file whose metadata names it; a
+    failure leaves no version behind. On success `onnx_path` itself gets the same metadata, so
+    the local file and the registered one are the same model.
+    """
     run_id = _active_run_id()
-    info = _log_onnx(onnx_path, model_name)
-    if info.registered_model_version is None:  # pragma: no cover - MLflow contract
-        raise RuntimeError(f"MLflow did not register a version of {model_name!r}")
-    version = str(info.registered_model_version)
+    onnx_path = Path(onnx_path)
     client = MlflowClient()
+    expected = _last_version(client, model_name) + 1
+    for _ in range(attempts):
+        stamp = {"model_name": model_name, "model_version": expected, "mlflow_run_id": run_id}
+        with tempfile.TemporaryDirectory() as tmp:
+            stamped = update_metadata(onnx_path, stamp, Path(tmp) / onnx_path.name)
+            metadata = read_onnx_metadata(stamped)
+            info = _log_onnx(stamped, None, {"normalcy": metadata})
+        version = str(mlflow.register_model(info.model_uri, model_name).version)
+        if version == str(expected):
+            break
+        log.warning(
+            "%s: expected version %s, MLflow assigned %s; deleting it and retrying",
+            model_name,
+            expected,
+            version,
+        )
+        client.delete_model_version(model_name, version)
+        with contextlib.suppress(MlflowException):  # an orphan logged model is harmless
+            client.delete_logged_model(info.model_id)
+        expected = int(version) + 1
+    else:
+        raise RuntimeError(
+            f"could not register {model_name!r} with the version number written in its "
+            f"metadata after {attempts} attempts (concurrent registrations?); nothing registered"
+        )
+    update_metadata(onnx_path, stamp, onnx_path)
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, str(value))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     log.info("registered %s version %s as %s (run %s)", model_name, version, CHALLENGER, run_id)
-    return Registered(name=model_name, version=version, run_id=run_id)
+    return Registered(name=model_name, version=version, run_id=run_id, metadata=metadata)
+
+
+def log_int8_twin(int8_path: str | Path, registered: Registered) -> str:
+    """Log the INT8 twin of a just-registered version as an artifact of its run and tag the
+    version with its URI (`int8_artifact`).
+
+    The twin gets the float version's name, version and run id in its metadata first (it is the
+    same model, quantized); the tag is set only once the file is stored, so it never points at
+    nothing. `int8_path` itself gets the same metadata. Returns the `runs:/` URI."""
+    if _active_run_id() != registered.run_id:
+        raise RuntimeError(
+            f"log the INT8 twin in the run that registered version {registered.version} "
+            f"({registered.run_id})"
+        )
+    int8_path = Path(int8_path)
+    stamp = {
+        "model_name": registered.name,
+        "model_version": int(registered.version),
+        "mlflow_run_id": registered.run_id,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        stamped = update_metadata(int8_path, stamp, Path(tmp) / int8_path.name)
+        mlflow.log_artifact(str(stamped), INT8_ARTIFACT_DIR)
+    update_metadata(int8_path, stamp, int8_path)
+    uri = f"runs:/{registered.run_id}/{INT8_ARTIFACT_DIR}/{int8_path.name}"
+    MlflowClient().set_model_version_tag(registered.name, registered.version, INT8_TAG, uri)
+    return uri
+
+
+def describe_version(model_name: str, version: str, description: str) -> None:
+    """Set a version's description (the MLflow UI renders it as markdown: the model card)."""
+    MlflowClient().update_model_version(model_name, str(version), description=description)
 
 
 @dataclass
@@ -276,6 +364,9 @@ def load_champion(model_name: str, dst_dir: str | Path) -> Champion | None:
         if not found:
             raise FileNotFoundError(f"no .onnx file in {model_name} version {version} ({local})")
         onnx_file = found[0]
+    stored = read_onnx_metadata(onnx_file).get("model_version")
+    if stored is not None and str(stored) != version:
+        log.warning("%s v%s: the file's metadata says version %s", model_name, version, stored)
     return Champion(
         name=model_name,
         version=version,

@@ -44,7 +44,13 @@ def run_stage(name: str, params: Params) -> None:
             len(calibration_scores),
             params.export.opset,
         )
-        _, report = stages.export(detector, threshold, splits.test.X, params.export, metadata)
+        path, report = stages.export(
+            detector, threshold, splits.test.X, params.export, metadata, calibration_scores
+        )
         require_parity(report)
+        if params.export.quantize:  # a failed INT8 gate is reported, never fatal
+            stages.quantize(
+                detector, threshold, splits.test.X, params.export, calibration_scores, path
+            )
     else:
         raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")

@@ -31,7 +31,15 @@ from normalcy.detectors.ensemble import ENSEMBLE, Ensemble
 from normalcy.evaluation.metrics import ranking_metrics, threshold_metrics
 from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
 from normalcy.evaluation.selection import CandidateResult, select_winner, validation_metric
-from normalcy.export import ParityReport, export_onnx, parity_check
+from normalcy.export import (
+    ParityReport,
+    QuantizedParityReport,
+    export_onnx,
+    parity_check,
+    quantize_int8,
+    quantized_parity_check,
+    subsample_calibration,
+)
 from normalcy.jsonio import write_json
 from normalcy.validation.cleaning import CleaningResult, clean_training_split
 from normalcy.validation.suite import (
@@ -49,6 +57,7 @@ CLEANED_TRAIN = ARTIFACTS / "cleaned_train.npz"
 CANDIDATES = ARTIFACTS / "candidates.json"
 WINNER = ARTIFACTS / "winner.pt"
 PARITY = ARTIFACTS / "parity.json"
+PARITY_INT8 = ARTIFACTS / "parity_int8.json"
 
 
 # -- prepare -------------------------------------------------------------------------------
@@ -169,7 +178,9 @@ def fit_candidates(
 def _candidate_result(
     detector: Detector, val: Split, params: TrainParams, fit_seconds: float
 ) -> CandidateResult:
-    metric_name, metric = validation_metric(detector.score, val.X, val.y, params.seed)
+    metric_name, metric = validation_metric(
+        detector.score, val.X, val.y, params.seed, detector.trains_on_synthetic_anomalies
+    )
     log.info("candidate %s: %s = %.4f (%.1f s)", detector.name, metric_name, metric, fit_seconds)
     return CandidateResult(detector.name, metric_name, metric, detector.exportable, fit_seconds)
 
@@ -311,8 +322,15 @@ def model_metadata(
     opset: int,
     extra: dict | None = None,
 ) -> dict:
-    """What an ops team needs to know about the graph, stored inside it."""
+    """What an ops team needs to know about the graph, stored inside it.
+
+    `export_onnx` adds `outputs` (name, dtype, shape of each, read from the graph) and
+    `n_p_value_scores`; the registry writes `model_version` in at registration, so a file that
+    was never registered says `null` there. The flow passes model_name, data_version and
+    mlflow_run_id in `extra`."""
     return {
+        "model_name": None,
+        "model_version": None,
         "detector": detector.name,
         "detector_params": detector_params(detector),
         "input": {
@@ -321,26 +339,58 @@ def model_metadata(
             "shape": ["N", *example.shape[1:]],
             "feature_names": feature_names if example.ndim == 2 else [],
         },
-        "outputs": ["score", "is_anomaly"],
+        "decision_rule": "is_anomaly = score > threshold",
+        "p_value_rule": "p_value = (1 + #{calibration scores >= score}) / (n_p_value_scores + 1)",
         "threshold": threshold,
         "target_fpr": target_fpr,
         "n_calibration_scores": n_calibration,
+        "data_version": None,
+        "mlflow_run_id": None,
         "normalcy_version": normalcy.__version__,
         "opset": opset,
         **(extra or {}),
     }
 
 
-def export(
-    detector: Detector, threshold: float, test_X: np.ndarray, params: ExportParams, metadata: dict
-) -> tuple[Path, ParityReport]:
-    """Write the ONNX graph and compare it with torch on the test split.
+def int8_path(params: ExportParams) -> Path:
+    """Where the INT8 twin of `params.path` goes: model.onnx -> model.int8.onnx."""
+    path = Path(params.path)
+    return path.with_name(path.stem + ".int8.onnx")
 
+
+def _rejected(path: Path) -> Path:
+    """Keep a rejected graph for inspection, but never where a scorer would pick it up."""
+    return path.replace(path.with_name(path.stem + ".rejected.onnx"))
+
+
+def export(
+    detector: Detector,
+    threshold: float,
+    test_X: np.ndarray,
+    params: ExportParams,
+    metadata: dict,
+    calibration_scores: np.ndarray,
+) -> tuple[Path, ParityReport]:
+    """Write the ONNX graph (threshold and calibration scores inside) and compare every output
+    with torch on the test split.
+
+    At most `params.max_calibration_scores` calibration scores go into the graph (a seeded
+    subsample). An INT8 file from an earlier export is removed: it is no twin of this graph.
     The caller refuses to register when `report.passed` is false (`require_parity`)."""
     if not detector.exportable:
         raise ValueError(f"detector {detector.name!r} is not exportable; it cannot be the winner")
     module = detector.scoring_module()
-    path = export_onnx(module, threshold, test_X[:2], params.path, params.opset, metadata)
+    stored = subsample_calibration(calibration_scores, params.max_calibration_scores)
+    path = export_onnx(
+        module,
+        threshold,
+        test_X[:2],
+        params.path,
+        params.opset,
+        metadata,
+        calibration_scores=stored,
+    )
+    int8_path(params).unlink(missing_ok=True)
     report = parity_check(
         module,
         threshold,
@@ -349,9 +399,42 @@ def export(
         params.parity_max_abs,
         params.parity_max_rel,
         params.parity_min_agreement,
+        calibration_scores=stored,
     )
     write_json(report.to_dict(), PARITY)
     log.info("parity: %s", report.message())
-    if not report.passed:  # keep it for inspection, but never where a scorer would pick it up
-        path = path.replace(path.with_name(path.stem + ".rejected.onnx"))
+    if not report.passed:
+        path = _rejected(path)
+    return path, report
+
+
+def quantize(
+    detector: Detector,
+    threshold: float,
+    test_X: np.ndarray,
+    params: ExportParams,
+    calibration_scores: np.ndarray,
+    onnx_path: Path,
+) -> tuple[Path, QuantizedParityReport]:
+    """INT8 twin of the exported graph, compared with torch under the `quantized_*` tolerances.
+
+    Never raises on a failed gate: a rejected INT8 file is renamed `.rejected.onnx` and the
+    float model stands alone. Returns the path (accepted or rejected) and the report."""
+    module = detector.scoring_module()
+    stored = subsample_calibration(calibration_scores, params.max_calibration_scores)
+    path = quantize_int8(onnx_path, int8_path(params))
+    report = quantized_parity_check(
+        module,
+        threshold,
+        path,
+        test_X,
+        params.quantized_max_rel,
+        params.quantized_min_spearman,
+        params.quantized_min_agreement,
+        calibration_scores=stored,
+    )
+    write_json(report.to_dict(), PARITY_INT8)
+    log.info("INT8 parity: %s", report.message())
+    if not report.passed:
+        path = _rejected(path)
     return path, report

@@ -73,6 +73,9 @@ class Detector(ABC):
     exportable: ClassVar[bool] = True
     uses_labels: ClassVar[bool] = False
     min_train_rows: ClassVar[int] = 2
+    # Trained to separate data from synthetic outliers: the label-free selection criterion
+    # (synthetic anomalies too) would measure its own training task, so it cannot judge it.
+    trains_on_synthetic_anomalies: ClassVar[bool] = False
 
     input_shape: tuple[int, ...] | None = None
 

@@ -89,6 +89,7 @@ class OutlierExposure(TorchDetector):
 
     name = "outlier_exposure"
     uses_labels = True
+    trains_on_synthetic_anomalies = True
 
     def __init__(
         self,

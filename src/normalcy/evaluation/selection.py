@@ -40,10 +40,17 @@ def validation_metric(
     val_X: np.ndarray,
     val_y: np.ndarray | None,
     seed: int,
+    trains_on_synthetic_anomalies: bool = False,
 ) -> tuple[str, float]:
-    """(metric name, value): AUPRC when validation has both classes labelled, else label-free."""
+    """(metric name, value): AUPRC when validation has both classes labelled, else label-free.
+
+    A method trained against synthetic outliers (outlier exposure) gets NaN from the label-free
+    criterion, which would only replay its training task and always rank it first; NaN makes
+    it ineligible to win (and to join the ensemble) when validation has no labels."""
     if val_y is not None and 0 < int(np.sum(val_y)) < len(val_y):
         return LABELLED_METRIC, float(average_precision_score(val_y, score(val_X)))
+    if trains_on_synthetic_anomalies:
+        return LABEL_FREE_METRIC, float("nan")
     return LABEL_FREE_METRIC, label_free_score(score, val_X, seed)
 
 
@@ -64,5 +71,9 @@ def select_winner(results: list[CandidateResult]) -> CandidateResult:
     eligible = [r for r in results if r.exportable and np.isfinite(r.metric)]
     if not eligible:
         names = [r.name for r in results]
-        raise ValueError(f"no exportable candidate with a finite validation metric among {names}")
+        raise ValueError(
+            f"no exportable candidate with a finite validation metric among {names} (without "
+            "labelled validation anomalies, methods trained on synthetic outliers cannot be "
+            "judged; add another candidate)"
+        )
     return max(eligible, key=lambda r: (r.metric, -results.index(r)))
