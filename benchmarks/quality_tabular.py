@@ -34,9 +34,8 @@ from sklearn.model_selection import train_test_split
 
 from normalcy.config import CleanParams, TrainParams, load_params
 from normalcy.data.splits import Split
-from normalcy.detectors import create_detector
 from normalcy.evaluation.metrics import ranking_metrics
-from normalcy.stages import fit_candidates
+from normalcy.stages import cleaning_detector, fit_candidates
 from normalcy.validation.cleaning import clean_training_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,13 +128,7 @@ def run_pipeline(
     fit_split = Split(train_X[fit_rows], None, fit_rows)
     val_split = Split(train_X[val_rows], None, val_rows)
     if clean.enabled:
-
-        def make_detector() -> object:
-            return create_detector(
-                clean.detector, **clean.detector_params, epochs=clean.epochs, seed=clean.seed
-            )
-
-        fit_split, _ = clean_training_split(fit_split, make_detector, clean)
+        fit_split, _ = clean_training_split(fit_split, cleaning_detector(clean), clean)
     detectors, results, winner = fit_candidates(fit_split, val_split, train)
     return detectors, results, winner.name
 

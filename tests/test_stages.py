@@ -6,6 +6,7 @@ import pytest
 from normalcy import stages
 from normalcy.config import (
     CalibrationParams,
+    CleanParams,
     DataParams,
     EvaluateParams,
     PrepareParams,
@@ -100,3 +101,14 @@ def test_ensemble_needs_two_other_candidates(tmp_path):
 
     with pytest.raises(ConfigError, match="'ensemble' combines the other candidates"):
         load_params(tmp_path / "absent.yaml", ["train.candidates=[autoencoder, ensemble]"])
+
+
+def test_candidates_without_a_training_loop_take_only_the_settings_they_accept(splits):
+    """knn and iforest have no epochs/learning rate; the shared train.* settings skip them."""
+    params = TrainParams(candidates=["knn", "iforest", "autoencoder"], epochs=2)
+    detectors, results, winner = stages.fit_candidates(splits.train, splits.val, params)
+    assert [r.name for r in results] == ["knn", "iforest", "autoencoder"]
+    assert detectors["iforest"].seed == params.seed
+    assert winner.name in detectors and all(np.isfinite(r.metric) for r in results)
+    clean = stages.cleaning_detector(CleanParams(detector="knn", epochs=3))()
+    assert clean.name == "knn"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,18 +101,30 @@ def validate(splits: Splits, params: ValidateParams) -> tuple[dict, list[Validat
 # -- clean ---------------------------------------------------------------------------------
 
 
+def with_settings(name: str, params: dict, settings: dict) -> Detector:
+    """`create_detector(name, **params)` plus whichever shared settings (epochs, seed, ...) the
+    method accepts: a kNN has no epochs, but the same params work for every candidate."""
+    accepted = accepted_params(name)
+    shared = {key: value for key, value in settings.items() if key in accepted}
+    return create_detector(name, **{**shared, **params})
+
+
+def cleaning_detector(params: CleanParams) -> Callable[[], Detector]:
+    """A factory of fresh cleaning detectors, one per cleaning iteration."""
+
+    def make() -> Detector:
+        settings = {"epochs": params.epochs, "seed": params.seed}
+        return with_settings(params.detector, params.detector_params, settings)
+
+    return make
+
+
 def clean(train: Split, params: CleanParams) -> tuple[Split, CleaningResult | None]:
     """Iteratively drop the contaminated tail of the training split; write the audit log."""
     if not params.enabled:
         cleaned, result = train, None
     else:
-
-        def make_detector() -> Detector:
-            return create_detector(
-                params.detector, **params.detector_params, epochs=params.epochs, seed=params.seed
-            )
-
-        cleaned, result = clean_training_split(train, make_detector, params)
+        cleaned, result = clean_training_split(train, cleaning_detector(params), params)
     write_json(result.to_dict() if result else {"enabled": False}, params.log_path)
     arrays = {"X": cleaned.X, "ids": cleaned.ids}
     if cleaned.y is not None:
@@ -129,8 +142,8 @@ TRAINING_SETTINGS = {"epochs", "batch_size", "learning_rate", "weight_decay", "p
 
 def build_candidate(name: str, params: TrainParams) -> Detector:
     """A candidate with its own params from train.detectors plus the shared training settings."""
-    shared = params.model_dump(include=TRAINING_SETTINGS)
-    return create_detector(name, **params.detectors.get(name, {}), **shared)
+    settings = params.model_dump(include=TRAINING_SETTINGS)
+    return with_settings(name, params.detectors.get(name, {}), settings)
 
 
 def fit_detector(detector: Detector, train: Split, val: Split) -> Detector:
