@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 
 from normalcy.detectors.networks import mlp
 from normalcy.detectors.torch_detector import TorchDetector
-from normalcy.detectors.training import TrainingHistory
+from normalcy.detectors.training import EarlyStopping, TrainingHistory
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def train_adversarial(
         network.generator.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay
     )
     history = AdversarialHistory()
-    best, best_state, stale = float("inf"), copy.deepcopy(network.state_dict()), 0
+    stopping = EarlyStopping(network, patience)
     progress = tqdm(range(epochs), desc=description, leave=False, mininterval=1.0, disable=None)
     for epoch in progress:
         network.train()
@@ -117,21 +116,17 @@ def train_adversarial(
             g=f"{history.train_loss[-1]:.4f}",
             val=f"{monitored:.4f}",
         )
-        if monitored < best - 1e-7:
-            best, best_state, stale = monitored, copy.deepcopy(network.state_dict()), 0
-            history.best_epoch = epoch
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    network.load_state_dict(best_state)
-    network.eval()
+        stop = stopping.should_stop(epoch, monitored)
+        history.best_epoch = stopping.best_epoch
+        if stop:
+            break
+    stopping.restore_best()
     log.info(
         "%s: %d epochs, best epoch %d, val criterion %.5f",
         description,
         len(history.train_loss),
         history.best_epoch,
-        best,
+        stopping.best,
     )
     return history
 

@@ -16,7 +16,7 @@ from normalcy.detectors.adversarial import (
 )
 from normalcy.detectors.networks import mlp
 from normalcy.detectors.registry import register
-from normalcy.detectors.training import _mean_loss
+from normalcy.detectors.training import mean_loss
 
 
 class EncoderDecoderEncoder(nn.Module):
@@ -108,7 +108,7 @@ class GANomaly(AdversarialDetector):
         return self.w_adv * adversarial + loss
 
     def validation_criterion(self, data: torch.Tensor) -> float:
-        return _mean_loss(
+        return mean_loss(
             lambda batch: self._contextual_and_encoder(batch.flatten(1))[0], data, self.batch_size
         )
 

@@ -31,7 +31,30 @@ class TrainingHistory:
     best_epoch: int = 0
 
 
-def _mean_loss(
+class EarlyStopping:
+    """Remembers the weights of the best monitored epoch; says when `patience` epochs in a row
+    brought no improvement. Shared by every training loop (plain and adversarial)."""
+
+    def __init__(self, network: nn.Module, patience: int, min_delta: float = 1e-7) -> None:
+        self.network, self.patience, self.min_delta = network, patience, min_delta
+        self.best, self.best_epoch, self.stale = float("inf"), 0, 0
+        self.best_state = copy.deepcopy(network.state_dict())
+
+    def should_stop(self, epoch: int, monitored: float) -> bool:
+        """Record this epoch's monitored value; True when training should end."""
+        if monitored < self.best - self.min_delta:
+            self.best, self.best_epoch, self.stale = monitored, epoch, 0
+            self.best_state = copy.deepcopy(self.network.state_dict())
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore_best(self) -> None:
+        self.network.load_state_dict(self.best_state)
+        self.network.eval()
+
+
+def mean_loss(
     loss_fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, batch_size: int
 ) -> float:
     with torch.no_grad():
@@ -60,7 +83,7 @@ def train_network(
     SVDD's soft boundary refits its radius there)."""
     optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
     history = TrainingHistory()
-    best_loss, best_state, stale = float("inf"), copy.deepcopy(network.state_dict()), 0
+    stopping = EarlyStopping(network, patience)
     progress = tqdm(range(epochs), desc=description, leave=False, mininterval=1.0, disable=None)
     for epoch in progress:
         network.train()
@@ -78,24 +101,20 @@ def train_network(
             on_epoch_end(epoch)
         history.train_loss.append(running / len(train))
         monitored = (
-            _mean_loss(loss_fn, val, batch_size) if val is not None else history.train_loss[-1]
+            mean_loss(loss_fn, val, batch_size) if val is not None else history.train_loss[-1]
         )
         history.val_loss.append(monitored)
         progress.set_postfix(loss=f"{history.train_loss[-1]:.4f}", val=f"{monitored:.4f}")
-        if monitored < best_loss - 1e-7:
-            best_loss, best_state, stale = monitored, copy.deepcopy(network.state_dict()), 0
-            history.best_epoch = epoch
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    network.load_state_dict(best_state)
-    network.eval()
+        stop = stopping.should_stop(epoch, monitored)
+        history.best_epoch = stopping.best_epoch
+        if stop:
+            break
+    stopping.restore_best()
     log.info(
         "%s: %d epochs, best epoch %d, val loss %.5f",
         description,
         len(history.train_loss),
         history.best_epoch,
-        best_loss,
+        stopping.best,
     )
     return history
