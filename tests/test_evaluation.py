@@ -8,8 +8,11 @@ from normalcy.evaluation.selection import (
     LABELLED_METRIC,
     CandidateResult,
     label_free_score,
+    locally_spread,
     select_winner,
     shuffled_features,
+    synthetic_auroc,
+    uniform_in_box,
     validation_metric,
 )
 
@@ -32,19 +35,32 @@ def test_shuffled_features_keep_marginals_but_break_dependence():
     assert np.corrcoef(X.T)[0, 1] > 0.99 and abs(np.corrcoef(shuffled.T)[0, 1]) < 0.2
 
 
-def test_label_free_criterion_rewards_a_detector_of_the_joint_structure():
+def test_label_free_criterion_rewards_a_detector_of_structure_and_spread():
     rng = np.random.default_rng(1)
     a = rng.normal(size=400)
     X = np.stack([a, a + 0.05 * rng.normal(size=400)], axis=1)
 
-    def off_diagonal(x):  # distance from the line x0 == x1: knows the structure
+    def off_diagonal(x):  # distance from the line x0 == x1: knows the structure only
         return np.abs(x[:, 0] - x[:, 1])
 
-    def norm(x):  # looks at marginals only
+    def norm(x):  # looks at the spread only
         return np.linalg.norm(x, axis=1)
 
-    assert label_free_score(off_diagonal, X, seed=0) > 0.9
-    assert abs(label_free_score(norm, X, seed=0) - 0.5) < 0.1
+    assert synthetic_auroc(off_diagonal, X, 0, "dependency") > 0.9
+    assert abs(synthetic_auroc(norm, X, 0, "dependency") - 0.5) < 0.1
+    assert synthetic_auroc(norm, X, 0, "global") > 0.75
+    assert synthetic_auroc(norm, X, 0, "local") > 0.6
+    # Both see something; the one that knows the structure sees all three kinds.
+    assert label_free_score(off_diagonal, X, seed=0) > label_free_score(norm, X, seed=0) > 0.6
+
+
+def test_global_and_local_synthetic_anomalies_leave_the_data_where_expected():
+    X = np.random.default_rng(2).normal(size=(1000, 3))
+    box = uniform_in_box(X, seed=0)
+    widen = 0.1 * (X.max(axis=0) - X.min(axis=0))
+    assert (box >= X.min(axis=0) - widen - 1e-12).all() and (box <= X.max(axis=0) + widen).all()
+    local = locally_spread(X, seed=0)
+    assert np.allclose(local.var(axis=0) / X.var(axis=0), 5.0, rtol=0.15)
 
 
 def test_validation_metric_uses_labels_only_when_both_classes_are_present():
