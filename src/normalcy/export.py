@@ -23,9 +23,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy.stats import spearmanr
 from torch import nn
 
+from normalcy.atomic import atomic_path
 from normalcy.jsonio import json_default
 from normalcy.scoring import (
     ANOMALY_MAP_NAME,
@@ -206,24 +205,6 @@ def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to `path`; on success it replaces `path`, on failure it is removed.
-
-    Same directory so `os.replace` is an atomic rename (never a cross-device copy). The temp file
-    is created with the process umask, unlike `mkstemp`'s 0600, so the result is readable as usual.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb"):
-            pass
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _set_metadata(model: onnx.ModelProto, metadata: dict[str, Any]) -> None:
     """Store `metadata` as one JSON string under the 'normalcy' key, replacing any previous one."""
     kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
@@ -243,7 +224,7 @@ def _get_metadata(model: onnx.ModelProto) -> dict[str, Any]:
 def _save(model: onnx.ModelProto, path: Path) -> Path:
     """Check, then write as one self-contained file, atomically."""
     onnx.checker.check_model(model)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp), save_as_external_data=False)
     return path
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from normalcy.atomic import atomic_path
+
 
 def json_default(value: Any) -> Any:
     """`json.dumps(default=...)` for what reports contain: numpy scalars/arrays, paths, sets."""
@@ -25,8 +27,6 @@ def json_default(value: Any) -> Any:
 def write_json(obj: Any, path: str | Path) -> Path:
     """Write JSON atomically (temp file + rename), so a failure leaves no half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=json_default))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=json_default))
     return path

@@ -20,10 +20,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import sys
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -33,6 +31,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
+
+from normalcy.atomic import atomic_path
 
 METADATA_KEY = "normalcy"
 SCORE_NAME = "score"
@@ -665,20 +665,6 @@ def _open_image_folder(folder: Path, spec: InputSpec, chunk_rows: int) -> Scorin
 
 
 # --- writing results --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path next to `path`; on success it replaces `path`, on failure it is removed,
-    so a reader never sees a half-written file. Same folder: `os.replace` is an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_output_path(path: str | Path) -> Path:
