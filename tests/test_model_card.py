@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from normalcy.model_card import describe_metadata, model_card
+from normalcy.model_card import model_card
 
 META = {
     "model_name": "fraud",
@@ -94,37 +94,8 @@ def test_card_for_an_int8_recalibrated_image_model() -> None:
     assert "features" not in card.split("## Data")[1].split("## Metrics")[0]
 
 
-def test_card_and_description_tolerate_missing_keys() -> None:
+def test_card_tolerates_missing_keys() -> None:
     legacy = {"detector": "deep_svdd", "threshold": 1.5, "outputs": ["score", "is_anomaly"]}
     card = model_card(legacy)
     assert "unregistered model (no registry version)" in card
     assert "p_value" not in card.split("## Limits")[0]
-    text = describe_metadata(legacy)
-    assert "outputs" in text and "score; is_anomaly" in text
-    assert "data version" in text and "unknown" in text
-    assert describe_metadata({}).startswith("no normalcy metadata")
-
-
-def test_describe_metadata_is_one_aligned_line_per_fact() -> None:
-    text = describe_metadata({**META, "recalibrated_from_version": 2})
-    lines = text.splitlines()
-    labels = [line.split("  ")[0].strip() for line in lines]
-    assert labels == [
-        "model",
-        "detector",
-        "input",
-        "outputs",
-        "decision",
-        "p_value",
-        "recalibrated",
-        "data version",
-        "MLflow run",
-        "built with",
-    ]
-    width = len("recalibrated") + 2
-    assert all(line[width - 2 : width] == "  " for line in lines)
-    assert lines[0].endswith("fraud v3")
-    assert "input float32 [N, 10]; features f0, f1" in text
-    assert "score float32 [N]; is_anomaly bool [N]; p_value float32 [N]" in text
-    assert "is_anomaly = score > 0.123457 (target false-positive rate 1.00%" in text
-    assert "normalcy 0.1.0, ONNX opset 18" in text

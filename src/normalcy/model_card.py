@@ -71,57 +71,6 @@ def _smallest_p_value(meta: dict) -> str:
     return f"{1 / (n + 1):.2g}" if isinstance(n, int) and n > 0 else UNKNOWN
 
 
-def describe_metadata(meta: dict) -> str:
-    """A few aligned lines for people (`normalcy inspect`): what the model is, what it takes,
-    what it returns, its decision rule, and where it came from."""
-    if not meta:
-        return "no normalcy metadata in this file (not exported by normalcy?)"
-    detector = meta.get("detector", UNKNOWN)
-    params = _params(meta.get("detector_params"))
-    spec = meta.get("input") or {}
-    features = _features(spec.get("feature_names") or [])
-    outputs = "; ".join(
-        f"{o['name']} {o.get('dtype', '')} {_shape(o['shape']) if 'shape' in o else ''}".strip()
-        for o in _outputs(meta)
-    )
-    rows = [
-        ("model", _title(meta)),
-        ("detector", detector + (f" ({params})" if params else "")),
-        (
-            "input",
-            f"{spec.get('name', 'input')} {spec.get('dtype', 'float32')} "
-            f"{_shape(spec.get('shape'))}" + (f"; features {features}" if features else ""),
-        ),
-        ("outputs", outputs or UNKNOWN),
-        (
-            "decision",
-            f"is_anomaly = score > {_fmt(meta.get('threshold'))} (target false-positive rate "
-            f"{_percent(meta.get('target_fpr'))}, calibrated on "
-            f"{_fmt(meta.get('n_calibration_scores'))} normal scores)",
-        ),
-    ]
-    if "p_value" in _output_names(meta):
-        rows.append(
-            (
-                "p_value",
-                f"conformal, from {_fmt(meta.get('n_p_value_scores'))} calibration scores "
-                f"(smallest possible {_smallest_p_value(meta)})",
-            )
-        )
-    if meta.get("recalibrated_from_version") is not None:
-        rows.append(("recalibrated", f"from version {meta['recalibrated_from_version']}"))
-    rows += [
-        ("data version", _fmt(meta.get("data_version"))),
-        ("MLflow run", _fmt(meta.get("mlflow_run_id"))),
-        (
-            "built with",
-            f"normalcy {_fmt(meta.get('normalcy_version'))}, ONNX opset {_fmt(meta.get('opset'))}",
-        ),
-    ]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
-
-
 def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> list[str]:
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows]
