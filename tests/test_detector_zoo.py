@@ -9,6 +9,7 @@ import pytest
 from normalcy.detectors import accepted_params, available_detectors, create_detector
 from normalcy.evaluation.metrics import ranking_metrics
 from normalcy.export import export_onnx, parity_check
+from normalcy.scoring import load_session
 
 FAST = {"epochs": 40, "seed": 0}
 
@@ -66,18 +67,25 @@ def test_detector_learns_clear_anomalies(name, generated, fitted):
 
 @pytest.mark.parametrize("name", available_detectors())
 def test_detector_exports_with_parity_or_refuses(name, generated, fitted, tmp_path):
-    _, _, test, _ = generated
+    test = generated[2]
     detector = fitted(name)
     if not detector.exportable:
         with pytest.raises(NotImplementedError, match="not exportable"):
             detector.scoring_module()
         return
     module = detector.scoring_module()
-    threshold = float(np.quantile(detector.score(test), 0.9))
-    path = export_onnx(module, threshold, test[:2], tmp_path / f"{name}.onnx")
-    report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
+    calibration = detector.score(generated[1])  # validation scores: the production graph
+    threshold = float(np.quantile(calibration, 0.99))
+    path = export_onnx(
+        module, threshold, test[:2], tmp_path / f"{name}.onnx", calibration_scores=calibration
+    )
+    report = parity_check(
+        module, threshold, path, test, 1e-4, 1e-3, 1.0, calibration_scores=calibration
+    )
     assert report.passed, report.message()
     assert report.spearman > 0.999
+    outputs = [o.name for o in load_session(path).get_outputs()]
+    assert outputs == ["score", "is_anomaly", "p_value"]
 
 
 @pytest.mark.parametrize("name", available_detectors())
