@@ -9,7 +9,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 # Commands that score with onnxruntime alone: they must run where torch is not installed, so
@@ -117,39 +116,11 @@ def scoring_sections(args: argparse.Namespace) -> tuple[Any, Any]:
 
     Only these two sections are validated: validating every section imports the detectors
     (torch), which a scoring host may not have. A missing params file means the defaults."""
-    import yaml
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from pydantic import ValidationError
 
-    from normalcy.config import (
-        ConfigError,
-        MlflowParams,
-        ScoringParams,
-        _format_validation_error,
-        apply_override,
-    )
+    from normalcy.config import ConfigError, format_validation_error, load_serving_params
 
-    class Sections(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        scoring: ScoringParams = Field(default_factory=ScoringParams)
-        mlflow: MlflowParams = Field(default_factory=MlflowParams)
-
-    path = Path(args.params)
-    tree: dict[str, Any] = {}
-    if path.exists():
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
-    elif args.params != "params.yaml":
-        raise ConfigError(f"params file {path} does not exist")
-    for assignment in args.set:
-        apply_override(tree, assignment)
-    try:
-        sections = Sections.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, str(path))) from None
+    sections = load_serving_params(args.params, args.set)
     scoring = sections.scoring
     for flag, key in (
         ("chunk_rows", "chunk_rows"),
@@ -164,7 +135,7 @@ def scoring_sections(args: argparse.Namespace) -> tuple[Any, Any]:
                 setattr(scoring, key, value)  # validate_assignment: checked like params.yaml
             except ValidationError as exc:
                 flag_name = f"--{flag.replace('_', '-')}"
-                raise ConfigError(_format_validation_error(exc, flag_name)) from None
+                raise ConfigError(format_validation_error(exc, flag_name)) from None
     return scoring, sections.mlflow
 
 

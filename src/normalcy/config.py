@@ -227,7 +227,7 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         node[parts[-1]] = raw_value  # not YAML (e.g. a cron like */15 * * * *): keep the text
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source} is invalid:"]
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -245,11 +245,14 @@ def params_from_dict(tree: dict[str, Any], source: str = "params") -> Params:
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read params.yaml, apply `--set key=value` overrides, and validate the result."""
+def read_params_tree(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The params file as a tree with `--set key=value` overrides applied, not yet validated.
+
+    A missing `params.yaml` (the default name) means the defaults; any other missing file is an
+    error unless overrides alone are given."""
     path = Path(path)
     if path.exists():
         try:
@@ -258,11 +261,37 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
-    elif overrides is None and str(path) != "params.yaml":
+    elif not overrides and str(path) != "params.yaml":
         raise ConfigError(f"params file {path} does not exist")
     else:
         tree = {}
     for assignment in overrides or []:
         apply_override(tree, assignment)
+    return tree
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml, apply `--set key=value` overrides, and validate the result."""
+    tree = read_params_tree(path, overrides)
     source = f"{path}" + (" with --set overrides" if overrides else "")
     return params_from_dict(tree, source)
+
+
+class ServingParams(BaseModel):
+    """Only what `score`/`serve`/`inspect` read. Validating every section would import the
+    detectors (torch), which a scoring host may not have; other sections are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    scoring: ScoringParams = Field(default_factory=ScoringParams)
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+
+
+def load_serving_params(
+    path: str | Path = "params.yaml", overrides: list[str] | None = None
+) -> ServingParams:
+    """The `scoring` and `mlflow` sections of the params file, validated, without torch."""
+    tree = read_params_tree(path, overrides)
+    try:
+        return ServingParams.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
