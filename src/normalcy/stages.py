@@ -27,8 +27,9 @@ from normalcy.config import (
 )
 from normalcy.data.sources import DataError, load_dataset
 from normalcy.data.splits import Split, Splits, save_splits, split_dataset
-from normalcy.detectors import Detector, accepted_params, create_detector
+from normalcy.detectors import Detector, accepted_params
 from normalcy.detectors.ensemble import ENSEMBLE, Ensemble
+from normalcy.detectors.registry import create_with_settings
 from normalcy.evaluation.metrics import ranking_metrics, threshold_metrics
 from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
 from normalcy.evaluation.selection import CandidateResult, select_winner, validation_metric
@@ -101,20 +102,12 @@ def validate(splits: Splits, params: ValidateParams) -> tuple[dict, list[Validat
 # -- clean ---------------------------------------------------------------------------------
 
 
-def with_settings(name: str, params: dict, settings: dict) -> Detector:
-    """`create_detector(name, **params)` plus whichever shared settings (epochs, seed, ...) the
-    method accepts: a kNN has no epochs, but the same params work for every candidate."""
-    accepted = accepted_params(name)
-    shared = {key: value for key, value in settings.items() if key in accepted}
-    return create_detector(name, **{**shared, **params})
-
-
 def cleaning_detector(params: CleanParams) -> Callable[[], Detector]:
     """A factory of fresh cleaning detectors, one per cleaning iteration."""
 
     def make() -> Detector:
         settings = {"epochs": params.epochs, "seed": params.seed}
-        return with_settings(params.detector, params.detector_params, settings)
+        return create_with_settings(params.detector, params.detector_params, settings)
 
     return make
 
@@ -143,7 +136,7 @@ TRAINING_SETTINGS = {"epochs", "batch_size", "learning_rate", "weight_decay", "p
 def build_candidate(name: str, params: TrainParams) -> Detector:
     """A candidate with its own params from train.detectors plus the shared training settings."""
     settings = params.model_dump(include=TRAINING_SETTINGS)
-    return with_settings(name, params.detectors.get(name, {}), settings)
+    return create_with_settings(name, params.detectors.get(name, {}), settings)
 
 
 def fit_detector(detector: Detector, train: Split, val: Split) -> Detector:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from normalcy.detectors.base import Detector
-from normalcy.detectors.registry import accepted_params, create_detector, register
+from normalcy.detectors.registry import create_with_settings, register
 
 ENSEMBLE = "ensemble"
 MIN_SCALE = 1e-12
@@ -71,7 +71,7 @@ class Ensemble(Detector):
         members = list(members)
         if len(members) < 2:
             raise ValueError(f"ensemble: needs at least 2 members, got {members}")
-        if "ensemble" in members:
+        if ENSEMBLE in members:
             raise ValueError("ensemble: an ensemble cannot contain another ensemble")
         self.members = members
         self.member_params = dict(member_params or {})
@@ -92,8 +92,7 @@ class Ensemble(Detector):
         return all(member.exportable for member in self.fitted) if self.fitted else True
 
     def _member(self, name: str) -> Detector:
-        shared = {k: v for k, v in self.training.items() if k in accepted_params(name)}
-        return create_detector(name, **{**shared, **self.member_params.get(name, {})})
+        return create_with_settings(name, self.member_params.get(name, {}), self.training)
 
     def _fit(
         self,

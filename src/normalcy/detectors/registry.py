@@ -67,3 +67,12 @@ def create_detector(name: str, **params: Any) -> Detector:
             f"detector {name!r} does not accept {unknown}; it accepts {accepted_params(name)}"
         )
     return factory(**params)
+
+
+def create_with_settings(name: str, params: dict[str, Any], settings: dict[str, Any]) -> Detector:
+    """`create_detector(name, **params)` plus whichever shared settings (epochs, seed, ...) the
+    method accepts: a kNN has no epochs, yet one set of shared settings serves every candidate.
+    `params` win over `settings`."""
+    accepted = accepted_params(name)
+    shared = {key: value for key, value in settings.items() if key in accepted}
+    return create_detector(name, **{**shared, **params})
