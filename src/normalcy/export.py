@@ -627,6 +627,46 @@ def _ort_outputs(onnx_path: str | Path, X: np.ndarray, batch_size: int) -> dict[
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
+@dataclass
+class _Paired:
+    """torch and onnxruntime outputs for the same rows, by name, plus what every gate reads.
+
+    A missing output never agrees: its score is NaN and its decisions are the opposite."""
+
+    reference: dict[str, np.ndarray]
+    exported: dict[str, np.ndarray]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.reference[SCORE_NAME])
+
+    @property
+    def missing(self) -> list[str]:
+        return [name for name in self.reference if name not in self.exported]
+
+    @property
+    def compared(self) -> list[str]:
+        return [name for name in self.reference if name in self.exported]
+
+    @property
+    def torch_score(self) -> np.ndarray:
+        return self.reference[SCORE_NAME].astype(np.float64)
+
+    @property
+    def ort_score(self) -> np.ndarray:
+        return self.exported.get(SCORE_NAME, np.full(self.n_rows, np.nan)).astype(np.float64)
+
+    @property
+    def decision_bad(self) -> np.ndarray:
+        torch_flag = self.reference[DECISION_NAME]
+        return torch_flag != self.exported.get(DECISION_NAME, ~torch_flag)
+
+    def max_p_value_diff(self) -> float:
+        if P_VALUE_NAME not in self.reference or P_VALUE_NAME not in self.exported:
+            return 0.0
+        return float(np.max(_diffs(self.reference[P_VALUE_NAME], self.exported[P_VALUE_NAME])[0]))
+
+
 def _run_both(
     scoring_module: nn.Module,
     threshold: float,
@@ -634,8 +674,8 @@ def _run_both(
     onnx_path: str | Path,
     X: np.ndarray,
     batch_size: int,
-) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(X as float32, torch outputs, onnxruntime outputs), by output name."""
+) -> _Paired:
+    """torch and onnxruntime outputs of the same rows (as float32), by output name."""
     X = np.asarray(X, dtype=np.float32)
     if len(X) == 0:
         raise ValueError("parity needs at least one row")
@@ -649,7 +689,7 @@ def _run_both(
             f"{onnx_path} has outputs {unchecked} that the torch reference does not produce, so "
             f"parity cannot check them{hint}"
         )
-    return X, reference, exported
+    return _Paired(reference, exported)
 
 
 def _diffs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -723,24 +763,18 @@ def parity_check(
     score difference explains (`_p_value_mismatches`). `passed` = the file has every output, every
     row and pixel passes, and the is_anomaly agreement >= `min_agreement`.
     """
-    X, reference, exported = _run_both(
-        scoring_module, threshold, calibration_scores, onnx_path, X, batch_size
-    )
-    missing = [name for name in reference if name not in exported]
-    a = reference[SCORE_NAME].astype(np.float64)
-    b = exported.get(SCORE_NAME, np.full(len(X), np.nan)).astype(np.float64)
+    paired = _run_both(scoring_module, threshold, calibration_scores, onnx_path, X, batch_size)
+    reference, exported, missing = paired.reference, paired.exported, paired.missing
+    a, b = paired.torch_score, paired.ort_score
     abs_diff, rel_diff = _diffs(a, b)
     row_bad = (abs_diff > max_abs) & (rel_diff > max_rel)
-    ort_flag = exported.get(DECISION_NAME, ~reference[DECISION_NAME])
-    decision_bad = reference[DECISION_NAME] != ort_flag
+    decision_bad = paired.decision_bad
     agreement = 1.0 - float(decision_bad.mean())
 
-    p_bad = np.zeros(len(X), dtype=bool)
-    max_p_diff = 0.0
+    p_bad = np.zeros(paired.n_rows, dtype=bool)
     if P_VALUE_NAME in reference and P_VALUE_NAME in exported:
         torch_p, ort_p = reference[P_VALUE_NAME], exported[P_VALUE_NAME]
         p_bad = _p_value_mismatches(a, b, torch_p, ort_p, calibration_scores)
-        max_p_diff = float(np.max(_diffs(torch_p, ort_p)[0]))
     map_bad = 0
     map_abs = map_rel = 0.0
     if ANOMALY_MAP_NAME in reference and ANOMALY_MAP_NAME in exported:
@@ -768,7 +802,7 @@ def parity_check(
         max_rel_diff=float(rel_diff.max()),
         spearman=_spearman(a, b),
         is_anomaly_agreement=agreement,
-        n_rows=len(X),
+        n_rows=paired.n_rows,
         passed=bool(passed),
         tolerances={
             "parity_max_abs": max_abs,
@@ -779,11 +813,11 @@ def parity_check(
         n_decision_mismatches=int(decision_bad.sum()),
         worst_row=worst_row,
         n_p_value_mismatches=int(p_bad.sum()),
-        max_p_value_diff=max_p_diff,
+        max_p_value_diff=paired.max_p_value_diff(),
         n_map_mismatches=map_bad,
         max_map_abs_diff=map_abs,
         max_map_rel_diff=map_rel,
-        outputs_compared=[name for name in reference if name in exported],
+        outputs_compared=paired.compared,
         missing_outputs=missing,
     )
 
@@ -902,28 +936,19 @@ def quantized_parity_check(
     The relative score error is floored at the median |torch score|: a score near zero is
     'small' whatever INT8 makes of it, and a per-row relative error there says nothing.
     """
-    X, reference, exported = _run_both(
-        scoring_module, threshold, calibration_scores, onnx_path, X, batch_size
-    )
-    missing = [name for name in reference if name not in exported]
-    a = reference[SCORE_NAME].astype(np.float64)
-    b = exported.get(SCORE_NAME, np.full(len(X), np.nan)).astype(np.float64)
+    paired = _run_both(scoring_module, threshold, calibration_scores, onnx_path, X, batch_size)
+    a, b = paired.torch_score, paired.ort_score
     abs_diff, _ = _diffs(a, b)
     scale = np.maximum(np.abs(a), max(float(np.nanmedian(np.abs(a))), REL_EPS))
     with np.errstate(invalid="ignore"):
         rel_diff = np.nan_to_num(abs_diff / np.nan_to_num(scale, nan=np.inf), nan=np.inf)
-    decision_bad = reference[DECISION_NAME] != exported.get(
-        DECISION_NAME, ~reference[DECISION_NAME]
-    )
+    decision_bad = paired.decision_bad
     agreement = 1.0 - float(decision_bad.mean())
     spearman = _spearman(a, b)
-    max_p_diff = 0.0
-    if P_VALUE_NAME in reference and P_VALUE_NAME in exported:
-        max_p_diff = float(np.max(_diffs(reference[P_VALUE_NAME], exported[P_VALUE_NAME])[0]))
     i = int(np.argmax(rel_diff))
     max_rel_diff = float(rel_diff[i])
     passed = (
-        not missing
+        not paired.missing
         and spearman >= min_spearman
         and agreement >= min_agreement
         and max_rel_diff <= max_rel
@@ -933,8 +958,8 @@ def quantized_parity_check(
         max_abs_diff=float(abs_diff.max()),
         spearman=spearman,
         is_anomaly_agreement=agreement,
-        max_p_value_diff=max_p_diff,
-        n_rows=len(X),
+        max_p_value_diff=paired.max_p_value_diff(),
+        n_rows=paired.n_rows,
         passed=bool(passed),
         tolerances={
             "quantized_max_rel": max_rel,
@@ -943,6 +968,6 @@ def quantized_parity_check(
         },
         n_decision_mismatches=int(decision_bad.sum()),
         worst_row={"row": i, "torch": float(a[i]), "int8": float(b[i])},
-        outputs_compared=[name for name in reference if name in exported],
-        missing_outputs=missing,
+        outputs_compared=paired.compared,
+        missing_outputs=paired.missing,
     )
