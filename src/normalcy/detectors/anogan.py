@@ -213,7 +213,7 @@ class AnoGAN(AdversarialDetector):
 
     def _score(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         if self.encoder:
-            return super()._score(x, batch_size)
+            return super()._score(x)
         real = self.standardize(torch.as_tensor(x, dtype=torch.float32)).flatten(1)
         # the same seeded start on every call, so scoring the same rows gives the same scores
         starts = torch.randn(

@@ -11,7 +11,7 @@ from sklearn.ensemble import IsolationForest as SklearnIsolationForest
 from torch import nn
 
 from normalcy.detectors.base import Detector
-from normalcy.detectors.networks import forward_in_batches
+from normalcy.detectors.networks import score_in_batches
 from normalcy.detectors.registry import register
 
 
@@ -198,5 +198,4 @@ class IForest(Detector):
         return self.graph
 
     def _score(self, x: np.ndarray) -> np.ndarray:
-        rows = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-        return forward_in_batches(self.scoring_module(), rows, self.batch_size).double().numpy()
+        return score_in_batches(self.scoring_module(), x, self.batch_size)

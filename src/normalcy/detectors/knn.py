@@ -14,7 +14,7 @@ from normalcy.detectors.networks import (
     ScoringModule,
     Standardize,
     fit_standardize,
-    forward_in_batches,
+    score_in_batches,
 )
 from normalcy.detectors.registry import register
 
@@ -182,9 +182,7 @@ class KNN(Detector):
             )
         self.standardize = fit_standardize(np.asarray(train, dtype=np.float64))
         with torch.no_grad():
-            rows = self.standardize(
-                torch.as_tensor(np.ascontiguousarray(train), dtype=torch.float32)
-            ).flatten(1)
+            rows = self.standardize(torch.as_tensor(train, dtype=torch.float32)).flatten(1)
         generator = torch.Generator().manual_seed(self.seed)
         self.coreset_indices = greedy_coreset(rows, size, generator, self.projection_dim)
         self.bank = rows[self.coreset_indices].contiguous()
@@ -195,5 +193,4 @@ class KNN(Detector):
         return ScoringModule(self.standardize, KthNeighbourDistance(self.bank, self.k)).eval()
 
     def _score(self, x: np.ndarray) -> np.ndarray:
-        rows = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-        return forward_in_batches(self.scoring_module(), rows, self.batch_size).double().numpy()
+        return score_in_batches(self.scoring_module(), x, self.batch_size)

@@ -70,3 +70,9 @@ def forward_in_batches(
             return torch.cat([module(chunk) for chunk in data.split(batch_size)])
     finally:
         module.train(was_training)
+
+
+def score_in_batches(module: nn.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """A detector's `_score`: its scoring module over checked rows, in batches, as float64."""
+    rows = torch.as_tensor(x, dtype=torch.float32)
+    return forward_in_batches(module, rows, batch_size).double().numpy()

@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from normalcy.detectors.base import Detector
-from normalcy.detectors.networks import ScoringModule, Standardize, fit_standardize
+from normalcy.detectors.networks import (
+    ScoringModule,
+    Standardize,
+    fit_standardize,
+    score_in_batches,
+)
 from normalcy.detectors.training import TrainingHistory, seed_everything, train_network
 
 
@@ -97,9 +102,5 @@ class TorchDetector(Detector):
             raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
         return ScoringModule(self.standardize, self.score_head()).eval()
 
-    def _score(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        module = self.scoring_module()
-        tensor = torch.as_tensor(x, dtype=torch.float32)
-        with torch.no_grad():
-            parts = [module(chunk) for chunk in tensor.split(batch_size)]
-        return torch.cat(parts).double().numpy()
+    def _score(self, x: np.ndarray) -> np.ndarray:
+        return score_in_batches(self.scoring_module(), x)
