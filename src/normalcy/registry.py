@@ -27,6 +27,7 @@ from mlflow.models.model import ModelInfo
 from normalcy.config import MlflowParams
 from normalcy.export import read_onnx_metadata, update_metadata
 from normalcy.jsonio import json_default
+from normalcy.scoring import download_version
 
 try:  # the limits MLflow enforces server-side; the values below are MLflow 3's
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -339,7 +340,7 @@ def _safe_dirname(name: str) -> str:
 
 
 def load_champion(model_name: str, dst_dir: str | Path) -> Champion | None:
-    """Download the champion's MLflow model folder to `dst_dir/<name>-v<version>/` and return
+    """Download the champion's MLflow model folder to `dst_dir/<name>/v<version>/` and return
     its ONNX file; None when there is no such model or no champion yet (a first training run).
 
     The whole folder is downloaded, not only the .onnx file, so that a model saved with external
@@ -350,20 +351,7 @@ def load_champion(model_name: str, dst_dir: str | Path) -> Champion | None:
     if version is None:
         return None
     mv = client.get_model_version(model_name, version)
-    dst = Path(dst_dir) / f"{_safe_dirname(model_name)}-v{version}"
-    dst.mkdir(parents=True, exist_ok=True)
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{model_name}/{version}", dst_path=str(dst)
-        )
-    )
-    flavor = mlflow.models.Model.load(str(local / "MLmodel")).flavors.get("onnx", {})
-    onnx_file = local / flavor["data"] if "data" in flavor else None
-    if onnx_file is None or not onnx_file.is_file():
-        found = sorted(local.glob("*.onnx"))
-        if not found:
-            raise FileNotFoundError(f"no .onnx file in {model_name} version {version} ({local})")
-        onnx_file = found[0]
+    onnx_file = download_version(model_name, version, Path(dst_dir) / _safe_dirname(model_name))
     stored = read_onnx_metadata(onnx_file).get("model_version")
     if stored is not None and str(stored) != version:
         log.warning("%s v%s: the file's metadata says version %s", model_name, version, stored)
