@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import normalcy
 from normalcy.calibration import threshold_at_fpr
@@ -29,6 +28,7 @@ from normalcy.data.sources import DataError, load_dataset
 from normalcy.data.splits import Split, Splits, save_splits, split_dataset
 from normalcy.detectors import Detector, accepted_params
 from normalcy.detectors.ensemble import ENSEMBLE, Ensemble
+from normalcy.detectors.persistence import load_detector, save_detector
 from normalcy.detectors.registry import create_with_settings
 from normalcy.evaluation.metrics import ranking_metrics, threshold_metrics
 from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
@@ -153,7 +153,7 @@ def train_candidates(
     """`fit_candidates`, then write the candidates' table and the winner for the next stage."""
     detectors, results, winner = fit_candidates(train, val, params)
     write_json({"winner": winner.name, "candidates": [asdict(r) for r in results]}, CANDIDATES)
-    torch.save(detectors[winner.name], WINNER)
+    save_detector(detectors[winner.name], WINNER)
     return detectors, results, winner
 
 
@@ -212,7 +212,7 @@ def ensemble_of_best(
 
 def load_winner(path: str | Path = WINNER) -> Detector:
     """The winner written by the train stage (a pickled detector: trusted, local file)."""
-    return torch.load(path, weights_only=False)
+    return load_detector(path)
 
 
 # -- evaluate ------------------------------------------------------------------------------

@@ -2,11 +2,63 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
+import torch
 from torch import nn
+
+SCORE = "score"
+ANOMALY_MAP = "anomaly_map"
+# Output names the graph's calibration head and input own; an explanation may not take them.
+RESERVED_OUTPUT_NAMES = frozenset({SCORE, ANOMALY_MAP, "is_anomaly", "p_value", "input"})
+_OUTPUT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class Prediction(NamedTuple):
+    """What every scoring module returns, like anomalib's `InferenceBatch`.
+
+    `score` `[N]` (higher = more anomalous); `anomaly_map` `[N, H, W]` for methods that localize;
+    `explanations`: named tensors `[N, ...]` (per-feature contributions, the nearest normal
+    row, ...). Export, parity, `normalcy score` and `serve` carry every field by name, so a new
+    explanation needs no edit outside the detector that produces it."""
+
+    score: torch.Tensor
+    anomaly_map: torch.Tensor | None = None
+    explanations: dict[str, torch.Tensor] | None = None
+
+    def named_outputs(self) -> dict[str, torch.Tensor]:
+        """Every field present, in graph output order: score, anomaly_map, then explanations
+        sorted by name."""
+        outputs = {SCORE: self.score}
+        if self.anomaly_map is not None:
+            outputs[ANOMALY_MAP] = self.anomaly_map
+        for name in sorted(self.explanations or {}):
+            outputs[check_output_name(name)] = self.explanations[name]
+        return outputs
+
+
+def check_output_name(name: str) -> str:
+    """An explanation's name, if it can be a graph output that no other field uses."""
+    if name in RESERVED_OUTPUT_NAMES or not _OUTPUT_NAME.match(name):
+        raise ValueError(
+            f"explanation name {name!r} is not allowed: expected lower_snake_case (letters, "
+            f"digits, _; at most 64) and none of {sorted(RESERVED_OUTPUT_NAMES)}"
+        )
+    return name
+
+
+def as_prediction(out: Any) -> Prediction:
+    """A scoring module's output as a `Prediction` (a bare score tensor is accepted)."""
+    if isinstance(out, Prediction):
+        return out
+    if isinstance(out, torch.Tensor):
+        return Prediction(out)
+    raise TypeError(
+        f"a scoring module must return a Prediction or a score tensor, got {type(out).__name__}"
+    )
 
 
 def check_input(
