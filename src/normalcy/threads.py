@@ -78,7 +78,9 @@ def available_cpus(root: Path = CGROUP_ROOT) -> int:
     return max(1, cpus)
 
 
-def training_threads(n_parameters: int, override: int | None = None, cpus: int | None = None) -> int:
+def training_threads(
+    n_parameters: int, override: int | None = None, cpus: int | None = None
+) -> int:
     """Threads for fitting a network of `n_parameters` (see the module docstring's rule)."""
     if override is not None:
         if override < 1:

@@ -13,6 +13,7 @@ checks run in Python and are reported in the same failure list.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -315,6 +316,26 @@ def _column_expectations(name: str, dtype: Any, bounds: dict, mostly: float = 1.
 
 
 def _run_gx(frame: pd.DataFrame, expectations: list) -> list:
+    """Every expectation's result; failed ones carry SUMMARY details (examples).
+
+    GX's cost is per expectation, and SUMMARY results cost ~1.7x a pass/fail answer, while
+    almost every batch passes. So all expectations run pass/fail first, and only the failed ones
+    run again for their examples: the same results at about 60% of the time."""
+    results = _run_suite(frame, expectations, {"result_format": "BOOLEAN_ONLY"})
+    failed = [i for i, result in enumerate(results) if not result.success]
+    if failed:
+        # Copies: GX sets its id on an expectation object, so two suites must not share one.
+        detailed = _run_suite(
+            frame,
+            [copy.copy(expectations[i]) for i in failed],
+            {"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES},
+        )
+        for i, result in zip(failed, detailed, strict=True):
+            results[i] = result
+    return results
+
+
+def _run_suite(frame: pd.DataFrame, expectations: list, result_format: dict) -> list:
     """One ephemeral context per call: nothing is written to disk or shared between batches."""
     gx = _gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -326,15 +347,12 @@ def _run_gx(frame: pd.DataFrame, expectations: list) -> list:
         .add_dataframe_asset("batch")
         .add_batch_definition_whole_dataframe("whole")
     )
-    # Passing the list to the constructor: suite.add_expectation is quadratic (dedup on add).
+    # The list goes to the constructor: suite.add_expectation is quadratic (dedup on add).
     suite = context.suites.add(gx.ExpectationSuite(name="normalcy", expectations=expectations))
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(data=batch_definition, suite=suite, name="normalcy")
     )
-    result = definition.run(
-        batch_parameters={"dataframe": frame},
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES},
-    )
+    result = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
     return list(result.results)
 
 
