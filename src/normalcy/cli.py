@@ -153,16 +153,24 @@ def session_settings(scoring: Any) -> Any:
 
 def tracking_uri_for(args: argparse.Namespace, mlflow_params: Any) -> str | None:
     """Where `models:/...` sources are looked up: --tracking-uri, else MLFLOW_TRACKING_URI,
-    else the params file's mlflow.tracking_uri (relative sqlite paths against the cwd)."""
-    if not str(args.model).startswith("models:/"):
-        return None
-    if args.tracking_uri:
-        return args.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    from normalcy.registry import resolve_tracking_uri  # MLflow, not torch
+    else the params file's mlflow.tracking_uri (relative sqlite paths against the params
+    file's folder). Torch-free: the rule lives in normalcy.scoring, not in the registry."""
+    from normalcy.scoring import tracking_uri_for_source
 
-    return resolve_tracking_uri(mlflow_params)[0]
+    configured = mlflow_params.tracking_uri if mlflow_params is not None else ""
+    return tracking_uri_for_source(args.model, args.tracking_uri, configured, args.params)
+
+
+def _columns_text(columns: list[str]) -> str:
+    """Column names for a person, each output's run `name[0]`..`name[d-1]` shown as one item."""
+    groups: list[list[str]] = []
+    for column in columns:
+        stem = column.split("[", 1)[0]
+        if groups and "[" in column and groups[-1][0].split("[", 1)[0] == stem:
+            groups[-1].append(column)
+        else:
+            groups.append([column])
+    return ", ".join(g[0] if len(g) == 1 else f"{g[0]}..{g[-1]}" for g in groups)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -183,7 +191,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(
         f"scored {result.n_rows} rows of {args.input} with {model.source}{version}: "
         f"{result.n_anomalies} flagged as anomalies ({share:.2%}); wrote {result.output} "
-        f"(columns {', '.join(result.columns)})"
+        f"(columns {_columns_text(result.columns)})"
     )
 
 
@@ -202,9 +210,46 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def _output_descriptions(metadata: dict, session: Any) -> list[str]:
+    """One line per model output, e.g. `contributions float32 [N, 64] (explanation)`: from the
+    metadata's output list (what the exporter recorded), else from the graph itself; an output
+    the graph has but the metadata does not list is shown and marked."""
+    from normalcy.scoring import (
+        ANOMALY_MAP_NAME,
+        DECISION_NAME,
+        P_VALUE_NAME,
+        SCORE_NAME,
+        onnx_type_name,
+    )
+
+    roles = {
+        SCORE_NAME: "anomaly score",
+        DECISION_NAME: "score > threshold",
+        P_VALUE_NAME: "conformal p-value",
+        ANOMALY_MAP_NAME: "per-pixel scores, not written to tables",
+    }
+    graph = {
+        o.name: (onnx_type_name(o.type), ["N" if not isinstance(d, int) else d for d in o.shape])
+        for o in session.get_outputs()
+    }
+    listed = [o for o in metadata.get("outputs") or [] if isinstance(o, dict) and "name" in o]
+    rows = []
+    for output in listed:
+        note = "" if output["name"] in graph else "; not in the graph"
+        rows.append((output["name"], output.get("dtype", "?"), output.get("shape") or [], note))
+    names_listed = {output["name"] for output in listed}
+    for name, (dtype, shape) in graph.items():
+        if name not in names_listed:
+            rows.append((name, dtype, shape, "; not in the metadata" if listed else ""))
+    return [
+        f"{name} {dtype} [{', '.join(map(str, shape))}] ({roles.get(name, 'explanation')}{note})"
+        for name, dtype, shape, note in rows
+    ]
+
+
 def _metadata_lines(metadata: dict, session: Any) -> Iterator[tuple[str, str]]:
     """(label, text) pairs describing a model for a person; unknown keys come last, raw."""
-    from normalcy.scoring import input_spec, onnx_type_name
+    from normalcy.scoring import input_spec
 
     meta = dict(metadata)
     used = {"input", "outputs"}
@@ -217,9 +262,8 @@ def _metadata_lines(metadata: dict, session: Any) -> Iterator[tuple[str, str]]:
     yield "input", f"'{spec.name}' {spec.describe()}"
     if spec.id_column:
         yield "id column", spec.id_column
-    for output in session.get_outputs():
-        shape = ", ".join("N" if not isinstance(d, int) else str(d) for d in output.shape)
-        yield "output", f"{output.name} {onnx_type_name(output.type)} [{shape}]"
+    for text in _output_descriptions(meta, session):
+        yield "output", text
     if "threshold" in meta:
         text = f"{meta['threshold']:.6g} (is_anomaly = score > threshold)"
         extra = []
