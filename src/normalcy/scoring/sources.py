@@ -195,9 +195,13 @@ def download_version(
     dst = Path(dst_dir) / f"v{version}"
     dst.mkdir(parents=True, exist_ok=True)
     try:
+        # The version's storage location is asked of this store's client: MLflow's
+        # download_artifacts("models:/...") looks the version up in the process-wide registry
+        # URI whatever registry_uri it is given (MLflow 3.17), i.e. in the wrong store here.
+        location = _mlflow_client(tracking_uri).get_model_version_download_uri(name, version)
         local = Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}",
+                artifact_uri=location,
                 dst_path=str(dst),
                 tracking_uri=tracking_uri,
                 registry_uri=tracking_uri,
