@@ -210,99 +210,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
-def _output_descriptions(metadata: dict, session: Any) -> list[str]:
-    """One line per model output, e.g. `contributions float32 [N, 64] (explanation)`: from the
-    metadata's output list (what the exporter recorded), else from the graph itself; an output
-    the graph has but the metadata does not list is shown and marked."""
-    from normalcy.scoring import (
-        ANOMALY_MAP_NAME,
-        DECISION_NAME,
-        P_VALUE_NAME,
-        SCORE_NAME,
-        onnx_type_name,
-    )
-
-    roles = {
-        SCORE_NAME: "anomaly score",
-        DECISION_NAME: "score > threshold",
-        P_VALUE_NAME: "conformal p-value",
-        ANOMALY_MAP_NAME: "per-pixel scores, not written to tables",
-    }
-    graph = {
-        o.name: (onnx_type_name(o.type), ["N" if not isinstance(d, int) else d for d in o.shape])
-        for o in session.get_outputs()
-    }
-    listed = [o for o in metadata.get("outputs") or [] if isinstance(o, dict) and "name" in o]
-    rows = []
-    for output in listed:
-        note = "" if output["name"] in graph else "; not in the graph"
-        rows.append((output["name"], output.get("dtype", "?"), output.get("shape") or [], note))
-    names_listed = {output["name"] for output in listed}
-    for name, (dtype, shape) in graph.items():
-        if name not in names_listed:
-            rows.append((name, dtype, shape, "; not in the metadata" if listed else ""))
-    return [
-        f"{name} {dtype} [{', '.join(map(str, shape))}] ({roles.get(name, 'explanation')}{note})"
-        for name, dtype, shape, note in rows
-    ]
-
-
-def _metadata_lines(metadata: dict, session: Any) -> Iterator[tuple[str, str]]:
-    """(label, text) pairs describing a model for a person; unknown keys come last, raw."""
-    from normalcy.scoring import input_spec
-
-    meta = dict(metadata)
-    used = {"input", "outputs"}
-    if "detector" in meta:
-        params = meta.get("detector_params") or {}
-        shown = ", ".join(f"{k}={v}" for k, v in params.items())
-        yield "detector", f"{meta['detector']}" + (f" ({shown})" if shown else "")
-        used |= {"detector", "detector_params"}
-    spec = input_spec(session, meta)
-    yield "input", f"'{spec.name}' {spec.describe()}"
-    if spec.id_column:
-        yield "id column", spec.id_column
-    for text in _output_descriptions(meta, session):
-        yield "output", text
-    if "threshold" in meta:
-        text = f"{meta['threshold']:.6g} (is_anomaly = score > threshold)"
-        extra = []
-        if "target_fpr" in meta:
-            extra.append(f"target false-positive rate {meta['target_fpr']}")
-        if "n_calibration_scores" in meta:
-            extra.append(f"from {meta['n_calibration_scores']} calibration scores")
-        yield "threshold", text + (f"; {', '.join(extra)}" if extra else "")
-        used |= {"threshold", "target_fpr", "n_calibration_scores"}
-    if "n_p_value_scores" in meta:
-        yield "p-values", f"conformal, against {meta['n_p_value_scores']} calibration scores"
-        used.add("n_p_value_scores")
-    if meta.get("model_name"):
-        version = meta.get("model_version")
-        registered = f" version {version}" if version is not None else " (never registered)"
-        yield "registered as", f"{meta['model_name']}{registered}"
-        used |= {"model_name", "model_version"}
-    for key, label in (("data_version", "data version"), ("mlflow_run_id", "MLflow run")):
-        if key in meta:
-            yield label, str(meta[key])
-            used.add(key)
-    versions = [
-        f"{label} {meta[key]}"
-        for key, label in (("normalcy_version", "normalcy"), ("opset", "ONNX opset"))
-        if key in meta
-    ]
-    used |= {"normalcy_version", "opset"}
-    producer = session.get_modelmeta().producer_name
-    if producer:
-        versions.append(f"exported by {producer}")
-    if versions:
-        yield "versions", ", ".join(versions)
-    for key, value in meta.items():
-        if key not in used:
-            yield key, json.dumps(value, default=str)
-
-
 def cmd_inspect(args: argparse.Namespace) -> None:
     from normalcy.scoring import file_digest, load_session, read_metadata, resolve_model
+    from normalcy.scoring.describe import model_description
 
     mlflow_params = scoring_sections(args)[1] if args.model.startswith("models:/") else None
     with tempfile.TemporaryDirectory(prefix="normalcy-model-") as model_dir:
@@ -320,7 +230,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         ]
         if not metadata:
             lines.append(("metadata", "none (not exported by normalcy?); graph inputs/outputs:"))
-        lines.extend(_metadata_lines(metadata, session))
+        lines.extend(model_description(metadata, session))
     width = max(len(label) for label, _ in lines)
     for label, text in lines:
         print(f"{label:>{width}}  {text}")

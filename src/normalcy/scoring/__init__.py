@@ -11,7 +11,8 @@ batch job needs nothing but the .onnx file and onnxruntime. MLflow is imported o
   not match, naming the column or field);
 - `readers`: `open_input` reads csv / parquet / npz / an image folder in bounded chunks;
 - `writer`: `score_file` scores an input into a csv or parquet file written atomically;
-- `sources`: a model file or a registry version / alias, and which MLflow store to ask.
+- `sources`: a model file or a registry version / alias, and which MLflow store to ask;
+- `describe`: what `normalcy inspect` prints about a model.
 """
 
 from normalcy.scoring.inputs import InputError, InputSpec, check_rows, input_spec, preview_names
