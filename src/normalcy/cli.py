@@ -153,16 +153,24 @@ def session_settings(scoring: Any) -> Any:
 
 def tracking_uri_for(args: argparse.Namespace, mlflow_params: Any) -> str | None:
     """Where `models:/...` sources are looked up: --tracking-uri, else MLFLOW_TRACKING_URI,
-    else the params file's mlflow.tracking_uri (relative sqlite paths against the cwd)."""
-    if not str(args.model).startswith("models:/"):
-        return None
-    if args.tracking_uri:
-        return args.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    from normalcy.registry import resolve_tracking_uri  # MLflow, not torch
+    else the params file's mlflow.tracking_uri (relative sqlite paths against the params
+    file's folder). Torch-free: the rule lives in normalcy.scoring, not in the registry."""
+    from normalcy.scoring import tracking_uri_for_source
 
-    return resolve_tracking_uri(mlflow_params)[0]
+    configured = mlflow_params.tracking_uri if mlflow_params is not None else ""
+    return tracking_uri_for_source(args.model, args.tracking_uri, configured, args.params)
+
+
+def _columns_text(columns: list[str]) -> str:
+    """Column names for a person, each output's run `name[0]`..`name[d-1]` shown as one item."""
+    groups: list[list[str]] = []
+    for column in columns:
+        stem = column.split("[", 1)[0]
+        if groups and "[" in column and groups[-1][0].split("[", 1)[0] == stem:
+            groups[-1].append(column)
+        else:
+            groups.append([column])
+    return ", ".join(g[0] if len(g) == 1 else f"{g[0]}..{g[-1]}" for g in groups)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -183,7 +191,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(
         f"scored {result.n_rows} rows of {args.input} with {model.source}{version}: "
         f"{result.n_anomalies} flagged as anomalies ({share:.2%}); wrote {result.output} "
-        f"(columns {', '.join(result.columns)})"
+        f"(columns {_columns_text(result.columns)})"
     )
 
 
@@ -202,63 +210,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
-def _metadata_lines(metadata: dict, session: Any) -> Iterator[tuple[str, str]]:
-    """(label, text) pairs describing a model for a person; unknown keys come last, raw."""
-    from normalcy.scoring import input_spec, onnx_type_name
-
-    meta = dict(metadata)
-    used = {"input", "outputs"}
-    if "detector" in meta:
-        params = meta.get("detector_params") or {}
-        shown = ", ".join(f"{k}={v}" for k, v in params.items())
-        yield "detector", f"{meta['detector']}" + (f" ({shown})" if shown else "")
-        used |= {"detector", "detector_params"}
-    spec = input_spec(session, meta)
-    yield "input", f"'{spec.name}' {spec.describe()}"
-    if spec.id_column:
-        yield "id column", spec.id_column
-    for output in session.get_outputs():
-        shape = ", ".join("N" if not isinstance(d, int) else str(d) for d in output.shape)
-        yield "output", f"{output.name} {onnx_type_name(output.type)} [{shape}]"
-    if "threshold" in meta:
-        text = f"{meta['threshold']:.6g} (is_anomaly = score > threshold)"
-        extra = []
-        if "target_fpr" in meta:
-            extra.append(f"target false-positive rate {meta['target_fpr']}")
-        if "n_calibration_scores" in meta:
-            extra.append(f"from {meta['n_calibration_scores']} calibration scores")
-        yield "threshold", text + (f"; {', '.join(extra)}" if extra else "")
-        used |= {"threshold", "target_fpr", "n_calibration_scores"}
-    if "n_p_value_scores" in meta:
-        yield "p-values", f"conformal, against {meta['n_p_value_scores']} calibration scores"
-        used.add("n_p_value_scores")
-    if meta.get("model_name"):
-        version = meta.get("model_version")
-        registered = f" version {version}" if version is not None else " (never registered)"
-        yield "registered as", f"{meta['model_name']}{registered}"
-        used |= {"model_name", "model_version"}
-    for key, label in (("data_version", "data version"), ("mlflow_run_id", "MLflow run")):
-        if key in meta:
-            yield label, str(meta[key])
-            used.add(key)
-    versions = [
-        f"{label} {meta[key]}"
-        for key, label in (("normalcy_version", "normalcy"), ("opset", "ONNX opset"))
-        if key in meta
-    ]
-    used |= {"normalcy_version", "opset"}
-    producer = session.get_modelmeta().producer_name
-    if producer:
-        versions.append(f"exported by {producer}")
-    if versions:
-        yield "versions", ", ".join(versions)
-    for key, value in meta.items():
-        if key not in used:
-            yield key, json.dumps(value, default=str)
-
-
 def cmd_inspect(args: argparse.Namespace) -> None:
     from normalcy.scoring import file_digest, load_session, read_metadata, resolve_model
+    from normalcy.scoring.describe import model_description
 
     mlflow_params = scoring_sections(args)[1] if args.model.startswith("models:/") else None
     with tempfile.TemporaryDirectory(prefix="normalcy-model-") as model_dir:
@@ -276,7 +230,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         ]
         if not metadata:
             lines.append(("metadata", "none (not exported by normalcy?); graph inputs/outputs:"))
-        lines.extend(_metadata_lines(metadata, session))
+        lines.extend(model_description(metadata, session))
     width = max(len(label) for label, _ in lines)
     for label, text in lines:
         print(f"{label:>{width}}  {text}")

@@ -16,7 +16,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import mlflow
 import onnx
@@ -28,6 +27,7 @@ from normalcy.config import MlflowParams
 from normalcy.export import read_onnx_metadata, update_metadata
 from normalcy.jsonio import json_default
 from normalcy.scoring import download_version
+from normalcy.scoring.sources import SQLITE_PREFIX, store_uris
 
 try:  # the limits MLflow enforces server-side; the values below are MLflow 3's
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -42,50 +42,16 @@ MODEL_ARTIFACT_NAME = "model"
 INT8_ARTIFACT_DIR = "model_int8"
 INT8_TAG = "int8_artifact"  # version tag: runs:/ URI of the version's INT8 twin, when it has one
 REGISTER_ATTEMPTS = 3
-_SQLITE_PREFIX = "sqlite:///"
-_LOCAL_SCHEMES = ("", "file", "sqlite")
-_BARE_REMOTE_URIS = ("databricks", "databricks-uc", "uc")  # tracking URIs without "://"
 
 
 # --- tracking setup ---------------------------------------------------------------------------
 
 
-def _has_scheme(uri: str) -> bool:
-    """True for `s3://...`, `file:...`; False for plain paths, including `C:\\...` on Windows."""
-    return len(urlsplit(uri).scheme) > 1
-
-
-def _absolute(path: str, base_dir: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else (base_dir / p).resolve()
-
-
 def resolve_tracking_uri(params: MlflowParams, base_dir: Path | None = None) -> tuple[str, str]:
-    """(tracking_uri, artifact_location) with relative local paths made absolute against base_dir
-    (default: cwd), so that a flow started from any folder writes to the same store.
-
-    `sqlite:///mlflow.db` becomes `sqlite:////<base>/mlflow.db`; a plain tracking path (file
-    store) becomes absolute; an artifact folder without scheme becomes a `file://` URI. Remote
-    tracking URIs (http, databricks, ...) and their artifact location are left as written, since
-    relative paths there mean the server's folders, not ours.
-    """
-    base = (base_dir or Path.cwd()).expanduser().resolve()
-    uri = params.tracking_uri
-    scheme = urlsplit(uri).scheme if _has_scheme(uri) else ""
-    if uri.startswith(_SQLITE_PREFIX):
-        rest = uri[len(_SQLITE_PREFIX) :]
-        path, sep, query = rest.partition("?")
-        if path and path != ":memory:" and not path.startswith("/"):
-            uri = f"{_SQLITE_PREFIX}{_absolute(path, base).as_posix()}{sep}{query}"
-    elif uri in _BARE_REMOTE_URIS:
-        scheme = uri
-    elif not scheme:
-        uri = str(_absolute(uri, base))
-
-    artifact = params.artifact_location
-    if scheme in _LOCAL_SCHEMES and artifact and not _has_scheme(artifact):
-        artifact = _absolute(artifact, base).as_uri()
-    return uri, artifact
+    """(tracking_uri, artifact_location) of the `mlflow` section with relative local paths made
+    absolute against base_dir (default: cwd); the rule lives in `scoring.sources.store_uris`,
+    so the torch-free scoring commands find the same store."""
+    return store_uris(params.tracking_uri, params.artifact_location, base_dir)
 
 
 def setup_tracking(params: MlflowParams, base_dir: Path | None = None) -> str:
@@ -96,8 +62,8 @@ def setup_tracking(params: MlflowParams, base_dir: Path | None = None) -> str:
     store puts artifacts in `./mlruns` of whatever folder the process runs in.
     """
     uri, artifact = resolve_tracking_uri(params, base_dir)
-    if uri.startswith(_SQLITE_PREFIX):
-        db_path = uri[len(_SQLITE_PREFIX) :].partition("?")[0]
+    if uri.startswith(SQLITE_PREFIX):
+        db_path = uri[len(SQLITE_PREFIX) :].partition("?")[0]
         if db_path.startswith("/"):  # sqlite creates the file, not its folder
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)

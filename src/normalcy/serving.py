@@ -33,10 +33,10 @@ from starlette.concurrency import run_in_threadpool
 
 from normalcy.scoring import (
     ANOMALY_MAP_NAME,
-    ROW_OUTPUTS,
     InputError,
     InputSpec,
     ModelRef,
+    ModelSourceError,
     SessionSettings,
     alias_version,
     check_rows,
@@ -46,6 +46,7 @@ from normalcy.scoring import (
     load_session,
     output_names,
     parse_model_source,
+    per_row_outputs,
     read_metadata,
     score_outputs,
 )
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _NUMBER_TYPES = (int, float)  # exact types: JSON true/false (bool) is not a number here
 _REQUEST_KEYS = ("records", "instances")
+_VERSION_KEY = "model_version"  # beside the outputs in every /score response
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ def load_model(
     `version`, the model is named by the registry version written into its metadata at
     registration, else by its content hash."""
     session = load_session(path, settings=settings)
+    if _VERSION_KEY in output_names(session):
+        raise ModelSourceError(
+            f"{path}: the model has an output named {_VERSION_KEY!r}, which the service's "
+            "responses use for the model version; rename that output"
+        )
     metadata = read_metadata(session)
     spec = input_spec(session, metadata)
     score_outputs(session, np.zeros((1, *spec.shape), dtype=spec.dtype))
@@ -320,7 +327,10 @@ def _json_values(values: np.ndarray) -> list:
 
 
 def score_request(model: LoadedModel, body: bytes, max_rows: int) -> dict[str, Any]:
-    """The response for one POST /score body, scored by `model` (the caller's snapshot)."""
+    """The response for one POST /score body, scored by `model` (the caller's snapshot):
+    every output of the graph by name, whatever it is called (score, is_anomaly, p_value and
+    each named explanation), a `[N]` output as a list and an `[N, ...]` output as nested lists
+    (one entry per row); `anomaly_map` only when the body asks for it; and `model_version`."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -328,13 +338,11 @@ def score_request(model: LoadedModel, body: bytes, max_rows: int) -> dict[str, A
     X, _, want_map = parse_request(payload, model.spec, max_rows)
     if want_map and ANOMALY_MAP_NAME not in model.outputs:
         raise _unprocessable(f"this model has no '{ANOMALY_MAP_NAME}' output ({model.outputs})")
-    names = [n for n in (*ROW_OUTPUTS, ANOMALY_MAP_NAME) if n in model.outputs]
-    if not want_map and ANOMALY_MAP_NAME in names:
-        names.remove(ANOMALY_MAP_NAME)
+    names = per_row_outputs(model.outputs) + ([ANOMALY_MAP_NAME] if want_map else [])
     outputs = score_outputs(model.session, X, chunk_rows=max(len(X), 1), names=names)
     return {
         **{name: _json_values(values) for name, values in outputs.items()},
-        "model_version": model.version,
+        _VERSION_KEY: model.version,
     }
 
 
