@@ -43,7 +43,7 @@ def gmm_energy_scipy(z: np.ndarray, gmm: dict) -> np.ndarray:
 def latent(detector, x: np.ndarray) -> np.ndarray:
     module = detector.scoring_module()
     with torch.no_grad():
-        return detector.network.compress(module.standardize(torch.as_tensor(x)))[0].double().numpy()
+        return detector.network.compress(module.preprocess(torch.as_tensor(x)))[0].double().numpy()
 
 
 def test_dagmm_memberships_are_distributions_and_fix_the_mixture(dagmm):
@@ -79,7 +79,7 @@ def test_flow_nll_is_change_of_variables_with_the_exact_jacobian(coupling, n_fea
     train = curved_data(200, 0, n_features)
     flow = create_detector("flow", coupling=coupling, n_layers=3, epochs=3, seed=0).fit(train)
     network = copy.deepcopy(flow.network).double()
-    x = flow.standardize(torch.as_tensor(curved_data(5, 1, n_features))).double()
+    x = flow.preprocess(torch.as_tensor(curved_data(5, 1, n_features))).double()
     with torch.no_grad():
         nll = network(x).numpy()
     for row, value in zip(x, nll, strict=True):
@@ -110,7 +110,7 @@ def test_flow_nll_decreases_with_training():
     train, val = curved_data(400, 0), curved_data(200, 1)
     untrained = create_detector("flow", epochs=0, seed=0).fit(train)  # every layer is the identity
     trained = create_detector("flow", epochs=15, seed=0).fit(train, val)
-    standardized = untrained.standardize(torch.as_tensor(val)).numpy()
+    standardized = untrained.preprocess(torch.as_tensor(val)).numpy()
     gaussian_nll = (0.5 * (standardized**2).sum(axis=1) + 2 * np.log(2 * np.pi)).mean()
     assert untrained.score(val).mean() == pytest.approx(gaussian_nll, rel=1e-5)
     assert trained.history.train_loss[-1] < trained.history.train_loss[0]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from normalcy.detectors import accepted_params, available_detectors, create_detector
+from normalcy.detectors.preprocessing import PREPROCESSING
 from normalcy.evaluation.metrics import ranking_metrics
 from normalcy.export import export_onnx, parity_check
 from normalcy.scoring import load_session
@@ -103,3 +104,33 @@ def test_detector_rejects_bad_input(name, generated, fitted):
         fitted(name).score(train[:4, :5])
     with pytest.raises(ValueError, match="must be numeric"):
         fitted(name).score(np.array([["a"] * 8]))
+
+
+def preprocessing_case(kind: str, generated) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """(preprocessing spec, train, test, labels) for a kind: the generated rows, or for `image`
+    the same rows as 1 x 4 x 2 raw images in 0..255, resized to 4 x 4 inside the graph."""
+    train, _, test, labels = generated
+    if kind != "image":
+        return {"kind": kind}, train, test, labels
+
+    def as_images(rows: np.ndarray) -> np.ndarray:
+        return np.clip(rows * 25.0, 0, 255).reshape(-1, 1, 4, 2).astype(np.float32)
+
+    return {"kind": "image", "image_size": 4}, as_images(train), as_images(test), labels
+
+
+@pytest.mark.parametrize("kind", sorted(PREPROCESSING))
+@pytest.mark.parametrize("name", ["autoencoder", "knn"])
+def test_every_preprocessing_kind_scores_and_exports(name, kind, generated, tmp_path):
+    spec, train, test, labels = preprocessing_case(kind, generated)
+    detector = create_detector(
+        name, preprocessing=spec, **{k: v for k, v in FAST.items() if k in accepted_params(name)}
+    ).fit(train)
+    scores = detector.score(test)
+    assert scores.shape == (len(test),) and np.isfinite(scores).all()
+    assert ranking_metrics(labels, scores)["auroc"] > 0.7, (name, kind)
+    module = detector.scoring_module()
+    threshold = float(np.quantile(scores, 0.9))
+    path = export_onnx(module, threshold, test[:2], tmp_path / f"{name}_{kind}.onnx")
+    report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()

@@ -50,7 +50,7 @@ def test_seeded_fit_is_reproducible_and_scoring_module_matches_score(name, digit
     b = create_detector(name, epochs=3, seed=1).fit(X)
     assert np.allclose(a.score(X[:50]), b.score(X[:50]))
     with torch.no_grad():
-        module_scores = a.scoring_module()(torch.as_tensor(X[:50])).numpy()
+        module_scores = a.scoring_module()(torch.as_tensor(X[:50])).score.numpy()
     assert np.allclose(module_scores, a.score(X[:50]), rtol=1e-5)
 
 

@@ -66,7 +66,7 @@ def test_goad_score_is_minus_sum_of_log_probabilities_of_the_true_transform():
     goad.fit(blobs(100, 0))
     x = blobs(7, 1)
     with torch.no_grad():
-        z = goad.standardize(torch.as_tensor(x)) @ goad.random_transforms(5)  # [M, N, k]
+        z = goad.preprocess(torch.as_tensor(x)) @ goad.random_transforms(5)  # [M, N, k]
         features = torch.stack([goad.network.extractor(z[m]) for m in range(3)], dim=1)
         distances = ((features[:, :, None, :] - goad.centers) ** 2).sum(-1)  # [N, M, M']
         log_p = torch.log_softmax(-distances, dim=-1)
@@ -113,7 +113,7 @@ def test_knn_coreset_bank_and_max_bank():
     train = blobs(400, 0)
     knn = create_detector("knn", k=2, coreset_fraction=0.1, seed=1).fit(train)
     assert knn.bank.shape == (40, 5)
-    standardized = knn.standardize(torch.as_tensor(train))
+    standardized = knn.preprocess(torch.as_tensor(train))
     assert torch.equal(knn.bank, standardized[knn.coreset_indices])
     again = create_detector("knn", k=2, coreset_fraction=0.1, seed=1).fit(train)
     assert torch.equal(knn.coreset_indices, again.coreset_indices)

@@ -2,6 +2,7 @@
 Outlier Exposure with and without labelled anomalies. Small generated data, few epochs."""
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -10,9 +11,9 @@ from torch import nn
 
 from normalcy.detectors import create_detector
 from normalcy.detectors.autoencoder import ReconstructionError
+from normalcy.detectors.base import forward_in_batches
 from normalcy.detectors.deep_svdd import (
     DeepSVDD,
-    forward_in_batches,
     require_bias_free,
     squared_distance,
     warn_if_collapsed,
@@ -42,7 +43,7 @@ def data():
 
 
 def embed(detector, x: np.ndarray) -> torch.Tensor:
-    return forward_in_batches(detector.network, detector.standardize(torch.as_tensor(x)))
+    return forward_in_batches(detector.network, detector.preprocess(torch.as_tensor(x)))
 
 
 # --- Deep SVDD -------------------------------------------------------------------------------
@@ -87,15 +88,15 @@ def test_pretraining_changes_the_initialization(data):
 class BiasedSVDD(DeepSVDD):
     name = "biased_svdd"
 
-    def build_network(self, n_features: int) -> nn.Module:
-        return mlp(n_features, self.hidden_dims, self.latent_dim, bias=True)
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        return mlp(math.prod(input_shape), self.hidden_dims, self.latent_dim, bias=True)
 
 
 class AffineNormSVDD(DeepSVDD):
     name = "affine_svdd"
 
-    def build_network(self, n_features: int) -> nn.Module:
-        net = mlp(n_features, self.hidden_dims, self.latent_dim, bias=False)
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        net = mlp(math.prod(input_shape), self.hidden_dims, self.latent_dim, bias=False)
         return nn.Sequential(net, nn.BatchNorm1d(self.latent_dim))
 
 
@@ -111,8 +112,8 @@ class ZeroWeightSVDD(DeepSVDD):
 
     name = "zero_svdd"
 
-    def build_network(self, n_features: int) -> nn.Module:
-        net = super().build_network(n_features)
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        net = super().build_network(input_shape)
         for parameter in net.parameters():
             nn.init.zeros_(parameter)
         return net
@@ -152,9 +153,9 @@ def test_ae_svdd_learns_and_scores_its_objective(data):
     assert detector.history.train_loss[-1] < detector.history.train_loss[0]
     scores = detector.score(test)
     assert ranking_metrics(labels, scores)["auroc"] > 0.85
-    x = detector.standardize(torch.as_tensor(test))
+    x = detector.preprocess(torch.as_tensor(test))
     with torch.no_grad():
-        reconstruction = ReconstructionError(detector.network)(x)
+        reconstruction = ReconstructionError(detector.network)(x).score
         distance = squared_distance(detector.network[0](x), detector.center)
     expected = reconstruction + detector.compactness_weight * detector.gamma * distance
     assert detector.gamma > 0

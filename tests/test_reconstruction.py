@@ -29,7 +29,7 @@ def data():
 
 
 def standardized(detector, X):
-    return detector.standardize(torch.as_tensor(X))
+    return detector.preprocess(torch.as_tensor(X))
 
 
 # -- autoencoder ---------------------------------------------------------------------------
@@ -43,7 +43,9 @@ def test_sparsity_penalty_shrinks_the_code(data):
 
 
 def test_jacobian_norm_is_exact():
-    encoder = create_detector("autoencoder", hidden_dims=[5], latent_dim=3).build_network(4).encoder
+    encoder = (
+        create_detector("autoencoder", hidden_dims=[5], latent_dim=3).build_network((4,)).encoder
+    )
     x = torch.randn(6, 4)
     expected = [
         (torch.autograd.functional.jacobian(lambda r: encoder(r[None])[0], row) ** 2).sum()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,11 +11,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from normalcy.detectors.networks import mlp
 from normalcy.detectors.torch_detector import TorchDetector
-from normalcy.detectors.training import EarlyStopping, TrainingHistory
+from normalcy.detectors.training import EarlyStopping, TrainingHistory, epoch_batches
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +25,12 @@ class Discriminator(nn.Module):
     """A real/fake logit on top of a feature layer f(x), returned too: f is what GANomaly's
     feature matching and AnoGAN's discrimination score compare."""
 
-    def __init__(self, n_features: int, hidden_dims: Sequence[int]) -> None:
+    def __init__(self, input_shape: tuple[int, ...], hidden_dims: Sequence[int]) -> None:
         super().__init__()
         hidden_dims = list(hidden_dims)
-        self.features = mlp(n_features, hidden_dims[:-1], hidden_dims[-1], final_activation=True)
+        self.features = mlp(
+            math.prod(input_shape), hidden_dims[:-1], hidden_dims[-1], final_activation=True
+        )
         self.head = nn.Linear(hidden_dims[-1], 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,9 +66,9 @@ def train_adversarial(
     network: AdversarialPair,
     discriminator_loss: Callable[[torch.Tensor], torch.Tensor],
     generator_loss: Callable[[torch.Tensor], torch.Tensor],
-    criterion: Callable[[torch.Tensor], float],
-    train: torch.Tensor,
-    val: torch.Tensor | None,
+    criterion: Callable[[Dataset], float],
+    train: Dataset,
+    val: Dataset | None,
     *,
     epochs: int,
     batch_size: int,
@@ -91,10 +95,8 @@ def train_adversarial(
     progress = tqdm(range(epochs), desc=description, leave=False, mininterval=1.0, disable=None)
     for epoch in progress:
         network.train()
-        order = torch.randperm(len(train), generator=generator)
         d_running, g_running = 0.0, 0.0
-        for index in order.split(batch_size):
-            batch = train[index]
+        for batch in epoch_batches(train, batch_size, generator):
             d_optimizer.zero_grad()
             d_loss = discriminator_loss(batch)
             d_loss.backward()
@@ -158,14 +160,14 @@ class AdversarialDetector(TorchDetector):
         """Mean loss of the generator side on a standardized batch."""
 
     @abstractmethod
-    def validation_criterion(self, data: torch.Tensor) -> float:
+    def validation_criterion(self, data: Dataset) -> float:
         """Lower is better; early stopping keeps the epoch where it is lowest on validation."""
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         """The generator's objective: what `TorchDetector` calls the training loss."""
         return self.generator_loss(batch)
 
-    def train_network(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
+    def train_network(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
         return train_adversarial(
             self.network,
             self.discriminator_loss,

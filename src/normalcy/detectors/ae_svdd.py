@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from normalcy.detectors.autoencoder import ReconstructionError
-from normalcy.detectors.deep_svdd import (
-    DistanceToCenter,
-    forward_in_batches,
-    initial_center,
-    squared_distance,
-)
+from normalcy.detectors.base import Prediction
+from normalcy.detectors.deep_svdd import DistanceToCenter, initial_center, squared_distance
 from normalcy.detectors.networks import mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
@@ -31,8 +29,8 @@ class ReconstructionPlusCompactness(nn.Module):
         self.compactness = DistanceToCenter(autoencoder[0], center)
         self.weight = float(weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reconstruction(x) + self.weight * self.compactness(x)
+    def forward(self, x: torch.Tensor) -> Prediction:
+        return Prediction(self.reconstruction(x).score + self.weight * self.compactness(x).score)
 
 
 @register("ae_svdd")
@@ -69,26 +67,32 @@ class AESVDD(TorchDetector):
         self.compactness_weight = float(compactness_weight)
         self.center: torch.Tensor | None = None
         self.gamma = 1.0
-        self.objective: ReconstructionPlusCompactness | None = None
 
-    def build_network(self, n_features: int) -> nn.Module:
+    fitted_attributes = ("center", "gamma")
+
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        n_features = math.prod(input_shape)
         encoder = mlp(n_features, self.hidden_dims, self.latent_dim)
         decoder = mlp(self.latent_dim, self.hidden_dims[::-1], n_features)
         return nn.Sequential(encoder, decoder)
 
-    def before_training(self, train: torch.Tensor) -> None:
+    def before_training(self, train: Dataset) -> None:
         """Fix c from the untrained encoder, and gamma from the two untrained terms."""
-        latent = forward_in_batches(self.network[0], train)
+        latent = self.forward_data(self.network[0], train)
         self.center = initial_center(latent)
-        reconstruction = forward_in_batches(ReconstructionError(self.network), train).mean()
+        reconstruction = self.forward_data(ReconstructionError(self.network), train).score.mean()
         distance = squared_distance(latent, self.center).mean()
         self.gamma = float(reconstruction / distance.clamp_min(1e-12))
-        self.objective = ReconstructionPlusCompactness(
+
+    @property
+    def objective(self) -> ReconstructionPlusCompactness:
+        """The per-row loss, which is also the score (over the current weights)."""
+        return ReconstructionPlusCompactness(
             self.network, self.center, self.compactness_weight * self.gamma
         )
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.objective(batch).mean()
+        return self.objective(batch).score.mean()
 
     def score_head(self) -> nn.Module:
         return self.objective

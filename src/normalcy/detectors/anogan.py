@@ -3,12 +3,14 @@ Image Analysis 2019), with MLPs for vectors and flattened images."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from normalcy.detectors.adversarial import (
     AdversarialDetector,
@@ -16,16 +18,17 @@ from normalcy.detectors.adversarial import (
     Discriminator,
     discriminator_bce,
 )
+from normalcy.detectors.base import Prediction
 from normalcy.detectors.networks import ScoringModule, mlp
 from normalcy.detectors.registry import register
-from normalcy.detectors.training import TrainingHistory, train_network
+from normalcy.detectors.training import TrainingHistory
 
 
 def anogan_distance(
     real: torch.Tensor, fake: torch.Tensor, features: nn.Module, lam: float
 ) -> torch.Tensor:
     """AnoGAN's loss and score per row: (1 - lam) * sum |x - G(z)| + lam * sum |f(x) - f(G(z))|."""
-    residual = (real - fake).abs().sum(dim=1)
+    residual = (real.flatten(1) - fake.flatten(1)).abs().sum(dim=1)
     discrimination = (features(real) - features(fake)).abs().sum(dim=1)
     return (1 - lam) * residual + lam * discrimination
 
@@ -35,7 +38,7 @@ def izi_f_distance(
 ) -> torch.Tensor:
     """f-AnoGAN's izi_f loss and score per row: the mean squared residual plus kappa times the
     mean squared feature residual (each normalized by its dimension, as in the paper)."""
-    residual = ((real - fake) ** 2).mean(dim=1)
+    residual = ((real.flatten(1) - fake.flatten(1)) ** 2).mean(dim=1)
     discrimination = ((features(real) - features(fake)) ** 2).mean(dim=1)
     return residual + kappa * discrimination
 
@@ -63,9 +66,9 @@ class EncodedDistance(nn.Module):
         self.features = features
         self.kappa = kappa
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        real = x.flatten(1)
-        return izi_f_distance(real, self.generator(self.encoder(real)), self.features, self.kappa)
+    def forward(self, x: torch.Tensor) -> Prediction:
+        fake = self.generator(self.encoder(x))
+        return Prediction(izi_f_distance(x, fake, self.features, self.kappa))
 
 
 @register("anogan")
@@ -121,13 +124,19 @@ class AnoGAN(AdversarialDetector):
         self.encoder_history: TrainingHistory | None = None
         self.criterion_latents: torch.Tensor | None = None
 
-    def build_network(self, n_features: int) -> AdversarialPair:
+    fitted_attributes = ("encoder_network",)
+
+    def build_network(self, input_shape: tuple[int, ...]) -> AdversarialPair:
         return AdversarialPair(
-            mlp(self.latent_dim, self.generator_dims, n_features),
-            Discriminator(n_features, self.discriminator_dims),
+            mlp(self.latent_dim, self.generator_dims, math.prod(input_shape)),
+            Discriminator(input_shape, self.discriminator_dims),
         )
 
-    def before_training(self, train: torch.Tensor) -> None:
+    def build_fitted_module(self, name: str) -> nn.Module:
+        """f-AnoGAN's encoder E: x -> z."""
+        return mlp(math.prod(self.network_input_shape), self.encoder_dims, self.latent_dim)
+
+    def before_training(self, train: Dataset) -> None:
         """Fix the latents whose samples the validation criterion compares with real rows."""
         self.criterion_latents = torch.randn(
             self.criterion_rows, self.latent_dim, generator=self.generator
@@ -139,7 +148,7 @@ class AnoGAN(AdversarialDetector):
     def discriminator_loss(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             fake = self._sample(len(batch))
-        real_logits, _ = self.network.discriminator(batch.flatten(1))
+        real_logits, _ = self.network.discriminator(batch)
         fake_logits, _ = self.network.discriminator(fake)
         return discriminator_bce(real_logits, fake_logits)
 
@@ -147,36 +156,30 @@ class AnoGAN(AdversarialDetector):
         fake_logits, _ = self.network.discriminator(self._sample(len(batch)))
         return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
-    def validation_criterion(self, data: torch.Tensor) -> float:
-        real = data[: self.criterion_rows].flatten(1)
+    def validation_criterion(self, data: Dataset) -> float:
+        real = data[range(min(self.criterion_rows, len(data)))].flatten(1)
         return mmd(real, self.network.generator(self.criterion_latents[: len(real)]))
 
-    def train_network(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
+    def train_network(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
         history = super().train_network(train, val)
         if self.encoder:
             self.encoder_history = self._train_encoder(train, val)
         return history
 
-    def _train_encoder(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
+    def _train_encoder(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
         """f-AnoGAN's izi_f step: only E learns; G and f stay as the GAN left them."""
         self.network.requires_grad_(False)
-        n_features = int(np.prod(train.shape[1:]))
-        self.encoder_network = mlp(n_features, self.encoder_dims, self.latent_dim)
+        self.encoder_network = self.build_fitted_module("encoder_network")
 
         def loss(batch: torch.Tensor) -> torch.Tensor:
-            return self._encoded_distance()(batch).mean()
+            return self._encoded_distance()(batch).score.mean()
 
-        return train_network(
+        return self.fit_network(
             self.encoder_network,
             loss,
             train,
             val,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
             learning_rate=self.encoder_learning_rate,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            generator=self.generator,
             description=f"{self.name} encoder",
         )
 
@@ -214,7 +217,7 @@ class AnoGAN(AdversarialDetector):
     def _score(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         if self.encoder:
             return super()._score(x)
-        real = self.standardize(torch.as_tensor(x, dtype=torch.float32)).flatten(1)
+        real = self.preprocess(torch.as_tensor(x, dtype=torch.float32)).flatten(1)
         # the same seeded start on every call, so scoring the same rows gives the same scores
         starts = torch.randn(
             len(real), self.latent_dim, generator=torch.Generator().manual_seed(self.seed)

@@ -4,13 +4,14 @@ methods reuse (mirrored encoder/decoder, per-sample error) live here."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from normalcy.detectors.base import check_input
+from normalcy.detectors.base import Prediction, check_input
 from normalcy.detectors.networks import mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
@@ -22,15 +23,18 @@ def squared_error(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.T
 
 
 class ReconstructionError(nn.Module):
-    """Mean squared reconstruction error per sample, in standardized units."""
+    """Mean squared reconstruction error per sample (in preprocessed units) as the score, with
+    each feature's squared error `feature_errors` `[N, d]` (flattened input order) beside it."""
 
     def __init__(self, autoencoder: nn.Module) -> None:
         super().__init__()
         self.autoencoder = autoencoder
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(1)
-        return squared_error(self.autoencoder(flat), flat)
+    def forward(self, x: torch.Tensor) -> Prediction:
+        feature_errors = (self.autoencoder(x).flatten(1) - x.flatten(1)) ** 2
+        return Prediction(
+            feature_errors.mean(dim=1), explanations={"feature_errors": feature_errors}
+        )
 
 
 def mirrored_mlps(
@@ -63,8 +67,8 @@ def encoder_jacobian_norm(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     def encode_one(row: torch.Tensor) -> torch.Tensor:
         return encoder(row.unsqueeze(0)).squeeze(0)
 
-    jacobians = torch.func.vmap(torch.func.jacrev(encode_one))(x.flatten(1))
-    return (jacobians**2).sum(dim=(1, 2))
+    jacobians = torch.func.vmap(torch.func.jacrev(encode_one))(x)
+    return (jacobians**2).flatten(1).sum(dim=1)
 
 
 @register("autoencoder")
@@ -78,6 +82,9 @@ class Autoencoder(TorchDetector):
     2011, "Contractive Auto-Encoders", ICML), making the code locally insensitive to directions off
     the training manifold. Unlike Rifai et al. the weights are untied and the code is linear, so
     only `weight_decay` stops the encoder trading code scale against the decoder.
+
+    Outputs: `score` and the explanation `feature_errors` `[N, d]`, each input feature's squared
+    reconstruction error in preprocessed units (input-feature order; `score` is their mean).
     """
 
     name = "autoencoder"
@@ -105,11 +112,13 @@ class Autoencoder(TorchDetector):
         self.sparsity_weight = sparsity_weight
         self.contractive_weight = contractive_weight
 
-    def build_network(self, n_features: int) -> nn.Module:
-        return EncoderDecoder(*mirrored_mlps(n_features, self.hidden_dims, self.latent_dim))
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        return EncoderDecoder(
+            *mirrored_mlps(math.prod(input_shape), self.hidden_dims, self.latent_dim)
+        )
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        clean = batch.flatten(1)
+        clean = batch
         noisy = clean
         if self.noise_std > 0 and self.network.training:
             noise = torch.randn(clean.shape, generator=self.generator) * self.noise_std
@@ -125,11 +134,11 @@ class Autoencoder(TorchDetector):
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """Codes `[N, latent_dim]` of raw input (data units), for inspecting the latent space."""
-        if self.standardize is None or self.network is None:
+        if self.preprocess is None or self.network is None:
             raise RuntimeError(f"{self.name}: call fit() before encode()")
         x = check_input(x, self.name, "input", expected_shape=self.input_shape, min_rows=0)
         with torch.no_grad():
-            tensor = self.standardize(torch.as_tensor(x, dtype=torch.float32))
+            tensor = self.preprocess(torch.as_tensor(x, dtype=torch.float32))
             return self.network.encoder(tensor).numpy()
 
     def score_head(self) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, NamedTuple
@@ -61,6 +62,54 @@ def as_prediction(out: Any) -> Prediction:
     )
 
 
+def concatenate(parts: list[Any]) -> Any:
+    """Batches of a module's output joined along rows: tensors, tuples of tensors, or a
+    `Prediction` field by field (score, anomaly_map, each explanation)."""
+    first = parts[0]
+    if isinstance(first, tuple) and not isinstance(first, Prediction):
+        return tuple(torch.cat(field) for field in zip(*parts, strict=True))
+    if not isinstance(first, Prediction):
+        return torch.cat(parts)
+    return Prediction(
+        torch.cat([part.score for part in parts]),
+        None if first.anomaly_map is None else torch.cat([part.anomaly_map for part in parts]),
+        None
+        if first.explanations is None
+        else {
+            name: torch.cat([part.explanations[name] for part in parts])
+            for name in first.explanations
+        },
+    )
+
+
+def forward_in_batches(module: nn.Module, data: torch.Tensor, batch_size: int = 4096) -> Any:
+    """`module(data)` without gradients and in eval mode (its train/eval flag restored after),
+    in chunks so a large input does not need one huge activation; a `Prediction` output is
+    joined field by field."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            chunks = data.split(batch_size) if len(data) else (data,)
+            return concatenate([module(chunk) for chunk in chunks])
+    finally:
+        module.train(was_training)
+
+
+def predict_in_batches(
+    module: nn.Module, x: np.ndarray, batch_size: int = 4096
+) -> dict[str, np.ndarray]:
+    """Every named output of a scoring module over checked rows, as numpy arrays."""
+    out = as_prediction(forward_in_batches(module, torch.as_tensor(x), batch_size))
+    return {name: tensor.numpy() for name, tensor in out.named_outputs().items()}
+
+
+def score_in_batches(module: nn.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """A scoring module's `score` over checked rows, in batches, as float64."""
+    out = as_prediction(forward_in_batches(module, torch.as_tensor(x), batch_size))
+    return out.score.double().numpy()
+
+
 def check_input(
     X: np.ndarray,
     who: str,
@@ -87,7 +136,7 @@ def check_input(
             f"{who}: {what} rows have shape {list(X.shape[1:])}, but the detector was fitted on "
             f"rows of shape {list(expected_shape)}"
         )
-    finite = np.isfinite(X.reshape(len(X), -1))
+    finite = np.isfinite(X.reshape(len(X), int(np.prod(X.shape[1:]))))
     if not finite.all():
         bad_rows = np.flatnonzero(~finite.all(axis=1))
         raise ValueError(
@@ -116,7 +165,7 @@ class Detector(ABC):
     `uses_labels = True`; the pipeline strips them otherwise, so labels cannot leak into training.
     `fit` and `score` check their input (numeric, finite, batched, the fitted row shape) and then
     call the method's `_fit` / `_score`, so no method can skip the checks.
-    `scoring_module()` is the whole inference path, raw input in data units -> score, as one
+    `scoring_module()` is the whole inference path, raw input in data units -> `Prediction`, as one
     `nn.Module`. It is what gets exported. A method that cannot be a graph sets
     `exportable = False`.
     """
@@ -130,6 +179,44 @@ class Detector(ABC):
     trains_on_synthetic_anomalies: ClassVar[bool] = False
 
     input_shape: tuple[int, ...] | None = None
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+    # Rows per forward pass when scoring; detectors with a `batch_size` for scoring set it.
+    scoring_batch_size: int = 4096
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Detector:
+        """Remember the constructor's arguments, so `constructor_params` can say how to build
+        this detector again (persistence) however it was created."""
+        instance = super().__new__(cls)
+        instance._init_args = (args, kwargs)
+        return instance
+
+    def constructor_params(self) -> dict[str, Any]:
+        """Every constructor parameter by name: those given, then the defaults of the rest
+        (the most derived `__init__` that names a parameter gives its default)."""
+        args, kwargs = self._init_args
+        params = dict(inspect.signature(type(self).__init__).bind(self, *args, **kwargs).arguments)
+        params.pop("self")
+        for name, parameter in inspect.signature(type(self).__init__).parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                params.update(params.pop(name, {}))
+        for cls in type(self).__mro__:
+            if "__init__" not in vars(cls) or cls is object:
+                continue
+            for name, parameter in inspect.signature(cls.__init__).parameters.items():
+                if parameter.default is not inspect.Parameter.empty:
+                    params.setdefault(name, parameter.default)
+        return params
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """Everything `fit` learned, as a flat dict of tensors (see `persistence`)."""
+        raise NotImplementedError(f"{self.name}: this detector cannot be saved")
+
+    def load_fitted_state(
+        self, state: dict[str, torch.Tensor], input_shape: tuple[int, ...]
+    ) -> None:
+        """Restore what `fitted_state` returned, for rows of `input_shape`, on an unfitted
+        detector built with the same constructor params."""
+        raise NotImplementedError(f"{self.name}: this detector cannot be loaded")
 
     def fit(
         self,
@@ -152,12 +239,20 @@ class Detector(ABC):
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """Anomaly scores, float64 `[N]`, higher = more anomalous."""
-        if self.input_shape is None:
-            raise RuntimeError(f"{self.name}: call fit() before score()")
-        x = check_input(x, self.name, "input", expected_shape=self.input_shape, min_rows=0)
+        x = self._checked_input(x)
         if len(x) == 0:
             return np.zeros(0)
         return np.asarray(self._score(x), dtype=np.float64).reshape(-1)
+
+    def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every named output of the scoring module (score, anomaly_map, explanations), as
+        numpy arrays in graph output order, for callers that want maps or explanations."""
+        return self._predict(self._checked_input(x))
+
+    def _checked_input(self, x: np.ndarray) -> np.ndarray:
+        if self.input_shape is None:
+            raise RuntimeError(f"{self.name}: call fit() before score()")
+        return check_input(x, self.name, "input", expected_shape=self.input_shape, min_rows=0)
 
     @abstractmethod
     def _fit(
@@ -169,10 +264,28 @@ class Detector(ABC):
     ) -> None:
         """The method's own training, on checked input."""
 
-    @abstractmethod
     def _score(self, x: np.ndarray) -> np.ndarray:
-        """The method's own scoring of checked, non-empty input."""
+        """Scoring of checked, non-empty input: the scoring module's score, in batches. A
+        method whose scores do not come from its graph (a per-input search) overrides this."""
+        return score_in_batches(self.scoring_module(), x, self.scoring_batch_size)
+
+    def _predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Named outputs of checked input; a method without a graph has only its score."""
+        if not self.exportable:
+            return {SCORE: self.score(x)}
+        return predict_in_batches(self.scoring_module(), x, self.scoring_batch_size)
 
     @abstractmethod
     def scoring_module(self) -> nn.Module:
-        """Raw input `[N, ...]` (float32, data units) -> score `[N]`, ready for export."""
+        """Raw input `[N, ...]` (float32, data units) -> `Prediction`, ready for export."""
+
+
+def with_prefix(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every key under `prefix.` (one flat dict holds several modules' states)."""
+    return {f"{prefix}.{key}": value for key, value in state.items()}
+
+
+def under_prefix(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of `state` under `prefix.`, with the prefix removed."""
+    start = f"{prefix}."
+    return {key[len(start) :]: value for key, value in state.items() if key.startswith(start)}

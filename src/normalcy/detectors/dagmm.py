@@ -10,8 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from normalcy.detectors.base import check_input
+from normalcy.detectors.base import Prediction, check_input
 from normalcy.detectors.networks import mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
@@ -60,10 +61,10 @@ class DAGMMNetwork(nn.Module):
 
     def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z = [z_c, rec_euclid, rec_cosine] `[N, latent_dim + 2]`, reconstruction `[N, d]`)."""
-        flat = x.flatten(1)
-        code = self.encoder(flat)
+        code = self.encoder(x)
         x_hat = self.decoder(code)
-        return torch.cat([code, reconstruction_features(flat, x_hat, self.norm_floor)], 1), x_hat
+        features = reconstruction_features(x.flatten(1), x_hat.flatten(1), self.norm_floor)
+        return torch.cat([code, features], 1), x_hat
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z, reconstruction, memberships gamma `[N, n_components]`, rows summing to 1)."""
@@ -129,15 +130,15 @@ class MixtureEnergy(nn.Module):
 
 
 class DAGMMEnergy(nn.Module):
-    """Standardized input -> z -> energy under the fixed mixture."""
+    """Preprocessed input -> z -> energy under the fixed mixture."""
 
     def __init__(self, network: DAGMMNetwork, energy: MixtureEnergy) -> None:
         super().__init__()
         self.network = network
         self.energy = energy
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.energy(self.network.compress(x)[0])
+    def forward(self, x: torch.Tensor) -> Prediction:
+        return Prediction(self.energy(self.network.compress(x)[0]))
 
 
 @register("dagmm")
@@ -190,12 +191,26 @@ class DAGMM(TorchDetector):
         self.lambda_cov = lambda_cov
         self.cov_eps = cov_eps
         self.norm_floor = norm_floor
-        self.mixture: MixtureEnergy | None = None
-        self.gmm: dict[str, np.ndarray] | None = None  # fixed phi, mu, Sigma (float64), to inspect
+        self.gmm_phi: torch.Tensor | None = None  # the fixed mixture (float64)
+        self.gmm_mu: torch.Tensor | None = None
+        self.gmm_sigma: torch.Tensor | None = None
 
-    def build_network(self, n_features: int) -> nn.Module:
+    fitted_attributes = ("gmm_phi", "gmm_mu", "gmm_sigma")
+
+    @property
+    def gmm(self) -> dict[str, np.ndarray] | None:
+        """The fixed mixture's phi, mu, Sigma (float64), to inspect."""
+        if self.gmm_phi is None:
+            return None
+        return {
+            "phi": self.gmm_phi.numpy(),
+            "mu": self.gmm_mu.numpy(),
+            "sigma": self.gmm_sigma.numpy(),
+        }
+
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
         return DAGMMNetwork(
-            n_features,
+            math.prod(input_shape),
             self.hidden_dims,
             self.latent_dim,
             self.estimation_dims,
@@ -206,7 +221,7 @@ class DAGMM(TorchDetector):
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         z, x_hat, gamma = self.network(batch)
-        reconstruction = ((x_hat - batch.flatten(1)) ** 2).sum(dim=1).mean()
+        reconstruction = ((x_hat.flatten(1) - batch.flatten(1)) ** 2).sum(dim=1).mean()
         z, gamma = z.double(), gamma.double()
         phi, mu, sigma = mixture_parameters(z, gamma, self.cov_eps)
         energy = mixture_energy(z, phi, mu, sigma).mean()
@@ -214,26 +229,22 @@ class DAGMM(TorchDetector):
         total = reconstruction + self.lambda_energy * energy + self.lambda_cov * penalty
         return total.float()
 
-    def train_network(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
+    def train_network(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
         """The shared loop, then the mixture fixed from every training row (one pass)."""
         history = super().train_network(train, val)
-        self.network.eval()
-        with torch.no_grad():
-            parts = [self.network(chunk) for chunk in train.split(4096)]
-            z = torch.cat([p[0] for p in parts]).double()
-            gamma = torch.cat([p[2] for p in parts]).double()
-            phi, mu, sigma = mixture_parameters(z, gamma, self.cov_eps)
-        self.mixture = MixtureEnergy(phi, mu, sigma)
-        self.gmm = {"phi": phi.numpy(), "mu": mu.numpy(), "sigma": sigma.numpy()}
+        z, _, gamma = self.forward_data(self.network, train)
+        self.gmm_phi, self.gmm_mu, self.gmm_sigma = mixture_parameters(
+            z.double(), gamma.double(), self.cov_eps
+        )
         return history
 
     def score_head(self) -> nn.Module:
-        return DAGMMEnergy(self.network, self.mixture)
+        return DAGMMEnergy(self.network, MixtureEnergy(self.gmm_phi, self.gmm_mu, self.gmm_sigma))
 
     def memberships(self, x: np.ndarray) -> np.ndarray:
         """The estimation network's soft memberships gamma `[N, n_components]` for raw rows."""
         module = self.scoring_module()  # also checks that the detector is fitted
         x = check_input(x, self.name, "input", expected_shape=self.input_shape)
         with torch.no_grad():
-            z = self.network.compress(module.standardize(torch.as_tensor(x)))[0]
+            z = self.network.compress(module.preprocess(torch.as_tensor(x)))[0]
             return self.network.estimation(z).double().numpy()

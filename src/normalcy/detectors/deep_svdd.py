@@ -7,16 +7,19 @@ are shared with the other hypersphere methods, which import them."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from normalcy.detectors.autoencoder import ReconstructionError
-from normalcy.detectors.networks import forward_in_batches, mlp
+from normalcy.detectors.base import Prediction
+from normalcy.detectors.networks import mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
-from normalcy.detectors.training import TrainingHistory, train_network
+from normalcy.detectors.training import TrainingHistory
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,8 @@ class DistanceToCenter(nn.Module):
         self.register_buffer("center", center)
         self.register_buffer("radius_sq", torch.tensor(float(radius_sq), dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return squared_distance(self.network(x), self.center) - self.radius_sq
+    def forward(self, x: torch.Tensor) -> Prediction:
+        return Prediction(squared_distance(self.network(x), self.center) - self.radius_sq)
 
 
 def initial_center(embeddings: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
@@ -164,43 +167,41 @@ class DeepSVDD(TorchDetector):
         self.pretrain_history: TrainingHistory | None = None
         self._train: torch.Tensor | None = None
 
-    def build_network(self, n_features: int) -> nn.Module:
-        return mlp(n_features, self.hidden_dims, self.latent_dim, bias=False)
+    fitted_attributes = ("center", "radius_sq")
 
-    def before_training(self, train: torch.Tensor) -> None:
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        return mlp(math.prod(input_shape), self.hidden_dims, self.latent_dim, bias=False)
+
+    def before_training(self, train: Dataset) -> None:
         require_bias_free(self.network, self.name)
 
-    def pretrain(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
+    def pretrain(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
         """Train `self.network` as the encoder of a bias-free autoencoder (mirrored decoder)."""
-        decoder = mlp(self.latent_dim, self.hidden_dims[::-1], train[0].numel(), bias=False)
+        n_features = math.prod(self.network_input_shape)
+        decoder = mlp(self.latent_dim, self.hidden_dims[::-1], n_features, bias=False)
         reconstruction = ReconstructionError(nn.Sequential(self.network, decoder))
-        return train_network(
+        return self.fit_network(
             reconstruction,
-            lambda batch: reconstruction(batch).mean(),
+            lambda batch: reconstruction(batch).score.mean(),
             train,
             val,
             epochs=self.pretrain_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            generator=self.generator,
             description=f"{self.name} pretrain",
         )
 
-    def train_network(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
+    def train_network(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
         """Optional pretraining, c from the (pre)trained network, then the shared loop; the
         soft-boundary radius is refitted after each epoch and for the final weights."""
         if self.pretrain_epochs > 0:
             self.pretrain_history = self.pretrain(train, val)
-        self.center = initial_center(forward_in_batches(self.network, train))
+        self.center = initial_center(self.forward_data(self.network, train))
         self.radius_sq, self.radius_sq_history = 0.0, []
         self._train = train
         try:
             history = super().train_network(train, val)
         finally:
             self._train = None
-        embeddings = forward_in_batches(self.network, train)
+        embeddings = self.forward_data(self.network, train)
         if self.objective == "soft-boundary":
             self.radius_sq = radius_sq_for(squared_distance(embeddings, self.center), self.nu)
         warn_if_collapsed(embeddings, self.name)
@@ -212,7 +213,7 @@ class DeepSVDD(TorchDetector):
         if self.objective != "soft-boundary" or self._train is None:
             return
         if epoch + 1 >= max(self.warmup_epochs, 1):
-            distances = squared_distance(forward_in_batches(self.network, self._train), self.center)
+            distances = squared_distance(self.forward_data(self.network, self._train), self.center)
             self.radius_sq = radius_sq_for(distances, self.nu)
             self.radius_sq_history.append(self.radius_sq)
 

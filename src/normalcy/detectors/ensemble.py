@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from normalcy.detectors.base import Detector
+from normalcy.detectors.base import Detector, Prediction, as_prediction, under_prefix, with_prefix
 from normalcy.detectors.registry import create_with_settings, register
 
 ENSEMBLE = "ensemble"
@@ -31,7 +31,8 @@ def robust_location_scale(scores: np.ndarray) -> tuple[float, float]:
 
 
 class MeanOfNormalizedScores(nn.Module):
-    """Members' scoring modules -> mean of `(score - location) / scale`."""
+    """Members' scoring modules -> mean of their `(score - location) / scale` (the members'
+    other outputs are not carried: the ensemble's prediction is its score)."""
 
     def __init__(self, members: Sequence[nn.Module], location: np.ndarray, scale: np.ndarray):
         super().__init__()
@@ -39,9 +40,11 @@ class MeanOfNormalizedScores(nn.Module):
         self.register_buffer("location", torch.as_tensor(location, dtype=torch.float32))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = torch.stack([member(x).to(torch.float32) for member in self.members], dim=1)
-        return ((scores - self.location) / self.scale).mean(dim=1)
+    def forward(self, x: torch.Tensor) -> Prediction:
+        scores = torch.stack(
+            [as_prediction(member(x)).score.to(torch.float32) for member in self.members], dim=1
+        )
+        return Prediction(((scores - self.location) / self.scale).mean(dim=1))
 
 
 @register(ENSEMBLE)
@@ -111,8 +114,12 @@ class Ensemble(Detector):
 
     @classmethod
     def from_fitted(cls, detectors: Sequence[Detector], normalization_X: np.ndarray) -> Ensemble:
-        """An ensemble of detectors that are already fitted, normalized on `normalization_X`."""
-        ensemble = cls(members=[d.name for d in detectors])
+        """An ensemble of detectors that are already fitted, normalized on `normalization_X`;
+        each member's constructor params are recorded, so the ensemble can be saved."""
+        ensemble = cls(
+            members=[d.name for d in detectors],
+            member_params={d.name: d.constructor_params() for d in detectors},
+        )
         ensemble.fitted = list(detectors)
         ensemble._normalize_on(np.asarray(normalization_X))
         ensemble.input_shape = detectors[0].input_shape
@@ -121,6 +128,28 @@ class Ensemble(Detector):
     def _score(self, x: np.ndarray) -> np.ndarray:
         scores = np.stack([member.score(x) for member in self.fitted], axis=1)
         return ((scores - self.location) / self.scale).mean(axis=1)
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        if not self.fitted:
+            raise RuntimeError(f"{self.name}: call fit() before saving")
+        state = {
+            "location": torch.as_tensor(self.location, dtype=torch.float64),
+            "scale": torch.as_tensor(self.scale, dtype=torch.float64),
+        }
+        for i, member in enumerate(self.fitted):
+            state.update(with_prefix(f"members.{i}", member.fitted_state()))
+        return state
+
+    def load_fitted_state(
+        self, state: dict[str, torch.Tensor], input_shape: tuple[int, ...]
+    ) -> None:
+        self.fitted = []
+        for i, name in enumerate(self.members):
+            member = self._member(name)
+            member.load_fitted_state(under_prefix(f"members.{i}", state), input_shape)
+            self.fitted.append(member)
+        self.location, self.scale = state["location"].numpy(), state["scale"].numpy()
+        self.input_shape = tuple(input_shape)
 
     def scoring_module(self) -> nn.Module:
         if not self.fitted:

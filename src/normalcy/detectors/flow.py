@@ -163,10 +163,14 @@ class Flow(TorchDetector):
         self.coupling = coupling
         self.log_scale_bound = log_scale_bound
 
-    def build_network(self, n_features: int) -> nn.Module:
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
         return FlowNLL(
             flow_layers(
-                n_features, self.n_layers, self.hidden_dims, self.coupling, self.log_scale_bound
+                math.prod(input_shape),
+                self.n_layers,
+                self.hidden_dims,
+                self.coupling,
+                self.log_scale_bound,
             )
         )
 

@@ -3,10 +3,12 @@ via Adversarial Training", ACCV 2018), with MLPs for vectors and flattened image
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from normalcy.detectors.adversarial import (
     AdversarialDetector,
@@ -14,6 +16,7 @@ from normalcy.detectors.adversarial import (
     Discriminator,
     discriminator_bce,
 )
+from normalcy.detectors.base import Prediction
 from normalcy.detectors.networks import mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.training import mean_loss
@@ -41,9 +44,9 @@ class LatentConsistency(nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Prediction:
         latent, _, latent_again = self.generator(x)
-        return ((latent - latent_again) ** 2).sum(dim=1)
+        return Prediction(((latent - latent_again) ** 2).sum(dim=1))
 
 
 @register("ganomaly")
@@ -78,14 +81,14 @@ class GANomaly(AdversarialDetector):
         self.w_con = w_con
         self.w_enc = w_enc
 
-    def build_network(self, n_features: int) -> AdversarialPair:
+    def build_network(self, input_shape: tuple[int, ...]) -> AdversarialPair:
         return AdversarialPair(
-            EncoderDecoderEncoder(n_features, self.hidden_dims, self.latent_dim),
-            Discriminator(n_features, self.discriminator_dims),
+            EncoderDecoderEncoder(math.prod(input_shape), self.hidden_dims, self.latent_dim),
+            Discriminator(input_shape, self.discriminator_dims),
         )
 
     def discriminator_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        real = batch.flatten(1)
+        real = batch
         with torch.no_grad():
             _, fake, _ = self.network.generator(real)
         real_logits, _ = self.network.discriminator(real)
@@ -95,21 +98,21 @@ class GANomaly(AdversarialDetector):
     def _contextual_and_encoder(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted L1 reconstruction + L2 latent loss, the reconstruction) of a flat batch."""
         latent, fake, latent_again = self.network.generator(real)
-        contextual = (fake - real).abs().mean()
+        contextual = (fake - real.flatten(1)).abs().mean()
         encoder = ((latent - latent_again) ** 2).mean()
         return self.w_con * contextual + self.w_enc * encoder, fake
 
     def generator_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        real = batch.flatten(1)
+        real = batch
         loss, fake = self._contextual_and_encoder(real)
         _, real_features = self.network.discriminator(real)
         _, fake_features = self.network.discriminator(fake)
         adversarial = ((real_features.detach() - fake_features) ** 2).mean()
         return self.w_adv * adversarial + loss
 
-    def validation_criterion(self, data: torch.Tensor) -> float:
+    def validation_criterion(self, data: Dataset) -> float:
         return mean_loss(
-            lambda batch: self._contextual_and_encoder(batch.flatten(1))[0], data, self.batch_size
+            lambda batch: self._contextual_and_encoder(batch)[0], data, self.batch_size
         )
 
     def score_head(self) -> nn.Module:

@@ -9,9 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional
+from torch.utils.data import Dataset
 
+from normalcy.detectors.base import Prediction
 from normalcy.detectors.knn import bank_constants, squared_distances, squared_distances_to
-from normalcy.detectors.networks import forward_in_batches, mlp
+from normalcy.detectors.networks import mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
 from normalcy.detectors.training import TrainingHistory
@@ -56,10 +58,12 @@ class GoadScore(nn.Module):
         self.register_buffer("diagonal", torch.eye(len(centers)))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Prediction:
         features = self.network(x)
         distances = squared_distances_to(features, self.minus_two_centers_t, self.centers_sq)
-        return -(transform_log_probs(distances, self.eps) * self.diagonal).sum(dim=(1, 2))
+        return Prediction(
+            -(transform_log_probs(distances, self.eps) * self.diagonal).sum(dim=(1, 2))
+        )
 
 
 @register("goad")
@@ -126,9 +130,11 @@ class GOAD(TorchDetector):
         shape = (self.n_transforms, n_features, self.transform_dim)
         return torch.as_tensor(rng.standard_normal(shape) / math.sqrt(n_features)).float()
 
-    def build_network(self, n_features: int) -> TransformedFeatures:
+    fitted_attributes = ("centers",)
+
+    def build_network(self, input_shape: tuple[int, ...]) -> TransformedFeatures:
         extractor = mlp(self.transform_dim, self.hidden_dims, self.feature_dim)
-        return TransformedFeatures(self.random_transforms(n_features), extractor)
+        return TransformedFeatures(self.random_transforms(math.prod(input_shape)), extractor)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         features = self.network(batch)
@@ -143,9 +149,9 @@ class GOAD(TorchDetector):
             loss = loss + self.triplet_weight * triplet
         return loss
 
-    def train_network(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
+    def train_network(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
         history = super().train_network(train, val)
-        self.centers = forward_in_batches(self.network, train).mean(dim=0)
+        self.centers = self.forward_data(self.network, train).mean(dim=0)
         return history
 
     def score_head(self) -> nn.Module:

@@ -10,8 +10,7 @@ import torch
 from sklearn.ensemble import IsolationForest as SklearnIsolationForest
 from torch import nn
 
-from normalcy.detectors.base import Detector
-from normalcy.detectors.networks import score_in_batches
+from normalcy.detectors.base import Detector, Prediction, under_prefix, with_prefix
 from normalcy.detectors.registry import register
 
 
@@ -86,7 +85,7 @@ class IsolationForestGraph(nn.Module):
         self.depth = depth
         self.log2_over_c = math.log(2.0) / normalizer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Prediction:
         x = x.to(torch.float32).flatten(1)
         node = self.roots.unsqueeze(0).expand(x.shape[0], -1)  # [N, T] flat node index
         for _ in range(self.depth):
@@ -94,7 +93,7 @@ class IsolationForestGraph(nn.Module):
             go_left = values <= lookup(self.threshold, node)
             node = torch.where(go_left, lookup(self.left, node), lookup(self.right, node))
         mean_path = lookup(self.value, node).mean(dim=1)
-        return torch.exp(-mean_path * self.log2_over_c)
+        return Prediction(torch.exp(-mean_path * self.log2_over_c))
 
 
 def compile_forest(forest: SklearnIsolationForest) -> IsolationForestGraph:
@@ -169,6 +168,7 @@ class IForest(Detector):
         self.max_samples = max_samples
         self.seed = seed
         self.batch_size = batch_size
+        self.scoring_batch_size = batch_size
         self.forest: SklearnIsolationForest | None = None
         self.graph: IsolationForestGraph | None = None
 
@@ -197,5 +197,26 @@ class IForest(Detector):
             raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
         return self.graph
 
-    def _score(self, x: np.ndarray) -> np.ndarray:
-        return score_in_batches(self.scoring_module(), x, self.batch_size)
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """The compiled tables and the two constants of the graph (the sklearn forest itself,
+        needed only to compile them, is not kept)."""
+        graph = self.scoring_module()
+        return {
+            **with_prefix("graph", graph.state_dict()),
+            "depth": torch.tensor(graph.depth),
+            "log2_over_c": torch.tensor(graph.log2_over_c, dtype=torch.float64),
+        }
+
+    def load_fitted_state(
+        self, state: dict[str, torch.Tensor], input_shape: tuple[int, ...]
+    ) -> None:
+        tables = under_prefix("graph", state)
+        normalizer = math.log(2.0) / float(state["log2_over_c"])
+        self.graph = IsolationForestGraph(
+            **{name: tables[name] for name in ("feature", "threshold", "left", "right", "value")},
+            roots=tables["roots"],
+            depth=int(state["depth"]),
+            normalizer=normalizer,
+        ).eval()
+        self.graph.log2_over_c = float(state["log2_over_c"])  # exact, not via the normalizer
+        self.input_shape = tuple(input_shape)

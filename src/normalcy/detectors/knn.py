@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Integral
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from normalcy.detectors.base import Detector
-from normalcy.detectors.networks import (
-    ScoringModule,
-    Standardize,
-    fit_standardize,
-    score_in_batches,
+from normalcy.detectors.base import Detector, Prediction, under_prefix, with_prefix
+from normalcy.detectors.networks import ScoringModule
+from normalcy.detectors.preprocessing import (
+    build_preprocessing,
+    fit_preprocessing,
+    parse_preprocessing,
 )
 from normalcy.detectors.registry import register
 
@@ -75,8 +77,10 @@ def greedy_coreset(
 
 
 class KthNeighbourDistance(nn.Module):
-    """Standardized rows -> Euclidean distance to the `k`-th nearest row of the constant bank:
-    top-k smallest of ||B||^2 - 2 x.B^T, then + ||x||^2, clamp at 0 and sqrt on those k only."""
+    """Preprocessed rows -> Euclidean distance to the `k`-th nearest row of the constant bank:
+    top-k smallest of ||B||^2 - 2 x.B^T, then + ||x||^2, clamp at 0 and sqrt on those k only.
+    The explanation `nearest_row` is the bank index of the nearest row (the first of the top-k,
+    already computed)."""
 
     def __init__(self, bank: torch.Tensor, k: int) -> None:
         super().__init__()
@@ -85,12 +89,15 @@ class KthNeighbourDistance(nn.Module):
         self.register_buffer("bank_sq", bank_sq)
         self.k = int(k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Prediction:
         x = x.flatten(1)
         partial = partial_squared_distances(x, self.minus_two_bank_t, self.bank_sq)
-        smallest = torch.topk(partial, self.k, dim=1, largest=False, sorted=True).values
+        smallest, index = torch.topk(partial, self.k, dim=1, largest=False, sorted=True)
         kth = smallest[:, self.k - 1] + (x * x).sum(dim=1)
-        return torch.sqrt(kth.clamp_min(0.0))
+        return Prediction(
+            torch.sqrt(kth.clamp_min(0.0)),
+            explanations={"nearest_row": index[:, 0].to(torch.int64)},
+        )
 
 
 @register("knn")
@@ -111,6 +118,10 @@ class KNN(Detector):
     Scoring a training row itself finds that row in the bank at distance 0, so training scores
     are biased low (with `k=1` they are 0 up to float32 rounding); score held-out rows, as the
     pipeline does.
+
+    Outputs: `score` and the explanation `nearest_row` (int64 `[N]`): the index in the bank of
+    the nearest stored normal row (`coreset_indices[nearest_row]` is its training row index).
+    `preprocessing` (default `standardize`) is the distance's space.
     """
 
     name = "knn"
@@ -124,7 +135,9 @@ class KNN(Detector):
         max_bank: int = 20_000,
         seed: int = 0,
         batch_size: int = 1024,
+        preprocessing: str | Mapping[str, Any] = "standardize",
     ) -> None:
+        parse_preprocessing(preprocessing)
         if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
             raise ValueError(f"knn: k must be an integer >= 1, got {k!r}")
         if coreset_fraction is not None and coreset_size is not None:
@@ -149,7 +162,9 @@ class KNN(Detector):
         self.max_bank = max_bank
         self.seed = seed
         self.batch_size = batch_size
-        self.standardize: Standardize | None = None
+        self.scoring_batch_size = batch_size
+        self.preprocessing = preprocessing
+        self.preprocess: nn.Module | None = None
         self.bank: torch.Tensor | None = None
         self.coreset_indices: torch.Tensor | None = None  # training rows kept in the bank
 
@@ -180,17 +195,31 @@ class KNN(Detector):
                 f"knn: k={self.k} needs at least {self.k} rows in the memory bank, got {size} "
                 f"(from {len(train)} training rows)"
             )
-        self.standardize = fit_standardize(np.asarray(train, dtype=np.float64))
+        self.preprocess = fit_preprocessing(self.preprocessing, train)
         with torch.no_grad():
-            rows = self.standardize(torch.as_tensor(train, dtype=torch.float32)).flatten(1)
+            rows = self.preprocess(torch.as_tensor(train, dtype=torch.float32)).flatten(1)
         generator = torch.Generator().manual_seed(self.seed)
         self.coreset_indices = greedy_coreset(rows, size, generator, self.projection_dim)
         self.bank = rows[self.coreset_indices].contiguous()
 
     def scoring_module(self) -> ScoringModule:
-        if self.standardize is None or self.bank is None:
+        if self.preprocess is None or self.bank is None:
             raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
-        return ScoringModule(self.standardize, KthNeighbourDistance(self.bank, self.k)).eval()
+        return ScoringModule(self.preprocess, KthNeighbourDistance(self.bank, self.k)).eval()
 
-    def _score(self, x: np.ndarray) -> np.ndarray:
-        return score_in_batches(self.scoring_module(), x, self.batch_size)
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        if self.preprocess is None or self.bank is None:
+            raise RuntimeError(f"{self.name}: call fit() before saving")
+        return {
+            **with_prefix("preprocess", self.preprocess.state_dict()),
+            "bank": self.bank,
+            "coreset_indices": self.coreset_indices,
+        }
+
+    def load_fitted_state(
+        self, state: dict[str, torch.Tensor], input_shape: tuple[int, ...]
+    ) -> None:
+        self.preprocess = build_preprocessing(self.preprocessing, input_shape)
+        self.preprocess.load_state_dict(under_prefix("preprocess", state))
+        self.bank, self.coreset_indices = state["bank"], state["coreset_indices"]
+        self.input_shape = tuple(input_shape)

@@ -86,6 +86,9 @@ class MemAE(TorchDetector):
     paper's Eq. 4 has none, but cosine lies in [-1, 1], so unscaled the weights stay within a
     factor e^2 of uniform and any lambda above ~2/N zeroes whole rows (the authors' code escapes
     this by using an unbounded dot product). 0.1 makes the addressing genuinely sparse.
+
+    Outputs: `score` and `feature_errors` `[N, d]`, each feature's squared reconstruction error
+    (preprocessed units, input-feature order), as for the autoencoder.
     """
 
     name = "memae"
@@ -116,8 +119,8 @@ class MemAE(TorchDetector):
         self.temperature = temperature
         self.entropy_weight = entropy_weight
 
-    def build_network(self, n_features: int) -> nn.Module:
-        encoder, decoder = mirrored_mlps(n_features, self.hidden_dims, self.latent_dim)
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        encoder, decoder = mirrored_mlps(math.prod(input_shape), self.hidden_dims, self.latent_dim)
         threshold = (
             1.0 / self.memory_size if self.shrink_threshold is None else self.shrink_threshold
         )
@@ -125,10 +128,9 @@ class MemAE(TorchDetector):
         return MemoryAutoencoder(encoder, memory, decoder)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        flat = batch.flatten(1)
-        reconstruction, weights = self.network.reconstruct(flat)
+        reconstruction, weights = self.network.reconstruct(batch)
         entropy = addressing_entropy(weights).mean()
-        return squared_error(reconstruction, flat).mean() + self.entropy_weight * entropy
+        return squared_error(reconstruction, batch).mean() + self.entropy_weight * entropy
 
     def score_head(self) -> nn.Module:
         return ReconstructionError(self.network)

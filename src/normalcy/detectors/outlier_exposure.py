@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,10 +10,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from normalcy.detectors.base import Prediction
 from normalcy.detectors.networks import mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
-from normalcy.detectors.training import TrainingHistory
+from normalcy.detectors.training import Rows, TrainingHistory
 
 
 class Logit(nn.Module):
@@ -22,18 +24,19 @@ class Logit(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)[:, 0]
+    def forward(self, x: torch.Tensor) -> Prediction:
+        return Prediction(self.network(x)[:, 0])
 
 
 class SyntheticOutliers:
-    """Exposure outliers generated from (standardized, flattened) normal rows: half uniform in
+    """Exposure outliers generated from (preprocessed) normal rows `[n, ...]`: half uniform in
     their bounding box inflated by `margin` x its width on each side (covers the space around
     the data), half feature-wise shuffled rows, each feature taken from an independently drawn
     normal row (every marginal is kept, the joint structure is broken)."""
 
     def __init__(self, normals: torch.Tensor, margin: float) -> None:
-        self.normals = normals
+        self.row_shape = normals.shape[1:]
+        normals = self.normals = normals.flatten(1)
         low, high = normals.min(dim=0).values, normals.max(dim=0).values
         self.low = low - margin * (high - low)
         self.width = (1 + 2 * margin) * (high - low)
@@ -44,17 +47,10 @@ class SyntheticOutliers:
         uniform = self.low + self.width * torch.rand((n_uniform, n_features), generator=generator)
         rows = torch.randint(len(self.normals), (n - n_uniform, n_features), generator=generator)
         shuffled = self.normals[rows, torch.arange(n_features)]
-        return torch.cat([uniform, shuffled])
+        return torch.cat([uniform, shuffled]).reshape(n, *self.row_shape)
 
 
-NORMAL, LABELLED, SYNTHETIC = 0, 1, 2  # the kind of a row, carried as its last column
-
-
-def with_kind(rows: torch.Tensor, kind: torch.Tensor | int) -> torch.Tensor:
-    """Flattened rows with their kind as a last column, so the shared training loop shuffles
-    rows and kinds together (`loss` splits them again)."""
-    kinds = torch.as_tensor(kind, dtype=rows.dtype).expand(len(rows))
-    return torch.cat([rows.flatten(1), kinds.reshape(-1, 1)], dim=1)
+NORMAL, LABELLED, SYNTHETIC = 0, 1, 2  # the kind of a row, carried beside it in the dataset
 
 
 def exposure_loss(logits: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
@@ -109,17 +105,19 @@ class OutlierExposure(TorchDetector):
         self.synthetic: SyntheticOutliers | None = None
         self.n_labelled_outliers = 0
 
-    def build_network(self, n_features: int) -> nn.Module:
-        return mlp(n_features, self.hidden_dims, 1)
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        return mlp(math.prod(input_shape), self.hidden_dims, 1)
 
-    def train_network(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
-        """Split normals from labelled anomalies, then the shared loop on rows with their kind."""
+    def train_network(self, train: Rows, val: Rows | None) -> TrainingHistory:
+        """Split normals from labelled anomalies, then the shared loop on (rows, kind) batches."""
         kind = self._kinds(self.train_labels, len(train))
-        normals = train.flatten(1)[kind == NORMAL]
-        if len(normals) < 2:
+        is_normal = (kind == NORMAL).numpy()
+        if is_normal.sum() < 2:
             raise ValueError(
-                f"{self.name}: needs at least 2 normal (label 0) training rows, got {len(normals)}"
+                f"{self.name}: needs at least 2 normal (label 0) training rows, got "
+                f"{int(is_normal.sum())}"
             )
+        normals = self.forward_data(nn.Identity(), self.rows(train.rows[is_normal]))
         self.n_labelled_outliers = int((kind == LABELLED).sum())
         self.synthetic = SyntheticOutliers(normals, self.box_margin)
         val_rows = None
@@ -127,10 +125,12 @@ class OutlierExposure(TorchDetector):
             val_kind = self._kinds(self.val_labels, len(val))
             n_fixed = max(1, round(self.exposure_ratio * int((val_kind == NORMAL).sum())))
             fixed = self.synthetic(n_fixed, self.generator)
-            val_rows = torch.cat([with_kind(val, val_kind), with_kind(fixed, SYNTHETIC)])
+            rows = torch.cat([self.forward_data(nn.Identity(), val), fixed])
+            kinds = torch.cat([val_kind, torch.full((n_fixed,), SYNTHETIC)])
             # mixed once, so that every validation batch holds every kind
-            val_rows = val_rows[torch.randperm(len(val_rows), generator=self.generator)]
-        return super().train_network(with_kind(train, kind), val_rows)
+            order = torch.randperm(len(rows), generator=self.generator)
+            val_rows = Rows(rows[order], kinds[order])
+        return super().train_network(Rows(train.rows, kind, transform=train.transform), val_rows)
 
     @staticmethod
     def _kinds(labels: np.ndarray | None, n_rows: int) -> torch.Tensor:
@@ -139,14 +139,14 @@ class OutlierExposure(TorchDetector):
             return torch.full((n_rows,), NORMAL)
         return torch.where(torch.as_tensor(labels) == 1, LABELLED, NORMAL)
 
-    def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """`exposure_loss` of rows carrying their kind as last column (see `with_kind`); in
-        training, fresh synthetic outliers join the batch, `exposure_ratio` per normal row."""
-        rows, kind = batch[:, :-1], batch[:, -1]
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`exposure_loss` of a batch of (rows, kind); in training, fresh synthetic outliers
+        join the batch, `exposure_ratio` per normal row."""
+        rows, kind = batch
         if self.network.training:
             n_synthetic = max(1, round(self.exposure_ratio * int((kind == NORMAL).sum())))
             rows = torch.cat([rows, self.synthetic(n_synthetic, self.generator)])
-            kind = torch.cat([kind, torch.full((n_synthetic,), float(SYNTHETIC))])
+            kind = torch.cat([kind, torch.full((n_synthetic,), SYNTHETIC)])
         return exposure_loss(self.network(rows)[:, 0], kind)
 
     def score_head(self) -> nn.Module:

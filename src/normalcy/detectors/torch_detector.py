@@ -1,25 +1,43 @@
-"""What every torch detector shares: settings, standardization, training, batched scoring."""
+"""What every torch detector shares: settings, preprocessing, training, fitted state."""
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from normalcy.detectors.base import Detector
-from normalcy.detectors.networks import (
-    ScoringModule,
-    Standardize,
-    fit_standardize,
-    score_in_batches,
+from normalcy.detectors.base import Detector, under_prefix, with_prefix
+from normalcy.detectors.networks import ScoringModule
+from normalcy.detectors.preprocessing import (
+    build_preprocessing,
+    fit_preprocessing,
+    output_shape,
+    parse_preprocessing,
 )
-from normalcy.detectors.training import TrainingHistory, seed_everything, train_network
+from normalcy.detectors.training import (
+    Rows,
+    TrainingHistory,
+    forward_data,
+    seed_everything,
+    train_network,
+)
 
 
 class TorchDetector(Detector):
-    """A method supplies `build_network`, `loss` and `score_head`; this class does the rest."""
+    """A method supplies `build_network`, `loss` and `score_head`; this class does the rest.
+
+    `preprocessing` (see `detectors.preprocessing`) is the first layer of the scoring graph,
+    fitted on the training rows and applied per training batch. What a method learns beyond
+    its networks' weights is named in `fitted_attributes` (tensors, numbers, or modules that
+    `build_fitted_module` rebuilds), which is all persistence needs."""
+
+    # Attributes set by fit besides `preprocess` and `network`: saved and restored by name.
+    fitted_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -29,52 +47,81 @@ class TorchDetector(Detector):
         weight_decay: float = 1e-6,
         patience: int = 8,
         seed: int = 0,
+        preprocessing: str | Mapping[str, Any] = "standardize",
     ) -> None:
+        parse_preprocessing(preprocessing)  # an unknown kind fails here, before any work
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.patience = patience
         self.seed = seed
-        self.standardize: Standardize | None = None
+        self.preprocessing = preprocessing
+        self.preprocess: nn.Module | None = None
         self.network: nn.Module | None = None
+        self.network_input_shape: tuple[int, ...] | None = None
         self.history: TrainingHistory | None = None
         self.generator: torch.Generator | None = None
         self.train_labels: np.ndarray | None = None  # only for `uses_labels` methods
         self.val_labels: np.ndarray | None = None
 
     @abstractmethod
-    def build_network(self, n_features: int) -> nn.Module:
-        """The method's trainable network for flattened inputs of `n_features`."""
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        """The method's trainable network for preprocessed rows of `input_shape`."""
 
     @abstractmethod
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Mean training loss of a standardized batch."""
+        """Mean training loss of a preprocessed batch."""
 
     @abstractmethod
     def score_head(self) -> nn.Module:
-        """Standardized input -> score `[N]`."""
+        """Preprocessed input -> `Prediction` (or a score `[N]`)."""
 
     def on_epoch_end(self, epoch: int) -> None:
         """Hook after each training epoch (Deep SVDD's soft-boundary radius update)."""
 
-    def before_training(self, train: torch.Tensor) -> None:
+    def before_training(self, train: Dataset) -> None:
         """Hook for methods that fix something from the untrained network (Deep SVDD's c)."""
 
-    def train_network(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
-        """Fit `self.network` on standardized tensors; methods with several optimizers (GANs)
-        or a closed-form step (DAGMM's GMM) override this and reuse the pieces of training.py."""
-        return train_network(
+    def rows(self, data: np.ndarray, *aligned: Any) -> Rows:
+        """`data` as a dataset of preprocessed batches (with `aligned` arrays beside them)."""
+        return Rows(data, *aligned, transform=self.preprocess)
+
+    def forward_data(self, function: Callable[[Any], Any], data: Dataset) -> Any:
+        """`function` over every batch of `data`, in order, without gradients, joined."""
+        return forward_data(function, data)
+
+    def fit_network(
+        self,
+        network: nn.Module,
+        loss: Callable[[Any], torch.Tensor],
+        train: Dataset,
+        val: Dataset | None,
+        *,
+        description: str,
+        **overrides: Any,
+    ) -> TrainingHistory:
+        """The shared loop with this detector's settings (`overrides` win): for the main
+        network and for auxiliary ones (pretraining, a background model, an encoder)."""
+        settings = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "patience": self.patience,
+            "generator": self.generator,
+            "description": description,
+        }
+        return train_network(network, loss, train, val, **{**settings, **overrides})
+
+    def train_network(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
+        """Fit `self.network` on the preprocessed datasets; methods with several optimizers
+        (GANs) or a closed-form step (DAGMM's GMM) override this and reuse training.py."""
+        return self.fit_network(
             self.network,
             self.loss,
             train,
             val,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            generator=self.generator,
             description=self.name,
             on_epoch_end=self.on_epoch_end,
         )
@@ -87,20 +134,55 @@ class TorchDetector(Detector):
         train_labels: np.ndarray | None,
     ) -> None:
         self.generator = seed_everything(self.seed)
-        self.standardize = fit_standardize(np.asarray(train, dtype=np.float64))
-        train_t = self.standardize(torch.as_tensor(train, dtype=torch.float32))
-        val_t = (
-            self.standardize(torch.as_tensor(val, dtype=torch.float32)) if val is not None else None
-        )
+        self.preprocess = fit_preprocessing(self.preprocessing, train)
         self.val_labels, self.train_labels = val_labels, train_labels
-        self.network = self.build_network(int(np.prod(train.shape[1:])))
-        self.before_training(train_t)
-        self.history = self.train_network(train_t, val_t)
+        self.network_input_shape = output_shape(self.preprocess, train.shape[1:])
+        self.network = self.build_network(self.network_input_shape)
+        train_rows = self.rows(train)
+        self.before_training(train_rows)
+        self.history = self.train_network(train_rows, self.rows(val) if val is not None else None)
 
     def scoring_module(self) -> ScoringModule:
-        if self.standardize is None or self.network is None:
+        if self.preprocess is None or self.network is None:
             raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
-        return ScoringModule(self.standardize, self.score_head()).eval()
+        return ScoringModule(self.preprocess, self.score_head()).eval()
 
-    def _score(self, x: np.ndarray) -> np.ndarray:
-        return score_in_batches(self.scoring_module(), x)
+    def build_fitted_module(self, name: str) -> nn.Module:
+        """An auxiliary module named in `fitted_attributes`, untrained, to load weights into."""
+        raise NotImplementedError(f"{self.name}: no way to rebuild fitted module {name!r}")
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        if self.preprocess is None or self.network is None:
+            raise RuntimeError(f"{self.name}: call fit() before saving")
+        state = {
+            **with_prefix("preprocess", self.preprocess.state_dict()),
+            **with_prefix("network", self.network.state_dict()),
+        }
+        for name in self.fitted_attributes:
+            value = getattr(self, name)
+            if isinstance(value, nn.Module):
+                state.update(with_prefix(name, value.state_dict()))
+            elif isinstance(value, torch.Tensor):
+                state[name] = value
+            elif value is not None:  # a number, kept as a 0-d float64 tensor
+                state[name] = torch.tensor(float(value), dtype=torch.float64)
+        return state
+
+    def load_fitted_state(
+        self, state: dict[str, torch.Tensor], input_shape: tuple[int, ...]
+    ) -> None:
+        self.preprocess = build_preprocessing(self.preprocessing, input_shape)
+        self.preprocess.load_state_dict(under_prefix("preprocess", state))
+        self.network_input_shape = output_shape(self.preprocess, input_shape)
+        self.network = self.build_network(self.network_input_shape)
+        self.network.load_state_dict(under_prefix("network", state))
+        self.network.eval()
+        for name in self.fitted_attributes:
+            if name in state:
+                value = state[name]
+                setattr(self, name, value.item() if value.dim() == 0 else value)
+            elif under_prefix(name, state):
+                module = self.build_fitted_module(name)
+                module.load_state_dict(under_prefix(name, state))
+                setattr(self, name, module.eval())
+        self.input_shape = tuple(input_shape)

@@ -1,17 +1,22 @@
-"""The one training loop: seeding, mini-batches, early stopping on validation loss, progress."""
+"""The one training loop: seeding, data through a Dataset/DataLoader, early stopping on
+validation loss, progress. The adversarial loop reuses `epoch_batches` and `EarlyStopping`."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 from tqdm.auto import tqdm
+
+from normalcy.detectors.base import concatenate
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +27,86 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+class Rows(Dataset):
+    """Rows of one or more arrays aligned on the first axis, read a batch of indices at a time.
+
+    The first array is raw input (numpy, any row shape, e.g. uint8 images), turned into a float
+    tensor and passed through `transform` (the detector's preprocessing) one batch at a time,
+    so the preprocessed set never has to exist whole; the others (a row's kind, ...) come back
+    as tensors beside it."""
+
+    def __init__(
+        self, rows: Any, *aligned: Any, transform: Callable[[torch.Tensor], Any] | None = None
+    ) -> None:
+        self.rows, self.aligned, self.transform = rows, aligned, transform
+        for extra in aligned:
+            if len(extra) != len(rows):
+                raise ValueError(f"aligned arrays need {len(rows)} rows, got {len(extra)}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Sequence[int]) -> Any:
+        index = list(index) if not isinstance(index, int) else [index]
+        batch = torch.as_tensor(np.asarray(self.rows[index]))
+        if batch.is_floating_point() or self.transform is not None:
+            batch = batch.to(torch.float32)
+        if self.transform is not None:
+            with torch.no_grad():
+                batch = self.transform(batch)
+        if not self.aligned:
+            return batch
+        return (batch, *(torch.as_tensor(extra[index]) for extra in self.aligned))
+
+
+class Permutation(Sampler):
+    """One `torch.randperm` from the given generator per pass: the only draw an epoch makes."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
+def epoch_batches(
+    data: Dataset, batch_size: int, generator: torch.Generator | None = None
+) -> DataLoader:
+    """Batches of `data` (shuffled by `generator`, in order without one) through a DataLoader,
+    in this process (num_workers=0). The loader's own base-seed draw comes from a private
+    generator, so the detector's generator and the global RNG see only the permutation."""
+    order = SequentialSampler(data) if generator is None else Permutation(len(data), generator)
+    return DataLoader(
+        data,
+        sampler=BatchSampler(order, batch_size, drop_last=False),
+        batch_size=None,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def batch_rows(batch: Any) -> int:
+    """Rows in a batch that is a tensor or a tuple led by one."""
+    return len(batch[0] if isinstance(batch, tuple | list) else batch)
+
+
+def forward_data(function: Callable[[Any], Any], data: Dataset, batch_size: int = 4096) -> Any:
+    """`function` over every batch of `data` in order, without gradients (an `nn.Module` in
+    eval mode, its flag restored after), the outputs joined along rows."""
+    was_training = isinstance(function, nn.Module) and function.training
+    if isinstance(function, nn.Module):
+        function.eval()
+    try:
+        with torch.no_grad():
+            return concatenate([function(batch) for batch in epoch_batches(data, batch_size)])
+    finally:
+        if isinstance(function, nn.Module):
+            function.train(was_training)
 
 
 @dataclass
@@ -54,19 +139,20 @@ class EarlyStopping:
         self.network.eval()
 
 
-def mean_loss(
-    loss_fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, batch_size: int
-) -> float:
+def mean_loss(loss_fn: Callable[[Any], torch.Tensor], data: Dataset, batch_size: int) -> float:
+    """The row-weighted mean of `loss_fn` over every batch of `data`, without gradients."""
     with torch.no_grad():
-        total = sum(loss_fn(batch).item() * len(batch) for batch in data.split(batch_size))
+        total = sum(
+            loss_fn(batch).item() * batch_rows(batch) for batch in epoch_batches(data, batch_size)
+        )
     return total / max(len(data), 1)
 
 
 def train_network(
     network: nn.Module,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
-    train: torch.Tensor,
-    val: torch.Tensor | None,
+    loss_fn: Callable[[Any], torch.Tensor],
+    train: Dataset,
+    val: Dataset | None,
     *,
     epochs: int,
     batch_size: int,
@@ -77,7 +163,8 @@ def train_network(
     description: str = "train",
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainingHistory:
-    """Adam on `loss_fn(batch)` (mean over the batch); keeps the weights of the best val epoch.
+    """Adam on `loss_fn(batch)` (mean over the batch) over the batches of the `train` dataset
+    (preprocessed per batch by the dataset); keeps the weights of the best val epoch.
 
     `on_epoch_end(epoch)` runs after each epoch's updates, before the validation loss (Deep
     SVDD's soft boundary refits its radius there)."""
@@ -87,15 +174,13 @@ def train_network(
     progress = tqdm(range(epochs), desc=description, leave=False, mininterval=1.0, disable=None)
     for epoch in progress:
         network.train()
-        order = torch.randperm(len(train), generator=generator)
         running = 0.0
-        for index in order.split(batch_size):
-            batch = train[index]
+        for batch in epoch_batches(train, batch_size, generator):
             optimizer.zero_grad()
             loss = loss_fn(batch)
             loss.backward()
             optimizer.step()
-            running += loss.item() * len(batch)
+            running += loss.item() * batch_rows(batch)
         network.eval()
         if on_epoch_end is not None:
             on_epoch_end(epoch)

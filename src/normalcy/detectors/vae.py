@@ -9,11 +9,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from normalcy.detectors.autoencoder import mirrored_mlps
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
-from normalcy.detectors.training import TrainingHistory, train_network
+from normalcy.detectors.training import Rows, TrainingHistory
 
 SCORINGS = ("elbo", "likelihood_ratio")
 LOG_2PI = math.log(2 * math.pi)
@@ -60,12 +61,17 @@ class GaussianVAE(nn.Module):
         """log of the mean squared residual, floored (a perfect fit would send it to -inf)."""
         return residual.mean().detach().clamp_min(MIN_VARIANCE).log()
 
-    def fit_variance(self, x: torch.Tensor) -> None:
-        """Set the scoring variance to its maximum-likelihood value on `x` at z = mu."""
+    def mean_squared_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean squared residual per row `[N]` at z = mu."""
+        flat = x.flatten(1)
+        mu = self.encoder(flat).chunk(2, dim=1)[0]
+        return ((flat - self.decoder(mu)) ** 2).mean(dim=1)
+
+    def set_variance(self, mean_squared_residual: torch.Tensor) -> None:
+        """Set the scoring variance to its maximum-likelihood value, the mean squared residual
+        over every row and feature (`mean_squared_residual` of each row, averaged)."""
         with torch.no_grad():
-            flat = x.flatten(1)
-            mu = self.encoder(flat).chunk(2, dim=1)[0]
-            self.log_variance.copy_(self._ml_log_variance((flat - self.decoder(mu)) ** 2))
+            self.log_variance.copy_(self._ml_log_variance(mean_squared_residual))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.negative_elbo(x)
@@ -124,8 +130,13 @@ class VAE(TorchDetector):
         self.background: GaussianVAE | None = None
         self.background_history: TrainingHistory | None = None
 
-    def build_network(self, n_features: int) -> nn.Module:
-        return GaussianVAE(n_features, self.hidden_dims, self.latent_dim)
+    fitted_attributes = ("background",)
+
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        return GaussianVAE(math.prod(input_shape), self.hidden_dims, self.latent_dim)
+
+    def build_fitted_module(self, name: str) -> nn.Module:
+        return self.build_network(self.network_input_shape)
 
     def _elbo_loss(self, vae: GaussianVAE, batch: torch.Tensor) -> torch.Tensor:
         """Mean -ELBO: reparameterized sample while training, z = mu otherwise (validation)."""
@@ -149,25 +160,24 @@ class VAE(TorchDetector):
             batch = self.perturb(batch)
         return self._elbo_loss(self.background, batch)
 
-    def train_network(self, train: torch.Tensor, val: torch.Tensor | None) -> TrainingHistory:
+    def train_network(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
         history = super().train_network(train, val)
-        self.network.fit_variance(train)
+        self.network.set_variance(self.forward_data(self.network.mean_squared_residual, train))
         if self.scoring == "likelihood_ratio":
-            self.background = self.build_network(int(train[0].numel()))
-            self.background_history = train_network(
+            self.background = self.build_network(self.network_input_shape)
+            # validation rows are perturbed once, so every epoch is judged on the same rows
+            fixed_val = None if val is None else Rows(self.forward_data(self.perturb, val))
+            self.background_history = self.fit_network(
                 self.background,
                 self._background_loss,
                 train,
-                self.perturb(val) if val is not None else None,
-                epochs=self.epochs,
-                batch_size=self.batch_size,
-                learning_rate=self.learning_rate,
-                weight_decay=self.weight_decay,
-                patience=self.patience,
-                generator=self.generator,
+                fixed_val,
                 description=f"{self.name} background",
             )
-            self.background.fit_variance(self.perturb(train))
+            self.background.eval()
+            perturbed = self.forward_data(self.perturb, train)
+            residual = self.forward_data(self.background.mean_squared_residual, Rows(perturbed))
+            self.background.set_variance(residual)
         return history
 
     def score_head(self) -> nn.Module:

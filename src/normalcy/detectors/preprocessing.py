@@ -1,0 +1,207 @@
+"""Preprocessing as the first layer of every scoring graph, chosen per candidate by name.
+
+`preprocessing` is a constructor parameter of every detector that rescales its input (a params
+key under `train.detectors.<name>`): a name, or a mapping with `kind` and that kind's options,
+e.g. `{kind: image, image_size: 64, normalization: imagenet}`. The fitted statistics are
+buffers of the module, so the exported graph takes raw input in data units and persistence saves
+them with the module's `state_dict`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A scale below this fraction of the median non-zero scale is raised to it: a nearly constant
+# feature (a pixel that is almost always 0) must not be blown up into huge standardized values.
+RELATIVE_SCALE_FLOOR = 0.1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("data", "imagenet")
+
+
+class Identity(nn.Module):
+    """The input as float32, unchanged (`none`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32)
+
+
+class Affine(nn.Module):
+    """(x - shift) / scale per feature, the statistics frozen in as buffers (`standardize`,
+    `robust`, `minmax`)."""
+
+    def __init__(self, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(input_shape))
+        self.register_buffer("scale", torch.ones(input_shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.float32) - self.shift) / self.scale
+
+
+class ImagePreprocessing(nn.Module):
+    """Raw images `[N, C, H, W]` (0..255) -> float / 255 -> optional bilinear resize to
+    `image_size` x `image_size` -> (x - mean_c) / std_c per channel."""
+
+    def __init__(self, input_shape: tuple[int, ...], image_size: int | None) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"preprocessing 'image' needs rows [C, H, W], got rows of shape {list(input_shape)}"
+            )
+        channels = input_shape[0]
+        self.image_size = image_size
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+
+    def unit_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Float in [0, 1], resized when asked: everything before the channel statistics."""
+        x = x.to(torch.float32) / 255.0
+        if self.image_size is not None:
+            size = (self.image_size, self.image_size)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.unit_scale(x) - self.mean) / self.std
+
+
+def floored(scale: np.ndarray) -> np.ndarray:
+    """`scale` raised to at least `RELATIVE_SCALE_FLOOR` x its median non-zero value (1 when
+    every feature is constant), so near-constant features keep a scale of the data's order."""
+    nonzero = scale[scale > 0]
+    floor = RELATIVE_SCALE_FLOOR * float(np.median(nonzero)) if nonzero.size else 1.0
+    return np.maximum(scale, floor)
+
+
+def _affine(input_shape: tuple[int, ...], shift: np.ndarray, scale: np.ndarray) -> Affine:
+    module = Affine(input_shape)
+    module.shift.copy_(torch.as_tensor(shift, dtype=torch.float32))
+    module.scale.copy_(torch.as_tensor(floored(scale), dtype=torch.float32))
+    return module
+
+
+def _standardize(train: np.ndarray) -> Affine:
+    return _affine(train.shape[1:], train.mean(axis=0), train.std(axis=0))
+
+
+def _robust(train: np.ndarray) -> Affine:
+    low, median, high = np.quantile(train, [0.25, 0.5, 0.75], axis=0)
+    return _affine(train.shape[1:], median, high - low)
+
+
+def _minmax(train: np.ndarray) -> Affine:
+    low = train.min(axis=0)
+    return _affine(train.shape[1:], low, train.max(axis=0) - low)
+
+
+def _image_statistics(train: np.ndarray, module: ImagePreprocessing) -> tuple[np.ndarray, ...]:
+    """Per-channel mean and std of the unit-scaled (resized) training images, in batches."""
+    total, total_sq, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for chunk in torch.as_tensor(train).split(256):
+            x = module.unit_scale(chunk).double()
+            total = total + x.sum(dim=(0, 2, 3))
+            total_sq = total_sq + (x**2).sum(dim=(0, 2, 3))
+            count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = (total / count).numpy()
+    std = np.sqrt(np.maximum((total_sq / count).numpy() - mean**2, 0.0))
+    return mean, floored(std)
+
+
+def _image(train: np.ndarray, image_size: int | None = None, normalization: str = "data"):
+    module = ImagePreprocessing(train.shape[1:], image_size)
+    if normalization == "imagenet":
+        if train.shape[1] != 3:
+            raise ValueError(
+                f"preprocessing 'image' with normalization 'imagenet' needs 3 channels, got "
+                f"{train.shape[1]}"
+            )
+        mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    else:
+        mean, std = _image_statistics(train, module)
+    module.mean.copy_(torch.as_tensor(mean, dtype=torch.float32).reshape(module.mean.shape))
+    module.std.copy_(torch.as_tensor(std, dtype=torch.float32).reshape(module.std.shape))
+    return module
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How to build a kind's module for an input shape (statistics at their neutral values,
+    to load a state_dict into) and how to fit it on training rows."""
+
+    build: Callable[..., nn.Module]
+    fit: Callable[..., nn.Module]
+    options: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
+
+
+def _no_options(input_shape: tuple[int, ...]) -> nn.Module:
+    return Affine(input_shape)
+
+
+def _image_size_ok(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+
+PREPROCESSING: dict[str, Kind] = {
+    "standardize": Kind(_no_options, _standardize),
+    "robust": Kind(_no_options, _robust),
+    "minmax": Kind(_no_options, _minmax),
+    "none": Kind(lambda input_shape: Identity(), lambda train: Identity()),
+    "image": Kind(
+        lambda input_shape, image_size=None, normalization="data": ImagePreprocessing(
+            input_shape, image_size
+        ),
+        _image,
+        {"image_size": _image_size_ok, "normalization": lambda value: value in NORMALIZATIONS},
+    ),
+}
+
+
+def parse_preprocessing(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(kind, options) of a `preprocessing` param, or a ValueError naming what is accepted."""
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        kind = options.pop("kind", None)
+    else:
+        kind, options = spec, {}
+    if kind not in PREPROCESSING:
+        raise ValueError(
+            f"unknown preprocessing {kind!r}; expected one of {sorted(PREPROCESSING)} (or a "
+            "mapping with `kind` set to one of them and that kind's options)"
+        )
+    accepted = PREPROCESSING[kind].options
+    for name, value in options.items():
+        if name not in accepted:
+            raise ValueError(
+                f"preprocessing {kind!r} does not accept option {name!r}; it accepts "
+                f"{sorted(accepted)}"
+            )
+        if not accepted[name](value):
+            raise ValueError(f"preprocessing {kind!r}: invalid {name}={value!r}")
+    return kind, options
+
+
+def fit_preprocessing(spec: str | Mapping[str, Any], train: np.ndarray) -> nn.Module:
+    """The preprocessing module named by `spec`, its statistics fitted on `train` `[N, ...]`."""
+    kind, options = parse_preprocessing(spec)
+    return PREPROCESSING[kind].fit(np.asarray(train, dtype=np.float64), **options).eval()
+
+
+def build_preprocessing(spec: str | Mapping[str, Any], input_shape: tuple[int, ...]) -> nn.Module:
+    """The module named by `spec` for rows of `input_shape`, unfitted: what a saved
+    `state_dict` is loaded into."""
+    kind, options = parse_preprocessing(spec)
+    return PREPROCESSING[kind].build(tuple(input_shape), **options).eval()
+
+
+def output_shape(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The row shape the preprocessing hands to the network (an image resize changes it)."""
+    with torch.no_grad():
+        return tuple(module(torch.zeros(1, *input_shape)).shape[1:])
