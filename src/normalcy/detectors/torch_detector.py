@@ -26,6 +26,7 @@ from normalcy.detectors.training import (
     seed_everything,
     train_network,
 )
+from normalcy.threads import count_parameters, torch_threads, training_threads
 
 
 class TorchDetector(Detector):
@@ -48,8 +49,14 @@ class TorchDetector(Detector):
         patience: int = 8,
         seed: int = 0,
         preprocessing: str | Mapping[str, Any] = "standardize",
+        threads: int | None = None,
     ) -> None:
         parse_preprocessing(preprocessing)  # an unknown kind fails here, before any work
+        if threads is not None and threads < 1:
+            raise ValueError(
+                f"{self.name}: threads must be >= 1 or null (automatic), got {threads}"
+            )
+        self.threads = threads
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -139,8 +146,11 @@ class TorchDetector(Detector):
         self.network_input_shape = output_shape(self.preprocess, train.shape[1:])
         self.network = self.build_network(self.network_input_shape)
         train_rows = self.rows(train)
-        self.before_training(train_rows)
-        self.history = self.train_network(train_rows, self.rows(val) if val is not None else None)
+        n_threads = training_threads(count_parameters(self.network), self.threads)
+        with torch_threads(n_threads):
+            self.before_training(train_rows)
+            val_rows = self.rows(val) if val is not None else None
+            self.history = self.train_network(train_rows, val_rows)
 
     def scoring_module(self) -> ScoringModule:
         if self.preprocess is None or self.network is None:
