@@ -16,19 +16,19 @@ from onnx import TensorProto, helper
 from sklearn.datasets import load_digits
 from torch import nn
 
+from normalcy.artifact.calibration_head import graph_calibration, subsample_calibration
+from normalcy.artifact.recalibration import recalibrate_graph
 from normalcy.detectors import create_detector
+from normalcy.detectors.base import Prediction
 from normalcy.export import (
     ParityError,
-    _p_value_mismatches,
     export_onnx,
-    graph_calibration,
     parity_check,
     quantize_int8,
     quantized_parity_check,
-    recalibrate_graph,
     require_parity,
-    subsample_calibration,
 )
+from normalcy.export.parity import p_value_mismatches
 from normalcy.scoring import load_session, read_metadata, score_onnx
 
 TOLERANCES = {"max_abs": 1e-4, "max_rel": 1e-3, "min_agreement": 1.0}
@@ -280,7 +280,7 @@ def test_p_value_tie_at_the_boundary_is_not_a_mismatch() -> None:
     # row 0: torch ties the two 1.0s (count 3), onnxruntime lands just above them (count 1);
     # row 1: the same scores but another count: a real mismatch; rows 2-3: bit-equal, equal counts
     ort_score = np.array([np.nextafter(np.float32(1.0), np.float32(2.0)), 1.0, 0.5, 3.0])
-    bad = _p_value_mismatches(torch_score, ort_score, p([3, 3, 3, 0]), p([1, 2, 3, 0]), calibration)
+    bad = p_value_mismatches(torch_score, ort_score, p([3, 3, 3, 0]), p([1, 2, 3, 0]), calibration)
     assert bad.tolist() == [False, True, False, False]
 
 
@@ -310,7 +310,7 @@ def test_recalibration_swaps_threshold_and_calibration_scores_not_scores(
     )
     threshold, stored = graph_calibration(out)
     assert threshold == np.float32(median)
-    np.testing.assert_array_equal(stored, calibration)
+    np.testing.assert_array_equal(stored, np.sort(calibration))  # stored sorted for the lookup
     assert read_metadata(out) == {
         **entry["metadata"],
         "threshold": median,
@@ -379,15 +379,15 @@ class FirstColumn(nn.Module):
 class Localizing(nn.Module):
     """A toy image scorer with a map: per-pixel squared deviation, the score its maximum."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Prediction:
         anomaly_map = (x - 0.5).pow(2).mean(dim=1)  # [N, H, W]
-        return anomaly_map.flatten(1).amax(dim=1), anomaly_map
+        return Prediction(anomaly_map.flatten(1).amax(dim=1), anomaly_map)
 
 
 def test_a_localizing_module_exports_an_anomaly_map(tmp_path: Path) -> None:
     images = np.random.default_rng(0).random((12, 3, 4, 5), dtype=np.float32)
     module = Localizing()
-    scores = module(torch.from_numpy(images))[0].numpy()
+    scores = module(torch.from_numpy(images)).score.numpy()
     calibration = scores[:6]
     threshold = float(np.median(scores))
     path = export_onnx(
@@ -396,7 +396,8 @@ def test_a_localizing_module_exports_an_anomaly_map(tmp_path: Path) -> None:
     out = run_all(path, images)
     assert list(out) == [*OUTPUTS, "anomaly_map"]
     assert out["anomaly_map"].shape == (12, 4, 5) and out["anomaly_map"].dtype == np.float32
-    np.testing.assert_allclose(out["anomaly_map"], module(torch.from_numpy(images))[1], atol=1e-6)
+    expected_map = module(torch.from_numpy(images)).anomaly_map
+    np.testing.assert_allclose(out["anomaly_map"], expected_map, atol=1e-6)
     meta = read_metadata(path)
     assert meta["outputs"][-1] == {"name": "anomaly_map", "dtype": "float32", "shape": ["N", 4, 5]}
     report = parity_check(
@@ -405,9 +406,9 @@ def test_a_localizing_module_exports_an_anomaly_map(tmp_path: Path) -> None:
     assert report.passed and report.outputs_compared == [*OUTPUTS, "anomaly_map"], report.message()
 
     class WrongMap(Localizing):
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            score, anomaly_map = super().forward(x)
-            return score, anomaly_map * 2
+        def forward(self, x: torch.Tensor) -> Prediction:
+            score, anomaly_map, _ = super().forward(x)
+            return Prediction(score, anomaly_map * 2)
 
     bad = parity_check(
         WrongMap(), threshold, path, images, **TOLERANCES, calibration_scores=calibration
@@ -420,8 +421,8 @@ def test_a_localizing_module_exports_an_anomaly_map(tmp_path: Path) -> None:
     np.testing.assert_array_equal(recalibrated["anomaly_map"], out["anomaly_map"])
 
     class FlatMap(nn.Module):
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return x.flatten(1).mean(dim=1), x.flatten(1)
+        def forward(self, x: torch.Tensor) -> Prediction:
+            return Prediction(x.flatten(1).mean(dim=1), x.flatten(1))
 
     with pytest.raises(ValueError, match=r"anomaly map of shape \[2, 60\].*expected \[2, H, W\]"):
         export_onnx(FlatMap(), 0.0, images[:2], tmp_path / "flat.onnx")
