@@ -548,3 +548,117 @@ def test_missing_or_corrupted_model_files_fail_clearly(tmp_path):
     broken.write_bytes(b"this is not a protobuf")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         load_session(broken)
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 1655])
+def test_torch_p_values_are_the_brute_force_count(n: int) -> None:
+    """ScoringGraph counts with the blocked lookup, bit-identical to comparing with all of them."""
+    from normalcy.export import ScoringGraph
+
+    rng = np.random.default_rng(n)
+    calibration = np.round(rng.normal(size=n), 1).astype(np.float32)  # ties when n is large
+    scores = np.concatenate(
+        [
+            rng.normal(size=300),
+            calibration,
+            [calibration.min() - 1, calibration.max() + 1, -np.inf, np.inf, np.nan],
+        ]
+    ).astype(np.float32)
+    graph = ScoringGraph(FirstColumn(), 0.0, calibration)
+    with torch.no_grad():
+        p = graph(torch.from_numpy(scores[:, None]))["p_value"].numpy()
+    counts = (calibration[None, :] >= scores[:, None]).sum(axis=1)
+    np.testing.assert_array_equal(p, (1 + counts).astype(np.float32) / np.float32(n + 1))
+
+
+class Explaining(nn.Module):
+    """A toy scorer with explanations: per-feature contributions [N, d] and the index of the
+    nearest of five stored rows [N] (int64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("rows", torch.randn(5, 4, generator=generator))
+
+    def forward(self, x: torch.Tensor) -> Prediction:
+        distances = (x[:, None, :] - self.rows[None]).pow(2).sum(dim=2)  # [N, 5]
+        nearest = distances.argmin(dim=1)
+        contributions = (x - self.rows[nearest]).pow(2)
+        return Prediction(
+            x.abs().amax(dim=1),
+            explanations={"nearest_row": nearest, "contributions": contributions},
+        )
+
+
+def test_explanations_are_exported_named_and_pass_parity(tmp_path: Path) -> None:
+    X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    module = Explaining()
+    calibration = module(torch.from_numpy(X[:32])).score.numpy()
+    path = export_onnx(
+        module, 1.0, X[:2], tmp_path / "explained.onnx", calibration_scores=calibration
+    )
+    names = [*OUTPUTS, "contributions", "nearest_row"]
+    out = run_all(path, X)
+    assert list(out) == names
+    expected = module(torch.from_numpy(X))
+    assert out["contributions"].dtype == np.float32 and out["contributions"].shape == (64, 4)
+    assert out["nearest_row"].dtype == np.int64 and out["nearest_row"].shape == (64,)
+    np.testing.assert_array_equal(out["nearest_row"], expected.explanations["nearest_row"])
+    np.testing.assert_allclose(out["contributions"], expected.explanations["contributions"])
+    assert read_metadata(path)["outputs"][3:] == [
+        {"name": "contributions", "dtype": "float32", "shape": ["N", 4]},
+        {"name": "nearest_row", "dtype": "int64", "shape": ["N"]},
+    ]
+    report = parity_check(module, 1.0, path, X, **TOLERANCES, calibration_scores=calibration)
+    assert report.passed and report.outputs_compared == names, report.message()
+    assert list(report.outputs) == names
+    assert [o.role for o in report.outputs.values()] == [
+        "score",
+        "decision",
+        "p_value",
+        "float",
+        "exact",
+    ]
+    assert "max contributions diff" in report.message()
+    assert json.loads(json.dumps(report.to_dict()))["outputs"]["nearest_row"]["n_values"] == 64
+    # recalibration keeps every explanation, bit for bit
+    again = run_all(recalibrate_graph(path, 0.5, calibration[:8], tmp_path / "r.onnx"), X)
+    assert list(again) == names
+    np.testing.assert_array_equal(again["contributions"], out["contributions"])
+
+    class Drifted(Explaining):
+        """The same outputs, but contributions off by a relative 1e-5: a real, small diff."""
+
+        def forward(self, x: torch.Tensor) -> Prediction:
+            score, _, explanations = super().forward(x)
+            contributions = explanations["contributions"] * (1 + 1e-5)
+            return Prediction(score, explanations={**explanations, "contributions": contributions})
+
+    loose = parity_check(Drifted(), 1.0, path, X, **TOLERANCES, calibration_scores=calibration)
+    assert loose.passed, loose.message()
+    tight = parity_check(Drifted(), 1.0, path, X, 1e-9, 1e-9, 1.0, calibration_scores=calibration)
+    assert not tight.passed and tight.n_score_mismatches == 0
+    assert tight.outputs["contributions"].n_mismatches > 0
+    assert "contributions values are outside both tolerances" in tight.message()
+    assert "nearest_row" not in tight.message() and "scores are outside" not in tight.message()
+
+    class Renumbered(Explaining):
+        def forward(self, x: torch.Tensor) -> Prediction:
+            score, _, explanations = super().forward(x)
+            renumbered = explanations["nearest_row"] + 1
+            return Prediction(score, explanations={**explanations, "nearest_row": renumbered})
+
+    wrong = parity_check(Renumbered(), 1.0, path, X, **TOLERANCES, calibration_scores=calibration)
+    assert not wrong.passed and wrong.outputs["nearest_row"].n_mismatches == 64
+    assert "64 of 64 nearest_row values differ" in wrong.message()
+
+
+def test_explanations_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
+    class Scalar(nn.Module):
+        def forward(self, x: torch.Tensor) -> Prediction:
+            return Prediction(x[:, 0] * 1.0, explanations={"total": x.sum()})
+
+    expected = r"output 'total' of shape \[\] for 2 rows; expected \[2, \.\.\.\]"
+    with pytest.raises(ValueError, match=expected):
+        export_onnx(Scalar(), 0.0, np.ones((2, 3), np.float32), tmp_path / "s.onnx")
+    assert not (tmp_path / "s.onnx").exists()

@@ -17,18 +17,9 @@ The torch-free side of the file (metadata, the calibration head, recalibration) 
 from normalcy.export.graph import ScorePath, ScoringGraph
 from normalcy.export.int8 import quantize_int8
 from normalcy.export.onnx_export import export_onnx
-from normalcy.export.parity import (
-    FloatTolerance,
-    Int8Tolerance,
-    OutputParity,
-    ParityError,
-    ParityReport,
-    TolerancePolicy,
-    compare,
-    parity_check,
-    quantized_parity_check,
-    require_parity,
-)
+from normalcy.export.parity import compare, parity_check, quantized_parity_check
+from normalcy.export.report import OutputParity, ParityError, ParityReport, require_parity
+from normalcy.export.tolerance import FloatTolerance, Int8Tolerance, TolerancePolicy
 
 __all__ = [
     "FloatTolerance",
