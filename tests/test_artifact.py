@@ -152,11 +152,12 @@ def test_block_layout_pads_at_least_once_and_stays_near_sqrt_n(n: int) -> None:
     blocks = calibration_blocks(calibration)
     n_blocks, size = blocks.shape
     padding = n_blocks * size - n
-    assert 1 <= padding <= size  # block 0 always starts with -inf; never a whole empty block
+    assert 1 <= padding <= size  # the bottom row starts with NaN; never a whole empty row
     assert size * size >= n + 1 and size <= np.sqrt(n + 1) + 1
-    assert np.all(np.isneginf(blocks.reshape(-1)[:padding]))
-    np.testing.assert_array_equal(scores_of_blocks(blocks), np.sort(calibration.astype(np.float32)))
-    assert np.all(np.diff(blocks.reshape(-1)[padding:]) >= 0)
+    assert np.all(np.isnan(blocks[-1, :padding])) and not np.isnan(blocks[:-1]).any()
+    ascending = blocks[::-1].reshape(-1)[padding:]  # bottom row first: every value ascending
+    np.testing.assert_array_equal(ascending, np.sort(calibration.astype(np.float32)))
+    np.testing.assert_array_equal(scores_of_blocks(blocks), ascending)
 
 
 def test_the_head_compares_about_sqrt_n_per_row(tmp_path: Path) -> None:

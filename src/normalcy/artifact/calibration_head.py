@@ -4,15 +4,15 @@
     p_value    = (1 + #{calibration scores >= score}) / (n + 1)
 
 The count is exact (float32 comparisons, as in `conformal_p_values`) but does not compare a score
-with all n calibration scores. The scores are stored sorted, padded at the front with -inf to
-B blocks of b (b = ceil(sqrt(n + 1)), at least one -inf) as the [B, b] initializer
-`calibration_scores`. A score is compared with the first element of each block: the q blocks
-whose first element is >= score lie entirely at or above it (the sorted order makes them the
-last q), and the block just before them is the only one that can hold both. That one block is
-gathered and compared element by element: count = q * b + #{block >= score}, about 2 sqrt(n)
-comparisons per row instead of n. A -inf score is first replaced by the lowest finite float32
-(same count over finite calibration scores, none over the padding); a NaN score counts nothing,
-as the brute-force comparison does.
+with all n calibration scores. The sorted scores are cut into B blocks of b consecutive values
+(b = ceil(sqrt(n + 1))), padded with at least one NaN below the smallest, and stored as the
+[B, b] initializer `calibration_scores`, one block per row from the top block down, each row
+ascending. A score is compared with the first (smallest) value of every row: the q rows whose
+first value is >= score lie wholly at or above it, and they are rows 0..q-1, so row q is the
+only one that can hold values on both sides. That row is gathered and compared value by value:
+count = q * b + #{row q >= score}, about 2 sqrt(n) comparisons per row instead of n. NaN is
+never >= anything, so the padding counts for no score (and keeps q < B, a -inf score included),
+and a NaN score counts nothing, as the brute-force comparison does.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ from normalcy.artifact.names import (
     SCORE_NAME,
     THRESHOLD_NAME,
 )
-
-LOWEST_FLOAT32 = np.finfo(np.float32).min
 
 
 def calibration_array(calibration_scores: np.ndarray) -> np.ndarray:
@@ -93,19 +91,20 @@ def subsample_calibration(
 
 
 def calibration_blocks(calibration_scores: np.ndarray) -> np.ndarray:
-    """The calibration scores sorted ascending, front-padded with at least one -inf, as a float32
-    matrix [B, b] with b = ceil(sqrt(n + 1)): the layout of the blocked p-value lookup."""
+    """The layout of the blocked p-value lookup: the calibration scores sorted, with NaN padding
+    below the smallest (1 to b values), cut into blocks of b = ceil(sqrt(n + 1)) consecutive
+    values, as a float32 matrix [B, b] whose row 0 is the top block (each row ascending)."""
     cal = np.sort(calibration_array(calibration_scores))
     size = math.isqrt(len(cal)) + 1  # ceil(sqrt(n + 1)) for n >= 1, and b * b >= n + 1
     n_blocks = -(-(len(cal) + 1) // size)
-    padding = np.full(n_blocks * size - len(cal), -np.inf, dtype=np.float32)
-    return np.concatenate([padding, cal]).reshape(n_blocks, size)
+    padding = np.full(n_blocks * size - len(cal), np.nan, dtype=np.float32)
+    return np.concatenate([padding, cal]).reshape(n_blocks, size)[::-1].copy()
 
 
 def scores_of_blocks(blocks: np.ndarray) -> np.ndarray:
-    """The sorted calibration scores stored in a [B, b] block matrix (the padding dropped)."""
-    flat = np.asarray(blocks, dtype=np.float32).reshape(-1)
-    return flat[np.isfinite(flat)]
+    """The calibration scores stored in a [B, b] block matrix, sorted (the padding dropped)."""
+    flat = np.asarray(blocks, dtype=np.float32)[::-1].reshape(-1)
+    return flat[np.isfinite(flat)]  # the scores themselves are finite (calibration_array)
 
 
 # --- writing and removing the head -------------------------------------------------------------
@@ -162,24 +161,21 @@ class _HeadWriter:
 def _write_p_value(head: _HeadWriter, calibration: np.ndarray) -> None:
     """The blocked count of the module docstring, as ONNX nodes writing P_VALUE_NAME."""
     blocks = calibration_blocks(calibration)
-    n_blocks, size = blocks.shape
+    size = blocks.shape[1]
     constant = head.constant
     blocks_name = constant(CALIBRATION_NAME, blocks)
     axis = constant(HEAD_PREFIX + "axis_1", np.asarray([1], dtype=np.int64))
     f32 = TensorProto.FLOAT
-
-    neg_inf = constant(HEAD_PREFIX + "neg_inf", _f32(-np.inf))
-    lowest = constant(HEAD_PREFIX + "lowest", _f32(LOWEST_FLOAT32))
-    is_neg_inf = head.node("Equal", [SCORE_NAME, neg_inf])
-    score = head.node("Where", [is_neg_inf, lowest, SCORE_NAME])  # -inf counts as lowest finite
-    column = head.node("Unsqueeze", [score, axis])  # [N, 1]
-    zero = constant(HEAD_PREFIX + "first", np.asarray(0, dtype=np.int64))
-    firsts = head.node("Gather", [blocks_name, zero], axis=1)  # [B], folded to a constant
-    above = head.node("GreaterOrEqual", [firsts, column])  # [N, B]: blocks wholly at or above
-    whole = head.node("ReduceSum", [head.node("Cast", [above], to=f32), axis], keepdims=0)
-    last = constant(HEAD_PREFIX + "last_block", np.asarray(n_blocks - 1, dtype=np.int64))
-    boundary = head.node("Sub", [last, head.node("Cast", [whole], to=TensorProto.INT64)])
+    first = constant(HEAD_PREFIX + "first", np.asarray([0], dtype=np.int64))
+    firsts = head.node("Gather", [blocks_name, first], axis=1)  # [B, 1], folded to a constant
+    # [B, N], not [N, B]: onnxruntime broadcasts one constant against a whole row of scores at a
+    # time, several times faster than one score against a short row of constants.
+    above = head.node("GreaterOrEqual", [firsts, SCORE_NAME])  # rows wholly at or above
+    axis_0 = constant(HEAD_PREFIX + "axis_0", np.asarray([0], dtype=np.int64))
+    whole = head.node("ReduceSum", [head.node("Cast", [above], to=f32), axis_0], keepdims=0)
+    boundary = head.node("Cast", [whole], to=TensorProto.INT64)  # row q
     block = head.node("Gather", [blocks_name, boundary], axis=0)  # [N, b]
+    column = head.node("Unsqueeze", [SCORE_NAME, axis])  # [N, 1]
     within = head.node("GreaterOrEqual", [block, column])  # [N, b]
     partial = head.node("ReduceSum", [head.node("Cast", [within], to=f32), axis], keepdims=0)
     whole_count = head.node("Mul", [whole, constant(HEAD_PREFIX + "block_size", _f32(size))])

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from normalcy.artifact.calibration_head import (
-    LOWEST_FLOAT32,
     calibration_array,
     calibration_blocks,
     check_threshold,
@@ -96,12 +95,9 @@ class ScoringGraph(nn.Module):
     def p_value(self, score: torch.Tensor) -> torch.Tensor:
         """The conformal p-value of each score, counted as the ONNX head counts it."""
         blocks = self.calibration_blocks
-        n_blocks, size = blocks.shape
-        lowest = torch.tensor(LOWEST_FLOAT32, dtype=torch.float32, device=score.device)
-        column = torch.where(score == -torch.inf, lowest, score).unsqueeze(1)
-        whole = (blocks[:, 0] >= column).sum(dim=1)  # blocks wholly at or above the score
-        boundary = blocks[(n_blocks - 1) - whole]  # [N, b]: the one block that can straddle it
-        count = whole * size + (boundary >= column).sum(dim=1)
+        column = score.unsqueeze(1)
+        whole = (blocks[:, 0] >= column).sum(dim=1)  # rows wholly at or above: rows 0..q-1
+        count = whole * blocks.shape[1] + (blocks[whole] >= column).sum(dim=1)
         return (count.to(torch.float32) + 1.0) / (self.n_calibration + 1.0)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
