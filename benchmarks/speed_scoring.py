@@ -11,7 +11,8 @@ otherwise), exports the graph with normalcy.export.export_onnx, and measures in 
   computation (the graph exported without calibration scores: score and is_anomaly);
 - ratio = ORT rows/s / torch rows/s (> 1: onnxruntime is faster);
 - the production graph too (exported with calibration scores, so it also computes the conformal
-  p_value: one comparison per row and calibration score), as `ort_pvalue_graph_*`. onnxruntime
+  p_value: a blocked lookup in the sorted calibration scores, about 2 sqrt(n) comparisons per
+  row), as `ort_pvalue_graph_*`. onnxruntime
   runs every node whatever outputs are requested, so this is what `normalcy score` pays;
 - FLOPs per row, counted on the ONNX graph: every MatMul/Gemm whose weight is a constant of
   shape [K, M] costs K*M multiply-adds per row, i.e. 2*K*M FLOPs (Conv nodes are counted as

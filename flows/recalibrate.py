@@ -15,9 +15,10 @@ from mlflow import MlflowClient
 from prefect import flow
 
 from normalcy import registry
+from normalcy.artifact.calibration_head import subsample_calibration
+from normalcy.artifact.recalibration import recalibrate_graph
 from normalcy.calibration import recalibrated_threshold, robust_normal_scores
 from normalcy.config import load_params
-from normalcy.export import recalibrate_graph, subsample_calibration
 from normalcy.flows.monitor import ChampionBundle, fetch_champion, read_batch
 from normalcy.model_card import model_card
 from normalcy.scoring import score_onnx

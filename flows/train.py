@@ -17,7 +17,7 @@ from normalcy.data.splits import Split, Splits
 from normalcy.data.versioning import DataVersion, snapshot_data
 from normalcy.detectors import Detector
 from normalcy.evaluation.selection import validation_metric
-from normalcy.export import ParityReport, QuantizedParityReport, require_parity
+from normalcy.export import ParityReport, require_parity
 from normalcy.jsonio import write_json
 from normalcy.model_card import model_card
 from normalcy.scoring import load_session, read_metadata, score_onnx
@@ -137,7 +137,7 @@ def quantize_winner(
     splits: Splits,
     params: Params,
     onnx_path: Path,
-) -> tuple[Path | None, QuantizedParityReport | None]:
+) -> tuple[Path | None, ParityReport | None]:
     """INT8 twin of the graph under its own tolerances; its failure never blocks the float model."""
     try:
         path, report = stages.quantize(

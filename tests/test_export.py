@@ -16,19 +16,19 @@ from onnx import TensorProto, helper
 from sklearn.datasets import load_digits
 from torch import nn
 
+from normalcy.artifact.calibration_head import graph_calibration, subsample_calibration
+from normalcy.artifact.recalibration import recalibrate_graph
 from normalcy.detectors import create_detector
+from normalcy.detectors.base import Prediction
 from normalcy.export import (
     ParityError,
-    _p_value_mismatches,
     export_onnx,
-    graph_calibration,
     parity_check,
     quantize_int8,
     quantized_parity_check,
-    recalibrate_graph,
     require_parity,
-    subsample_calibration,
 )
+from normalcy.export.parity import p_value_mismatches
 from normalcy.scoring import load_session, read_metadata, score_onnx
 
 TOLERANCES = {"max_abs": 1e-4, "max_rel": 1e-3, "min_agreement": 1.0}
@@ -280,7 +280,7 @@ def test_p_value_tie_at_the_boundary_is_not_a_mismatch() -> None:
     # row 0: torch ties the two 1.0s (count 3), onnxruntime lands just above them (count 1);
     # row 1: the same scores but another count: a real mismatch; rows 2-3: bit-equal, equal counts
     ort_score = np.array([np.nextafter(np.float32(1.0), np.float32(2.0)), 1.0, 0.5, 3.0])
-    bad = _p_value_mismatches(torch_score, ort_score, p([3, 3, 3, 0]), p([1, 2, 3, 0]), calibration)
+    bad = p_value_mismatches(torch_score, ort_score, p([3, 3, 3, 0]), p([1, 2, 3, 0]), calibration)
     assert bad.tolist() == [False, True, False, False]
 
 
@@ -310,7 +310,7 @@ def test_recalibration_swaps_threshold_and_calibration_scores_not_scores(
     )
     threshold, stored = graph_calibration(out)
     assert threshold == np.float32(median)
-    np.testing.assert_array_equal(stored, calibration)
+    np.testing.assert_array_equal(stored, np.sort(calibration))  # stored sorted for the lookup
     assert read_metadata(out) == {
         **entry["metadata"],
         "threshold": median,
@@ -379,15 +379,15 @@ class FirstColumn(nn.Module):
 class Localizing(nn.Module):
     """A toy image scorer with a map: per-pixel squared deviation, the score its maximum."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Prediction:
         anomaly_map = (x - 0.5).pow(2).mean(dim=1)  # [N, H, W]
-        return anomaly_map.flatten(1).amax(dim=1), anomaly_map
+        return Prediction(anomaly_map.flatten(1).amax(dim=1), anomaly_map)
 
 
 def test_a_localizing_module_exports_an_anomaly_map(tmp_path: Path) -> None:
     images = np.random.default_rng(0).random((12, 3, 4, 5), dtype=np.float32)
     module = Localizing()
-    scores = module(torch.from_numpy(images))[0].numpy()
+    scores = module(torch.from_numpy(images)).score.numpy()
     calibration = scores[:6]
     threshold = float(np.median(scores))
     path = export_onnx(
@@ -396,7 +396,8 @@ def test_a_localizing_module_exports_an_anomaly_map(tmp_path: Path) -> None:
     out = run_all(path, images)
     assert list(out) == [*OUTPUTS, "anomaly_map"]
     assert out["anomaly_map"].shape == (12, 4, 5) and out["anomaly_map"].dtype == np.float32
-    np.testing.assert_allclose(out["anomaly_map"], module(torch.from_numpy(images))[1], atol=1e-6)
+    expected_map = module(torch.from_numpy(images)).anomaly_map
+    np.testing.assert_allclose(out["anomaly_map"], expected_map, atol=1e-6)
     meta = read_metadata(path)
     assert meta["outputs"][-1] == {"name": "anomaly_map", "dtype": "float32", "shape": ["N", 4, 5]}
     report = parity_check(
@@ -405,9 +406,9 @@ def test_a_localizing_module_exports_an_anomaly_map(tmp_path: Path) -> None:
     assert report.passed and report.outputs_compared == [*OUTPUTS, "anomaly_map"], report.message()
 
     class WrongMap(Localizing):
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            score, anomaly_map = super().forward(x)
-            return score, anomaly_map * 2
+        def forward(self, x: torch.Tensor) -> Prediction:
+            score, anomaly_map, _ = super().forward(x)
+            return Prediction(score, anomaly_map * 2)
 
     bad = parity_check(
         WrongMap(), threshold, path, images, **TOLERANCES, calibration_scores=calibration
@@ -420,8 +421,8 @@ def test_a_localizing_module_exports_an_anomaly_map(tmp_path: Path) -> None:
     np.testing.assert_array_equal(recalibrated["anomaly_map"], out["anomaly_map"])
 
     class FlatMap(nn.Module):
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return x.flatten(1).mean(dim=1), x.flatten(1)
+        def forward(self, x: torch.Tensor) -> Prediction:
+            return Prediction(x.flatten(1).mean(dim=1), x.flatten(1))
 
     with pytest.raises(ValueError, match=r"anomaly map of shape \[2, 60\].*expected \[2, H, W\]"):
         export_onnx(FlatMap(), 0.0, images[:2], tmp_path / "flat.onnx")
@@ -547,3 +548,117 @@ def test_missing_or_corrupted_model_files_fail_clearly(tmp_path):
     broken.write_bytes(b"this is not a protobuf")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         load_session(broken)
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 1655])
+def test_torch_p_values_are_the_brute_force_count(n: int) -> None:
+    """ScoringGraph counts with the blocked lookup, bit-identical to comparing with all of them."""
+    from normalcy.export import ScoringGraph
+
+    rng = np.random.default_rng(n)
+    calibration = np.round(rng.normal(size=n), 1).astype(np.float32)  # ties when n is large
+    scores = np.concatenate(
+        [
+            rng.normal(size=300),
+            calibration,
+            [calibration.min() - 1, calibration.max() + 1, -np.inf, np.inf, np.nan],
+        ]
+    ).astype(np.float32)
+    graph = ScoringGraph(FirstColumn(), 0.0, calibration)
+    with torch.no_grad():
+        p = graph(torch.from_numpy(scores[:, None]))["p_value"].numpy()
+    counts = (calibration[None, :] >= scores[:, None]).sum(axis=1)
+    np.testing.assert_array_equal(p, (1 + counts).astype(np.float32) / np.float32(n + 1))
+
+
+class Explaining(nn.Module):
+    """A toy scorer with explanations: per-feature contributions [N, d] and the index of the
+    nearest of five stored rows [N] (int64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("rows", torch.randn(5, 4, generator=generator))
+
+    def forward(self, x: torch.Tensor) -> Prediction:
+        distances = (x[:, None, :] - self.rows[None]).pow(2).sum(dim=2)  # [N, 5]
+        nearest = distances.argmin(dim=1)
+        contributions = (x - self.rows[nearest]).pow(2)
+        return Prediction(
+            x.abs().amax(dim=1),
+            explanations={"nearest_row": nearest, "contributions": contributions},
+        )
+
+
+def test_explanations_are_exported_named_and_pass_parity(tmp_path: Path) -> None:
+    X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    module = Explaining()
+    calibration = module(torch.from_numpy(X[:32])).score.numpy()
+    path = export_onnx(
+        module, 1.0, X[:2], tmp_path / "explained.onnx", calibration_scores=calibration
+    )
+    names = [*OUTPUTS, "contributions", "nearest_row"]
+    out = run_all(path, X)
+    assert list(out) == names
+    expected = module(torch.from_numpy(X))
+    assert out["contributions"].dtype == np.float32 and out["contributions"].shape == (64, 4)
+    assert out["nearest_row"].dtype == np.int64 and out["nearest_row"].shape == (64,)
+    np.testing.assert_array_equal(out["nearest_row"], expected.explanations["nearest_row"])
+    np.testing.assert_allclose(out["contributions"], expected.explanations["contributions"])
+    assert read_metadata(path)["outputs"][3:] == [
+        {"name": "contributions", "dtype": "float32", "shape": ["N", 4]},
+        {"name": "nearest_row", "dtype": "int64", "shape": ["N"]},
+    ]
+    report = parity_check(module, 1.0, path, X, **TOLERANCES, calibration_scores=calibration)
+    assert report.passed and report.outputs_compared == names, report.message()
+    assert list(report.outputs) == names
+    assert [o.role for o in report.outputs.values()] == [
+        "score",
+        "decision",
+        "p_value",
+        "float",
+        "exact",
+    ]
+    assert "max contributions diff" in report.message()
+    assert json.loads(json.dumps(report.to_dict()))["outputs"]["nearest_row"]["n_values"] == 64
+    # recalibration keeps every explanation, bit for bit
+    again = run_all(recalibrate_graph(path, 0.5, calibration[:8], tmp_path / "r.onnx"), X)
+    assert list(again) == names
+    np.testing.assert_array_equal(again["contributions"], out["contributions"])
+
+    class Drifted(Explaining):
+        """The same outputs, but contributions off by a relative 1e-5: a real, small diff."""
+
+        def forward(self, x: torch.Tensor) -> Prediction:
+            score, _, explanations = super().forward(x)
+            contributions = explanations["contributions"] * (1 + 1e-5)
+            return Prediction(score, explanations={**explanations, "contributions": contributions})
+
+    loose = parity_check(Drifted(), 1.0, path, X, **TOLERANCES, calibration_scores=calibration)
+    assert loose.passed, loose.message()
+    tight = parity_check(Drifted(), 1.0, path, X, 1e-9, 1e-9, 1.0, calibration_scores=calibration)
+    assert not tight.passed and tight.n_score_mismatches == 0
+    assert tight.outputs["contributions"].n_mismatches > 0
+    assert "contributions values are outside both tolerances" in tight.message()
+    assert "nearest_row" not in tight.message() and "scores are outside" not in tight.message()
+
+    class Renumbered(Explaining):
+        def forward(self, x: torch.Tensor) -> Prediction:
+            score, _, explanations = super().forward(x)
+            renumbered = explanations["nearest_row"] + 1
+            return Prediction(score, explanations={**explanations, "nearest_row": renumbered})
+
+    wrong = parity_check(Renumbered(), 1.0, path, X, **TOLERANCES, calibration_scores=calibration)
+    assert not wrong.passed and wrong.outputs["nearest_row"].n_mismatches == 64
+    assert "64 of 64 nearest_row values differ" in wrong.message()
+
+
+def test_explanations_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
+    class Scalar(nn.Module):
+        def forward(self, x: torch.Tensor) -> Prediction:
+            return Prediction(x[:, 0] * 1.0, explanations={"total": x.sum()})
+
+    expected = r"output 'total' of shape \[\] for 2 rows; expected \[2, \.\.\.\]"
+    with pytest.raises(ValueError, match=expected):
+        export_onnx(Scalar(), 0.0, np.ones((2, 3), np.float32), tmp_path / "s.onnx")
+    assert not (tmp_path / "s.onnx").exists()

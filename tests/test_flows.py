@@ -16,8 +16,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from normalcy.artifact.calibration_head import graph_calibration
 from normalcy.evaluation.metrics import ranking_metrics
-from normalcy.export import graph_calibration
 from normalcy.scoring import load_session, read_metadata, score_onnx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ import pytest
 from mlflow import MlflowClient
 from onnx import TensorProto, helper
 
+from normalcy.artifact.metadata import read_onnx_metadata, update_metadata
 from normalcy.config import MlflowParams
-from normalcy.export import read_onnx_metadata, update_metadata
 from normalcy.registry import (
     CHALLENGER,
     CHAMPION,

@@ -23,8 +23,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
+from normalcy.artifact.metadata import read_onnx_metadata, update_metadata
 from normalcy.config import MlflowParams
-from normalcy.export import read_onnx_metadata, update_metadata
 from normalcy.jsonio import json_default
 from normalcy.scoring import download_version
 from normalcy.scoring.sources import SQLITE_PREFIX, store_uris

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import normalcy
+from normalcy.artifact.calibration_head import subsample_calibration
 from normalcy.calibration import threshold_at_fpr
 from normalcy.config import (
     CalibrationParams,
@@ -35,12 +36,10 @@ from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
 from normalcy.evaluation.selection import CandidateResult, select_winner, validation_metric
 from normalcy.export import (
     ParityReport,
-    QuantizedParityReport,
     export_onnx,
     parity_check,
     quantize_int8,
     quantized_parity_check,
-    subsample_calibration,
 )
 from normalcy.jsonio import write_json
 from normalcy.validation.cleaning import CleaningResult, clean_training_split
@@ -421,7 +420,7 @@ def quantize(
     params: ExportParams,
     calibration_scores: np.ndarray,
     onnx_path: Path,
-) -> tuple[Path, QuantizedParityReport]:
+) -> tuple[Path, ParityReport]:
     """INT8 twin of the exported graph, compared with torch under the `quantized_*` tolerances.
 
     Never raises on a failed gate: a rejected INT8 file is renamed `.rejected.onnx` and the

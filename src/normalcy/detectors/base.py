@@ -11,10 +11,15 @@ import numpy as np
 import torch
 from torch import nn
 
-SCORE = "score"
-ANOMALY_MAP = "anomaly_map"
+from normalcy.artifact import names
+
+SCORE = names.SCORE_NAME
+ANOMALY_MAP = names.ANOMALY_MAP_NAME
+
 # Output names the graph's calibration head and input own; an explanation may not take them.
-RESERVED_OUTPUT_NAMES = frozenset({SCORE, ANOMALY_MAP, "is_anomaly", "p_value", "input"})
+RESERVED_OUTPUT_NAMES = frozenset(
+    {SCORE, ANOMALY_MAP, names.DECISION_NAME, names.P_VALUE_NAME, names.INPUT_NAME}
+)
 _OUTPUT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 

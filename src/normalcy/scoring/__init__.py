@@ -15,8 +15,7 @@ batch job needs nothing but the .onnx file and onnxruntime. MLflow is imported o
 - `describe`: what `normalcy inspect` prints about a model.
 """
 
-from normalcy.scoring.inputs import InputError, InputSpec, check_rows, input_spec, preview_names
-from normalcy.scoring.names import (
+from normalcy.artifact.names import (
     ANOMALY_MAP_NAME,
     DECISION_NAME,
     METADATA_KEY,
@@ -24,6 +23,7 @@ from normalcy.scoring.names import (
     ROW_OUTPUTS,
     SCORE_NAME,
 )
+from normalcy.scoring.inputs import InputError, InputSpec, check_rows, input_spec, preview_names
 from normalcy.scoring.readers import (
     FILE_ID,
     IMAGE_SUFFIXES,

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import onnxruntime as ort
 
+from normalcy.artifact.names import ANOMALY_MAP_NAME, DECISION_NAME, P_VALUE_NAME, SCORE_NAME
 from normalcy.scoring.inputs import input_spec
-from normalcy.scoring.names import ANOMALY_MAP_NAME, DECISION_NAME, P_VALUE_NAME, SCORE_NAME
 from normalcy.scoring.session import onnx_type_name
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from normalcy.scoring.names import (
+from normalcy.artifact.names import (
     ANOMALY_MAP_NAME,
     DECISION_NAME,
     METADATA_KEY,

@@ -20,9 +20,9 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 
+from normalcy.artifact.names import ANOMALY_MAP_NAME, DECISION_NAME
 from normalcy.atomic import atomic_path
 from normalcy.scoring.inputs import InputError, input_spec
-from normalcy.scoring.names import ANOMALY_MAP_NAME, DECISION_NAME
 from normalcy.scoring.readers import open_input
 from normalcy.scoring.session import output_names, per_row_outputs, read_metadata, score_outputs
 
