@@ -296,8 +296,8 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
 
 
 class ServingParams(BaseModel):
-    """Only what `score`/`serve`/`inspect` read. Validating every section would import the
-    detectors (torch), which a scoring host may not have; other sections are ignored."""
+    """Only what `score`/`serve`/`inspect` read; other sections are ignored, so a scoring host
+    is not held to the training sections."""
 
     model_config = ConfigDict(extra="ignore")
     scoring: ScoringParams = Field(default_factory=ScoringParams)
