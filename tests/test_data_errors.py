@@ -141,8 +141,6 @@ def run_cli(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.Comple
     )
 
 
-@pytest.mark.slow  # each run imports the training side to know its user errors (~10 s)
-@pytest.mark.integration
 @pytest.mark.parametrize(
     ("sets", "fragment"),
     [

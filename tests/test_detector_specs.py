@@ -3,6 +3,7 @@ detectors are caught by `load_params` (naming the key path and what is expected)
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,19 @@ def test_create_detector_and_load_params_refuse_the_same(name, params):
     ]
     with pytest.raises(ConfigError, match=f"train.detectors.{name}."):
         load_params(PARAMS, overrides)
+
+
+def test_cli_refuses_a_bad_detector_param_before_any_work(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "normalcy.cli", "train", "--params", str(PARAMS)]
+        + ["--set", "train.detectors.autoencoder.latent_dim=-1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert done.returncode == 2
+    assert "train.detectors.autoencoder.latent_dim: must be an integer >= 1, got -1" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no artifacts, no MLflow store, no prepared data

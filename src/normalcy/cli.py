@@ -416,6 +416,15 @@ def _user_errors(command: str) -> tuple[type[BaseException], ...]:
     return user_errors()
 
 
+def _is_user_error(command: str, exc: Exception) -> bool:
+    """Bad params or data are the user's to fix whatever the command; they are told apart
+    first, so that reporting them does not import the training side (torch, the flows)."""
+    from normalcy.config import ConfigError
+    from normalcy.data.sources import DataError
+
+    return isinstance(exc, ConfigError | DataError) or isinstance(exc, _user_errors(command))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input ends with a one-paragraph error and exit code 2, no traceback."""
     _quiet_environment()
@@ -429,7 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hide_user_error_tracebacks(lambda: _user_errors(args.command))
     try:
         args.handler(args)
-    except _user_errors(args.command) as exc:  # evaluated only when something was raised
+    except Exception as exc:
+        if not _is_user_error(args.command, exc):
+            raise
         print(f"normalcy {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
