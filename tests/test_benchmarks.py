@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,7 @@ def blob_dataset(path: Path, seed: int) -> None:
     np.savez(path, X=np.vstack([normal, anomalies]), y=np.r_[np.zeros(180), np.ones(20)])
 
 
+@pytest.mark.integration
 def test_quality_tabular_runs_the_pipeline_and_writes_the_documented_json(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -64,6 +66,7 @@ def test_quality_tabular_runs_the_pipeline_and_writes_the_documented_json(tmp_pa
     assert summary["selection_regret"] >= 0
 
 
+@pytest.mark.integration
 def test_quality_tabular_refuses_unknown_datasets(tmp_path):
     blob_dataset(tmp_path / "1_blobs.npz", 0)
     run = subprocess.run(

@@ -131,10 +131,10 @@ def test_maf_flow_exports_with_parity(tmp_path):
 @pytest.mark.parametrize(
     ("name", "params", "match"),
     [
-        ("dagmm", {"n_components": 0}, "n_components must be >= 1, got 0"),
-        ("dagmm", {"latent_dim": 0}, "latent_dim must be >= 1"),
+        ("dagmm", {"n_components": 0}, "n_components must be an integer >= 1, got 0"),
+        ("dagmm", {"latent_dim": 0}, "latent_dim must be an integer >= 1"),
         ("dagmm", {"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-        ("flow", {"n_layers": 0}, "n_layers must be >= 1, got 0"),
+        ("flow", {"n_layers": 0}, "n_layers must be an integer >= 1, got 0"),
         ("flow", {"coupling": "glow"}, r"coupling must be one of \['realnvp', 'maf'\]"),
         ("flow", {"log_scale_bound": 0.0}, "log_scale_bound must be > 0"),
     ],

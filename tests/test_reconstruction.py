@@ -162,5 +162,7 @@ def test_likelihood_ratio_trains_a_background_model_and_exports(data, tmp_path):
 
 
 def test_vae_rejects_unknown_scoring():
-    with pytest.raises(ValueError, match=r"unknown scoring 'nll'.*'elbo', 'likelihood_ratio'"):
+    with pytest.raises(
+        ValueError, match=r"scoring must be one of \['elbo', 'likelihood_ratio'\], got 'nll'"
+    ):
         create_detector("vae", scoring="nll")

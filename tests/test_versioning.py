@@ -48,6 +48,7 @@ def test_find_repo_root(tmp_path: Path) -> None:
     assert find_repo_root(loose) == loose.resolve()
 
 
+@pytest.mark.slow
 def test_add_snapshot_pushes_and_hashes_by_content(tmp_path: Path) -> None:
     repo = _git_repo(tmp_path / "repo")
     data = repo / "data" / "prepared"

@@ -67,17 +67,19 @@ def print_summary(summary: dict) -> None:
     print("                PREFECT_API_URL=http://127.0.0.1:4200/api to see flow runs there")
 
 
-def check_params(args: argparse.Namespace) -> None:
-    """Fail on bad params before a flow (and Prefect's API) starts."""
+def check_params(args: argparse.Namespace) -> Any:
+    """Fail on bad params before a flow (and Prefect's API) starts; the checked Params."""
     from normalcy.config import load_params
 
-    load_params(args.params, args.set)
+    return load_params(args.params, args.set)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from normalcy.data.sources import check_source
+
+    check_source(check_params(args).data)  # a missing file or column: before any work
     from normalcy.flows.train import train_flow
 
-    check_params(args)
     print_summary(train_flow(args.params, args.set))
 
 
@@ -89,16 +91,22 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
 
 def cmd_monitor(args: argparse.Namespace) -> None:
+    from normalcy.data.sources import check_batch_file
+
+    params = check_params(args)
+    check_batch_file(args.batch or params.monitor.batch_path)
     from normalcy.flows.monitor import monitor_flow
 
-    check_params(args)
     print(json.dumps(monitor_flow(args.batch, args.params, args.set), indent=2, default=str))
 
 
 def cmd_recalibrate(args: argparse.Namespace) -> None:
-    from normalcy.flows.recalibrate import recalibrate_flow
+    from normalcy.data.sources import check_batch_file
 
     check_params(args)
+    check_batch_file(args.batch)
+    from normalcy.flows.recalibrate import recalibrate_flow
+
     print(json.dumps(recalibrate_flow(args.batch, args.params, args.set), indent=2, default=str))
 
 
@@ -362,6 +370,15 @@ def _user_errors(command: str) -> tuple[type[BaseException], ...]:
     return user_errors()
 
 
+def _is_user_error(command: str, exc: Exception) -> bool:
+    """Bad params or data are the user's to fix whatever the command; they are told apart
+    first, so that reporting them does not import the training side (torch, the flows)."""
+    from normalcy.config import ConfigError
+    from normalcy.data.sources import DataError
+
+    return isinstance(exc, ConfigError | DataError) or isinstance(exc, _user_errors(command))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input ends with a one-paragraph error and exit code 2, no traceback."""
     _quiet_environment()
@@ -369,9 +386,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = build_parser().parse_args(argv)
+    if args.command not in TORCH_FREE_COMMANDS:
+        from normalcy.run_logs import hide_user_error_tracebacks
+
+        hide_user_error_tracebacks(lambda: _user_errors(args.command))
     try:
         args.handler(args)
-    except _user_errors(args.command) as exc:  # evaluated only when something was raised
+    except Exception as exc:
+        if not _is_user_error(args.command, exc):
+            raise
         print(f"normalcy {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -169,25 +169,9 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _check_detectors(self) -> Params:
-        from normalcy.detectors import available_detectors
-
-        known = available_detectors()
-        for where, names in (
-            ("train.candidates", self.train.candidates),
-            ("clean.detector", [self.clean.detector]),
-            ("train.detectors", list(self.train.detectors)),
-        ):
-            for name in names:
-                if name not in known:
-                    raise ValueError(
-                        f"{where}: unknown detector {name!r}; expected one of {sorted(known)}"
-                    )
-        others = [name for name in self.train.candidates if name != "ensemble"]
-        if "ensemble" in self.train.candidates and len(others) < 2:
-            raise ValueError(
-                f"train.candidates: 'ensemble' combines the other candidates, so it needs at "
-                f"least 2 others; got {others}"
-            )
+        problems = detector_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -204,6 +188,37 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[path] = value
     return flat
+
+
+def detector_problems(params: Params) -> list[str]:
+    """'path: what is wrong' for every detector name and detector param of `params`: candidate
+    names, `clean.detector`, every key under `train.detectors.NAME` and `clean.detector_params`
+    (names, types, ranges, from the torch-free specs; no network is built, torch not imported)."""
+    from normalcy.detectors.registry import known_detectors, param_problems
+
+    known = known_detectors()
+    named = [("train.candidates", name) for name in params.train.candidates]
+    named.append(("clean.detector", params.clean.detector))
+    named += [(f"train.detectors.{name}", name) for name in params.train.detectors]
+    problems = [
+        f"{where}: unknown detector {name!r}; expected one of {known}"
+        for where, name in named
+        if name not in known
+    ]
+    others = [name for name in params.train.candidates if name != "ensemble"]
+    if "ensemble" in params.train.candidates and len(others) < 2:
+        problems.append(
+            f"train.candidates: 'ensemble' combines the other candidates, so it needs at "
+            f"least 2 others; got {others}"
+        )
+    sections = [
+        (f"train.detectors.{name}", name, given) for name, given in params.train.detectors.items()
+    ]
+    sections.append(("clean.detector_params", params.clean.detector, params.clean.detector_params))
+    for where, name, given in sections:
+        if name in known:
+            problems += [f"{where}.{p.path}: {p.text}" for p in param_problems(name, given)]
+    return problems
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
@@ -232,6 +247,9 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
         message = err["msg"]
+        if err["type"] == "value_error" and not err["loc"]:
+            lines.extend(f"  - {line}" for line in str(err["ctx"]["error"]).splitlines())
+            continue
         if err["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see params.yaml for the keys)"
         elif "input" in err and err["type"] != "value_error":
@@ -278,8 +296,8 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
 
 
 class ServingParams(BaseModel):
-    """Only what `score`/`serve`/`inspect` read. Validating every section would import the
-    detectors (torch), which a scoring host may not have; other sections are ignored."""
+    """Only what `score`/`serve`/`inspect` read; other sections are ignored, so a scoring host
+    is not held to the training sections."""
 
     model_config = ConfigDict(extra="ignore")
     scoring: ScoringParams = Field(default_factory=ScoringParams)

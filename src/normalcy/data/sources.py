@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,12 +117,42 @@ def load_npz_dataset(path: Path) -> Dataset:
     )
 
 
-def read_table(path: Path, kind: str) -> pd.DataFrame:
-    """Read csv/parquet, turning pandas' many failure types into one DataError."""
+def check_file(path: Path) -> None:
+    """The file exists and is not empty."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty; expected a header and at least one row")
+
+
+def table_columns(path: Path, kind: str) -> list[str]:
+    """The column names as written in the file, read from the csv header or the parquet
+    schema alone. pandas renames a repeated name (`x`, `x.1`), so repeats are refused here."""
+    try:
+        if kind == "csv":
+            with path.open(newline="", encoding="utf-8-sig") as handle:
+                columns = next(csv.reader(handle), [])
+        else:
+            import pyarrow.parquet as pq
+
+            columns = list(pq.read_schema(path).names)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be read as {kind} ({exc})") from None
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    if repeated:
+        raise DataError(
+            f"{path}: column name(s) {repeated} appear more than once; expected unique column "
+            "names (rename or drop the repeats)"
+        )
+    return columns
+
+
+def read_table(path: Path, kind: str) -> pd.DataFrame:
+    """Read csv/parquet, turning pandas' many failure types into one DataError."""
+    check_file(path)
+    table_columns(path, kind)
     try:
         frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
     except Exception as exc:
@@ -129,6 +160,43 @@ def read_table(path: Path, kind: str) -> pd.DataFrame:
     if frame.empty:
         raise DataError(f"{path}: no rows; expected at least one")
     return frame
+
+
+def check_named_columns(columns: list[str], params: DataParams, source: str) -> None:
+    """The label, id and feature columns named in `data` are in the table."""
+    reserved = [c for c in (params.label_column, params.id_column) if c is not None]
+    missing = [c for c in reserved if c not in columns]
+    if missing:
+        raise DataError(
+            f"{source}: missing column(s) {missing} named in data.label_column/id_column; "
+            f"the file has {columns[:20]}"
+        )
+    missing = [c for c in params.feature_columns or [] if c not in columns]
+    if missing:
+        raise DataError(
+            f"{source}: missing column(s) {missing} named in data.feature_columns; "
+            f"the file has {columns[:20]}"
+        )
+
+
+def check_source(params: DataParams) -> None:
+    """What can be checked without reading the data: the file exists, opens, and (csv/parquet)
+    has unique column names including every one `data` names. Run before a flow starts, so
+    these mistakes end in one message instead of a failed run."""
+    if params.source == "sklearn_digits":
+        return
+    path = Path(params.path)
+    check_file(path)
+    if params.source == "npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                files = list(archive.files)
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+        if "X" not in files:
+            raise DataError(f"{path}: no array 'X' (found {files}); expected X and optional y")
+        return
+    check_named_columns(table_columns(path, params.source), params, str(path))
 
 
 def table_features(frame: pd.DataFrame, feature_columns: list[str], source: str) -> np.ndarray:
@@ -153,9 +221,7 @@ def load_table_dataset(params: DataParams) -> Dataset:
     path = Path(params.path)
     frame = read_table(path, params.source)
     reserved = {params.label_column, params.id_column} - {None}
-    missing = [c for c in reserved if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing} named in data.label_column/id_column")
+    check_named_columns(list(frame.columns), params, str(path))
     feature_columns = params.feature_columns or [c for c in frame.columns if c not in reserved]
     extra = sorted(set(frame.columns) - set(feature_columns) - reserved)
     if params.feature_columns and extra:
@@ -188,11 +254,26 @@ def load_dataset(params: DataParams) -> Dataset:
     return load_table_dataset(params)
 
 
+def check_batch_file(path: str | Path) -> str:
+    """A batch file exists, is npz/csv/parquet and (a table) has unique column names; its
+    suffix. What can be checked before a monitor or recalibrate run starts."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".csv", ".parquet"):
+        raise DataError(
+            f"{path}: unsupported file type {suffix!r}; expected .npz, .csv or .parquet"
+        )
+    check_file(path)
+    if suffix != ".npz":
+        table_columns(path, suffix.lstrip("."))
+    return suffix
+
+
 def load_batch(path: str | Path, feature_names: list[str], input_shape: list[int]) -> np.ndarray:
     """A new batch for scoring or monitoring, checked against the model's input: the same
     columns (csv/parquet) or the same trailing shape (npz), finite values."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = check_batch_file(path)
     if suffix == ".npz":
         X = load_npz_dataset(path).X
         if list(X.shape[1:]) != list(input_shape):
@@ -201,10 +282,6 @@ def load_batch(path: str | Path, feature_names: list[str], input_shape: list[int
                 f"the model expects {list(input_shape)}"
             )
         return X
-    if suffix not in (".csv", ".parquet"):
-        raise DataError(
-            f"{path}: unsupported file type {suffix!r}; expected .npz, .csv or .parquet"
-        )
     frame = read_table(path, suffix.lstrip("."))
     missing = [c for c in feature_names if c not in frame.columns]
     extra = [c for c in frame.columns if c not in feature_names]

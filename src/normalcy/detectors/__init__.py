@@ -1,12 +1,11 @@
 """Detectors: the contract, the registry, and one module per method family.
 
-Every module of this package is imported here, so a method registers itself just by living in
-a file of its own with `@register("name")`; nothing else needs editing to add one."""
+Importing this package imports no torch: the registry imports the method modules the first time
+a detector is asked for, and each registers itself with `@register("name")` in a file of its
+own, so nothing else needs editing to add one. `Detector` (torch) is imported on first use."""
 
-import importlib
-import pkgutil
+from typing import Any
 
-from normalcy.detectors.base import Detector
 from normalcy.detectors.registry import (
     accepted_params,
     available_detectors,
@@ -14,7 +13,12 @@ from normalcy.detectors.registry import (
     register,
 )
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
-
 __all__ = ["Detector", "accepted_params", "available_detectors", "create_detector", "register"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Detector":
+        from normalcy.detectors.base import Detector
+
+        return Detector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
