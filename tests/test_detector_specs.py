@@ -73,6 +73,24 @@ def test_spec_choices_are_the_modules_choices():
         assert describe(info.annotation) == f"one of {list(choices)}"
 
 
+def test_spec_preprocessing_kinds_are_the_built_kinds():
+    from normalcy.detectors.preprocessing import PREPROCESSING
+    from normalcy.detectors.specs import PREPROCESSING_OPTIONS
+
+    assert set(PREPROCESSING_OPTIONS) == set(PREPROCESSING)
+
+
+def test_preprocessing_is_checked_before_any_network_is_built():
+    with pytest.raises(
+        ValueError, match="preprocessing is invalid: unknown preprocessing 'zscore'"
+    ):
+        create_detector("autoencoder", preprocessing="zscore")
+    with pytest.raises(ValueError, match="does not accept option 'size'"):
+        create_detector("knn", preprocessing={"kind": "image", "size": 3})
+    detector = create_detector("vae", preprocessing={"kind": "image", "image_size": 16})
+    assert detector.preprocessing == {"kind": "image", "image_size": 16}
+
+
 def test_create_detector_checks_types_and_ranges_through_the_spec():
     with pytest.raises(ValueError, match="autoencoder: latent_dim must be an integer >= 1, got -1"):
         create_detector("autoencoder", latent_dim=-1)

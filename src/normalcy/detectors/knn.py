@@ -16,9 +16,9 @@ from normalcy.detectors.networks import ScoringModule
 from normalcy.detectors.preprocessing import (
     build_preprocessing,
     fit_preprocessing,
-    parse_preprocessing,
 )
 from normalcy.detectors.registry import register
+from normalcy.detectors.specs import parse_preprocessing
 
 
 def bank_constants(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ them with the module's `state_dict`."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normalcy.detectors.specs import parse_preprocessing
+
 # A scale below this fraction of the median non-zero scale is raised to it: a nearly constant
 # feature (a pixel that is almost always 0) must not be blown up into huge standardized values.
 RELATIVE_SCALE_FLOOR = 0.1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATIONS = ("data", "imagenet")
 
 
 class Identity(nn.Module):
@@ -138,15 +139,10 @@ class Kind:
 
     build: Callable[..., nn.Module]
     fit: Callable[..., nn.Module]
-    options: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
 
 
 def _no_options(input_shape: tuple[int, ...]) -> nn.Module:
     return Affine(input_shape)
-
-
-def _image_size_ok(value: Any) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
 
 
 PREPROCESSING: dict[str, Kind] = {
@@ -159,33 +155,8 @@ PREPROCESSING: dict[str, Kind] = {
             input_shape, image_size
         ),
         _image,
-        {"image_size": _image_size_ok, "normalization": lambda value: value in NORMALIZATIONS},
     ),
 }
-
-
-def parse_preprocessing(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(kind, options) of a `preprocessing` param, or a ValueError naming what is accepted."""
-    if isinstance(spec, Mapping):
-        options = dict(spec)
-        kind = options.pop("kind", None)
-    else:
-        kind, options = spec, {}
-    if kind not in PREPROCESSING:
-        raise ValueError(
-            f"unknown preprocessing {kind!r}; expected one of {sorted(PREPROCESSING)} (or a "
-            "mapping with `kind` set to one of them and that kind's options)"
-        )
-    accepted = PREPROCESSING[kind].options
-    for name, value in options.items():
-        if name not in accepted:
-            raise ValueError(
-                f"preprocessing {kind!r} does not accept option {name!r}; it accepts "
-                f"{sorted(accepted)}"
-            )
-        if not accepted[name](value):
-            raise ValueError(f"preprocessing {kind!r}: invalid {name}={value!r}")
-    return kind, options
 
 
 def fit_preprocessing(spec: str | Mapping[str, Any], train: np.ndarray) -> nn.Module:

@@ -14,7 +14,7 @@ from types import NoneType, UnionType
 from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt, MinLen
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
 
 
 class ParamProblem(NamedTuple):
@@ -57,7 +57,63 @@ UnitFraction = Annotated[Number, Gt(0), Le(1)]  # (0, 1]
 Probability = Annotated[Number, Ge(0), Lt(1)]  # [0, 1)
 Widths = list[PositiveInt]  # hidden layer sizes; empty = no hidden layer
 NonEmptyWidths = Annotated[list[PositiveInt], MinLen(1)]
-Preprocessing = Literal["standardize", "robust", "minmax", "none", "image"]
+
+
+def _image_size_ok(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+
+# Each preprocessing kind (detectors/preprocessing.py builds them) and the options it accepts.
+PREPROCESSING_OPTIONS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "standardize": {},
+    "robust": {},
+    "minmax": {},
+    "none": {},
+    "image": {
+        "image_size": _image_size_ok,
+        "normalization": lambda value: value in ("data", "imagenet"),
+    },
+}
+
+
+def parse_preprocessing(value: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(kind, options) of a `preprocessing` param: a kind's name, or a mapping with `kind` and
+    that kind's options; a ValueError names what is accepted."""
+    if isinstance(value, Mapping):
+        options = dict(value)
+        kind = options.pop("kind", None)
+    else:
+        kind, options = value, {}
+    if kind not in PREPROCESSING_OPTIONS:
+        raise ValueError(
+            f"unknown preprocessing {kind!r}; expected one of {sorted(PREPROCESSING_OPTIONS)} (or "
+            "a mapping with `kind` set to one of them and that kind's options)"
+        )
+    accepted = PREPROCESSING_OPTIONS[kind]
+    for name, option in options.items():
+        if name not in accepted:
+            raise ValueError(
+                f"preprocessing {kind!r} does not accept option {name!r}; it accepts "
+                f"{sorted(accepted)}"
+            )
+        if not accepted[name](option):
+            raise ValueError(f"preprocessing {kind!r}: invalid {name}={option!r}")
+    return kind, options
+
+
+def _checked_preprocessing(value: Any) -> Any:
+    parse_preprocessing(value)
+    return value
+
+
+Preprocessing = Annotated[
+    str | dict[str, Any],
+    AfterValidator(_checked_preprocessing),
+    Expect(
+        f"one of {sorted(PREPROCESSING_OPTIONS)}, or a mapping with `kind` and that kind's "
+        "options (image: image_size, normalization)"
+    ),
+]
 
 
 class DetectorSpec(BaseModel):
@@ -89,6 +145,8 @@ class PreprocessedSpec(DetectorSpec):
 
 class TorchSpec(TrainingSpec, PreprocessedSpec):
     """A `TorchDetector`: network, loss, score head."""
+
+    threads: PositiveInt | None = None  # null: normalcy.threads' rule
 
 
 class AdversarialSpec(TorchSpec):
@@ -313,11 +371,19 @@ def spec_problems(spec_class: type[DetectorSpec], params: Mapping[str, Any]) -> 
     try:
         checked = spec_class.model_validate(known)
     except ValidationError as exc:
-        wrong = dict.fromkeys(str(error["loc"][0]) for error in exc.errors() if error["loc"])
-        for key in wrong:
+        wrong: dict[str, str | None] = {}
+        for error in exc.errors():
+            if error["loc"]:
+                # A validator's own ValueError says more than the type can (preprocessing).
+                reason = (
+                    error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
+                )
+                wrong.setdefault(str(error["loc"][0]), None if reason is None else str(reason))
+        for key, reason in wrong.items():
             info = fields[key]
             expected = describe(info.annotation, info.metadata)
-            problems.append(ParamProblem(key, f"must be {expected}, got {known[key]!r}"))
+            text = f"must be {expected}, got {known[key]!r}"
+            problems.append(ParamProblem(key, text if reason is None else f"is invalid: {reason}"))
         return problems
     return problems + checked.cross_problems(known)
 

@@ -17,8 +17,8 @@ from normalcy.detectors.preprocessing import (
     build_preprocessing,
     fit_preprocessing,
     output_shape,
-    parse_preprocessing,
 )
+from normalcy.detectors.specs import parse_preprocessing
 from normalcy.detectors.training import (
     Rows,
     TrainingHistory,
