@@ -86,7 +86,10 @@ def test_detector_exports_with_parity_or_refuses(name, generated, fitted, tmp_pa
     assert report.passed, report.message()
     assert report.spearman > 0.999
     outputs = [o.name for o in load_session(path).get_outputs()]
-    assert outputs == ["score", "is_anomaly", "p_value"]
+    explanations = sorted(detector.predict(test[:2]))
+    explanations.remove("score")
+    assert outputs == ["score", "is_anomaly", "p_value", *explanations]
+    assert report.outputs_compared == outputs
 
 
 @pytest.mark.parametrize("name", available_detectors())

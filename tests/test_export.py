@@ -70,7 +70,9 @@ def exported(digits: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> di
         export_onnx(
             module, threshold, digits[:32], path, metadata=metadata, calibration_scores=calibration
         )
+        explanations = _explanation_specs(module, digits[:2])
         models[method] = {
+            "outputs": [*OUTPUTS, *(spec["name"] for spec in explanations)],
             "module": module,
             "threshold": threshold,
             "calibration": calibration,
@@ -81,6 +83,7 @@ def exported(digits: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> di
                     {"name": "score", "dtype": "float32", "shape": ["N"]},
                     {"name": "is_anomaly", "dtype": "bool", "shape": ["N"]},
                     {"name": "p_value", "dtype": "float32", "shape": ["N"]},
+                    *explanations,
                 ],
                 "n_p_value_scores": len(calibration),
             },
@@ -88,9 +91,20 @@ def exported(digits: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> di
     return models
 
 
+def _explanation_specs(module: nn.Module, X: np.ndarray) -> list[dict]:
+    """The outputs a method adds after the calibration head (its explanations), as metadata."""
+    with torch.no_grad():
+        outputs = module(torch.from_numpy(X)).named_outputs()
+    return [
+        {"name": name, "dtype": str(t.dtype).replace("torch.", ""), "shape": ["N", *t.shape[1:]]}
+        for name, t in outputs.items()
+        if name != "score"
+    ]
+
+
 def _torch_scores(module: nn.Module, X: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return module(torch.from_numpy(X)).numpy()
+        return module(torch.from_numpy(X)).score.numpy()
 
 
 def _sha(path: Path) -> str:
@@ -105,7 +119,7 @@ def test_export_is_one_file_with_named_io_and_dynamic_batch(exported: dict, meth
     model = onnx.load(str(path), load_external_data=False)
     assert not any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
     assert [i.name for i in model.graph.input] == ["input"]
-    assert [o.name for o in model.graph.output] == OUTPUTS
+    assert [o.name for o in model.graph.output] == exported[method]["outputs"]
     initializers = {t.name for t in model.graph.initializer}
     assert {"threshold", "calibration_scores"} <= initializers
     dims = model.graph.input[0].type.tensor_type.shape.dim
@@ -143,7 +157,7 @@ def test_parity_passes_for_the_exported_model(
         calibration_scores=entry["calibration"],
     )
     assert report.passed, report.message()
-    assert report.outputs_compared == OUTPUTS and report.missing_outputs == []
+    assert report.outputs_compared == entry["outputs"] and report.missing_outputs == []
     assert report.n_p_value_mismatches == 0
     assert report.max_abs_diff <= 1e-4
     assert report.n_rows == len(digits)
@@ -155,11 +169,13 @@ def test_parity_passes_for_the_exported_model(
 
 
 def test_parity_fails_against_a_different_model(exported: dict, digits: np.ndarray) -> None:
-    other = exported["deep_svdd"]
+    # The autoencoder's graph has an explanation output that deep_svdd's lacks: the file whose
+    # outputs are a subset is the one compared, so the report is about the scores.
+    other = exported["autoencoder"]
     report = parity_check(
         other["module"],
         other["threshold"],
-        exported["autoencoder"]["path"],
+        exported["deep_svdd"]["path"],
         digits,
         **TOLERANCES,
         calibration_scores=other["calibration"],
@@ -301,7 +317,7 @@ def test_recalibration_swaps_threshold_and_calibration_scores_not_scores(
     assert result == out
 
     after = run_all(out, digits)
-    assert list(after) == OUTPUTS
+    assert list(after) == entry["outputs"]
     np.testing.assert_array_equal(after["score"], before["score"])  # bit-identical
     np.testing.assert_array_equal(after["is_anomaly"], after["score"] > np.float32(median))
     assert 0.45 < after["is_anomaly"].mean() <= 0.5
@@ -439,7 +455,7 @@ def test_int8_twin_passes_loose_and_fails_impossible_tolerances(
     args = (entry["module"], entry["threshold"], int8, digits)
     loose = quantized_parity_check(*args, 1.0, 0.9, 0.9, calibration_scores=entry["calibration"])
     assert loose.passed, loose.message()
-    assert loose.spearman > 0.99 and loose.outputs_compared == OUTPUTS
+    assert loose.spearman > 0.99 and loose.outputs_compared == entry["outputs"]
     assert "INT8 parity passed" in loose.message()
     strict = quantized_parity_check(*args, 1e-9, 1.0, 1.0, calibration_scores=entry["calibration"])
     assert not strict.passed

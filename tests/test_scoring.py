@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from normalcy.artifact.names import ROW_OUTPUTS
 from normalcy.cli import main
 from normalcy.scoring import (
     DECISION_NAME,
@@ -34,6 +35,7 @@ from normalcy.scoring import (
     score_onnx,
     score_outputs,
 )
+from normalcy.scoring.writer import table_columns
 
 N_FEATURES = 64
 FEATURES = [f"x{i}" for i in range(N_FEATURES)]
@@ -147,7 +149,7 @@ def test_score_outputs_gives_every_output_by_name_whatever_the_chunk(table_model
     only = score_outputs(session, X[:5], names=[P_VALUE_NAME])
     assert list(only) == [P_VALUE_NAME]
     assert {k: v.shape for k, v in score_outputs(session, X[:0]).items()} == {
-        name: (0,) for name in whole
+        name: (0, *values.shape[1:]) for name, values in whole.items()
     }
     with pytest.raises(ValueError, match=r"no output\(s\) \['anomaly_map'\]"):
         score_outputs(session, X[:5], names=["anomaly_map"])
@@ -216,7 +218,10 @@ def test_score_cli_matches_onnxruntime_for_each_input_kind(table_model, tmp_path
 
     result = read_result(out)
     id_name = "row" if kind == "npz" else "id"  # npz has no id column: the row number
-    assert list(result.columns) == [id_name, SCORE_NAME, DECISION_NAME, P_VALUE_NAME]
+    explanations = table_columns({k: v for k, v in expected.items() if k not in ROW_OUTPUTS})
+    assert list(result.columns) == [id_name, SCORE_NAME, DECISION_NAME, P_VALUE_NAME, *explanations]
+    for column, values in explanations.items():  # the detector's explanation, flattened
+        np.testing.assert_array_equal(result[column].to_numpy(values.dtype), values)
     expected_ids = list(range(len(X))) if kind == "npz" else frame_of(X)["id"].tolist()
     assert result[id_name].tolist() == expected_ids
     np.testing.assert_array_equal(result[SCORE_NAME].to_numpy(np.float32), expected[SCORE_NAME])
