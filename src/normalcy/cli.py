@@ -74,12 +74,24 @@ def check_params(args: argparse.Namespace) -> Any:
     return load_params(args.params, args.set)
 
 
+def flow_with_api_booting(module: str, name: str) -> Callable[..., Any]:
+    """Import a flow of `normalcy.flows` while Prefect's temporary API boots beside the import
+    (see normalcy.prefect_api); returns the flow once the API answers."""
+    import importlib
+
+    from normalcy.prefect_api import start_temporary_api_early
+
+    api_ready = start_temporary_api_early()
+    flow = getattr(importlib.import_module(f"normalcy.flows.{module}"), name)
+    api_ready()
+    return flow
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from normalcy.data.sources import check_source
 
     check_source(check_params(args).data)  # a missing file or column: before any work
-    from normalcy.flows.train import train_flow
-
+    train_flow = flow_with_api_booting("train", "train_flow")
     print_summary(train_flow(args.params, args.set))
 
 
@@ -95,8 +107,7 @@ def cmd_monitor(args: argparse.Namespace) -> None:
 
     params = check_params(args)
     check_batch_file(args.batch or params.monitor.batch_path)
-    from normalcy.flows.monitor import monitor_flow
-
+    monitor_flow = flow_with_api_booting("monitor", "monitor_flow")
     print(json.dumps(monitor_flow(args.batch, args.params, args.set), indent=2, default=str))
 
 
@@ -105,8 +116,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> None:
 
     check_params(args)
     check_batch_file(args.batch)
-    from normalcy.flows.recalibrate import recalibrate_flow
-
+    recalibrate_flow = flow_with_api_booting("recalibrate", "recalibrate_flow")
     print(json.dumps(recalibrate_flow(args.batch, args.params, args.set), indent=2, default=str))
 
 
