@@ -86,9 +86,12 @@ def first_threshold(root: Path, summary: dict) -> float:
 
 
 def client_for(root: Path) -> MlflowClient:
+    """A client of this project's store. The registry URI is set too: MLflow keeps the one an
+    earlier flow set process-wide, and a client would otherwise read another test's registry."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
 
 
 def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained, monkeypatch):

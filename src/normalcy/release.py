@@ -93,7 +93,7 @@ def publish_version(
     """Log the reference and suite, register the graph as `challenger`, and log its metadata,
     its INT8 twin (when given) and its model card, which also becomes the version's
     description. Runs inside the active MLflow run."""
-    mlflow.log_dict(validation_spec, artifacts.RUN_VALIDATION_SPEC)
+    registry.log_json(validation_spec, artifacts.RUN_VALIDATION_SPEC)  # may hold numpy values
     mlflow.log_artifact(str(reference), artifacts.RUN_REFERENCE_DIR)
     registered = registry.register_challenger(onnx_path, model_name, tags)
     mlflow.log_dict(registered.metadata, artifacts.RUN_CARD_METADATA)
