@@ -63,10 +63,10 @@ def trained(tmp_path_factory, prefect_harness):
 
     root = git_repo(tmp_path_factory.mktemp("project"))
     write_params(root, FAST)
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:  # in the project only while it trains
         patch.chdir(root)
         summary = train_flow("params.yaml")
-        yield root, summary
+    return root, summary
 
 
 def train_project(
@@ -468,10 +468,18 @@ def test_deployments_exist_with_their_cron_schedules(prefect_harness):
     assert found["normalcy-train/train"] == [(params.schedule.train_cron, "Europe/Paris")]
 
 
+def this_checkout_env() -> dict[str, str]:
+    """The environment for a subprocess that must import this checkout's normalcy from any
+    folder (a relative PYTHONPATH=src would not follow it there)."""
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def test_cli_reports_bad_params_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "normalcy.cli", "train", "--set", "train.candidates=[nope]"],
         cwd=tmp_path,
+        env=this_checkout_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -514,7 +522,13 @@ def test_monitor_and_recalibrate_flows_import_no_torch_and_src_imports_no_flows(
         "print(loaded)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=this_checkout_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     assert result.stdout.strip() == "[]", result.stdout
     src = REPO_ROOT / "src" / "normalcy"
