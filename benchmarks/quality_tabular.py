@@ -35,7 +35,8 @@ from sklearn.model_selection import train_test_split
 from normalcy.config import CleanParams, TrainParams, load_params
 from normalcy.data.splits import Split
 from normalcy.evaluation.metrics import ranking_metrics
-from normalcy.stages import cleaning_detector, fit_candidates
+from normalcy.pipeline.clean import cleaning_detector
+from normalcy.pipeline.train import fit_candidates
 from normalcy.validation.cleaning import clean_training_split
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,10 +21,17 @@ from normalcy.evaluation.metrics import ranking_metrics
 from normalcy.scoring import load_session, read_metadata, score_onnx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# One cheap candidate: these tests are about the flows, not about selection (test_pipeline.py).
 FAST = {
-    "train": {"epochs": 4, "patience": 3},
+    "train": {"epochs": 4, "patience": 3, "candidates": ["autoencoder"]},
     "clean": {"epochs": 3, "max_iter": 2},
 }
+LOOSE_INT8 = [
+    "export.quantize=true",
+    "export.quantized_max_rel=100",
+    "export.quantized_min_spearman=-1",
+    "export.quantized_min_agreement=0.01",
+]
 
 
 def write_params(root: Path, updates: dict) -> Path:
@@ -50,15 +57,27 @@ def git_repo(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, prefect_harness):
-    """One real training run in a temp git repo; yields (repo, summary)."""
+    """One real training run in a temp git repo; yields (repo, summary). Tests that use it only
+    read it: a test that trains again or recalibrates makes its own project (`train_project`)."""
     from normalcy.flows.train import train_flow
 
     root = git_repo(tmp_path_factory.mktemp("project"))
     write_params(root, FAST)
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:  # in the project only while it trains
         patch.chdir(root)
         summary = train_flow("params.yaml")
-        yield root, summary
+    return root, summary
+
+
+def train_project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str] | None = None
+) -> tuple[Path, dict]:
+    """A project of this test's own (temp git repo, MLflow store, DVC remote) with one training
+    run done in it; the current folder is the project."""
+    from normalcy.flows.train import train_flow
+
+    root = _fresh_project(tmp_path, {"versioning": {"enabled": False}}, monkeypatch)
+    return root, train_flow("params.yaml", overrides)
 
 
 def first_threshold(root: Path, summary: dict) -> float:
@@ -67,9 +86,12 @@ def first_threshold(root: Path, summary: dict) -> float:
 
 
 def client_for(root: Path) -> MlflowClient:
+    """A client of this project's store. The registry URI is set too: MLflow keeps the one an
+    earlier flow set process-wide, and a client would otherwise read another test's registry."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
 
 
 def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained, monkeypatch):
@@ -152,18 +174,12 @@ def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained, monke
     assert {"roc_pr_test.png", "scores_test.png"} <= plots
 
 
-def test_second_run_goes_through_the_promotion_gate(trained, monkeypatch):
+def test_second_run_goes_through_the_promotion_gate(tmp_path, prefect_harness, monkeypatch):
     from normalcy.flows.train import train_flow
 
-    root, first = trained
-    monkeypatch.chdir(root)
-    loose_int8 = [
-        "export.quantize=true",
-        "export.quantized_max_rel=100",
-        "export.quantized_min_spearman=-1",
-        "export.quantized_min_agreement=0.01",
-    ]
-    summary = train_flow("params.yaml", ["train.epochs=1", "clean.enabled=false", *loose_int8])
+    root, first = train_project(tmp_path, monkeypatch)
+    assert first["model_version"] == "1"
+    summary = train_flow("params.yaml", ["train.epochs=1", "clean.enabled=false", *LOOSE_INT8])
     client = client_for(root)
     version = client.get_model_version(summary["model_name"], summary["model_version"])
     assert summary["model_version"] == "2"
@@ -194,11 +210,11 @@ def test_second_run_goes_through_the_promotion_gate(trained, monkeypatch):
     assert version.tags["promotion_reason"] == summary["promotion_reason"]
 
 
-def test_monitor_detects_drift_and_recalibrates(trained, monkeypatch):
+def test_monitor_detects_drift_and_recalibrates(tmp_path, prefect_harness, monkeypatch):
     from normalcy.flows.monitor import monitor_flow
 
-    root, _ = trained
-    monkeypatch.chdir(root)
+    # a champion with an INT8 twin, so recalibration must hand a recalibrated twin on
+    root, _ = train_project(tmp_path, monkeypatch, LOOSE_INT8)
     client = client_for(root)
     before = client.get_model_version_by_alias("normalcy", "champion")
     with np.load(root / "data" / "prepared" / "test.npz") as test:
@@ -226,6 +242,12 @@ def test_monitor_detects_drift_and_recalibrates(trained, monkeypatch):
     assert f"Recalibrated from version {before.version}" in card
     # a champion with an INT8 twin hands a recalibrated twin to its successor
     assert ("int8_artifact" in after.tags) == ("int8_artifact" in before.tags)
+    assert "int8_artifact" in before.tags
+    twin_uri = after.tags["int8_artifact"]
+    with tempfile.TemporaryDirectory() as tmp:
+        twin_meta = read_metadata(mlflow.artifacts.download_artifacts(twin_uri, dst_path=tmp))
+    assert twin_meta["threshold"] == pytest.approx(recalibration["threshold"])
+    assert twin_meta["model_version"] == int(after.version)
     assert (root / "artifacts" / "drift_report.json").exists()
     assert result["validation_passed"] is False  # values beyond the training range
     # the recalibrated champion carries the batch as its new reference: the same batch is normal now
@@ -283,7 +305,7 @@ def test_failed_validation_stops_the_flow_and_saves_the_report(
 ):
     """Anomalies far outside the training range land only in val/test: GX must stop the flow."""
     from normalcy.flows.train import train_flow
-    from normalcy.stages import DataValidationFailed
+    from normalcy.pipeline.validate import DataValidationFailed
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(150, 3))
@@ -337,6 +359,7 @@ def test_unlabelled_data_uses_the_label_free_criterion(tmp_path, prefect_harness
         {
             "data": {"source": "npz", "path": str(tmp_path / "unlabelled.npz")},
             "versioning": {"enabled": False},
+            "train": {**FAST["train"], "candidates": ["knn", "autoencoder"]},
         },
         monkeypatch,
     )
@@ -410,7 +433,7 @@ def test_dvc_repro_reproduces_the_flow(trained, tmp_path):
     assert (clone / "artifacts" / "model.onnx").exists() and (clone / "dvc.lock").exists()
     metrics = json.loads((clone / "artifacts" / "metrics.json").read_text())
     flow_metrics = json.loads((root / "artifacts" / "metrics.json").read_text())
-    # the flow's first run wrote metrics.json; later tests reran the flow with other params
+    # the flow's run logged the same threshold as the stages reached
     assert metrics["threshold"] == pytest.approx(first_threshold(root, summary), rel=1e-5)
     assert set(metrics) == set(flow_metrics)
 
@@ -445,10 +468,18 @@ def test_deployments_exist_with_their_cron_schedules(prefect_harness):
     assert found["normalcy-train/train"] == [(params.schedule.train_cron, "Europe/Paris")]
 
 
+def this_checkout_env() -> dict[str, str]:
+    """The environment for a subprocess that must import this checkout's normalcy from any
+    folder (a relative PYTHONPATH=src would not follow it there)."""
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def test_cli_reports_bad_params_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "normalcy.cli", "train", "--set", "train.candidates=[nope]"],
         cwd=tmp_path,
+        env=this_checkout_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -459,7 +490,8 @@ def test_cli_reports_bad_params_without_traceback(tmp_path):
 
 
 def test_monitor_without_champion_says_to_train_first(tmp_path, prefect_harness, monkeypatch):
-    from normalcy.flows.monitor import NoChampionError, monitor_flow
+    from normalcy.errors import NoChampionError
+    from normalcy.flows.monitor import monitor_flow
 
     _fresh_project(tmp_path, {}, monkeypatch)
     pd.DataFrame({"pixel_0_0": [0.0]}).to_csv(tmp_path / "project" / "batch.csv", index=False)
@@ -468,7 +500,8 @@ def test_monitor_without_champion_says_to_train_first(tmp_path, prefect_harness,
 
 
 def test_two_recalibrations_never_run_at_once(tmp_path):
-    from normalcy.flows.recalibrate import RecalibrationBusy, exclusive
+    from normalcy.errors import RecalibrationBusy
+    from normalcy.recalibration import exclusive
 
     lock = tmp_path / "recalibrate.lock"
     with exclusive(lock):
@@ -477,3 +510,33 @@ def test_two_recalibrations_never_run_at_once(tmp_path):
                 pass
     with exclusive(lock):  # released after the first one ended
         assert lock.exists()
+
+
+def test_monitor_and_recalibrate_flows_import_no_torch_and_src_imports_no_flows():
+    """Monitor and recalibrate only read ONNX graphs: an ops host without torch can run them.
+    And layers point one way: nothing in src/normalcy imports the flows (cli starts them)."""
+    code = (
+        "import sys\n"
+        "import normalcy.flows.monitor, normalcy.flows.recalibrate\n"
+        "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('normalcy.detectors')]\n"
+        "print(loaded)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=this_checkout_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]", result.stdout
+    src = REPO_ROOT / "src" / "normalcy"
+    importers = [
+        path.relative_to(src).as_posix()
+        for path in src.rglob("*.py")
+        if "flows" not in path.relative_to(src).parts[:1]
+        and path.name != "cli.py"
+        and "normalcy.flows" in path.read_text()
+    ]
+    assert importers == []

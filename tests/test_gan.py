@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from normalcy import stages
 from normalcy.config import ExportParams
 from normalcy.detectors import create_detector
 from normalcy.detectors.anogan import anogan_distance
 from normalcy.evaluation.selection import CandidateResult, select_winner
 from normalcy.export import export_onnx, parity_check
+from normalcy.pipeline import export as export_step
 
 
 def plane_data(n: int, seed: int) -> np.ndarray:
@@ -67,10 +67,10 @@ def test_anogan_default_is_never_exported_nor_selected(anogan, data, tmp_path):
     with pytest.raises(NotImplementedError, match="not exportable.*encoder=True"):
         anogan.scoring_module()
     export_args = {"calibration_scores": np.ones(8)}
-    if "calibration_scores" not in inspect.signature(stages.export).parameters:
+    if "calibration_scores" not in inspect.signature(export_step.export).parameters:
         export_args = {}
     with pytest.raises(ValueError, match="not exportable"):
-        stages.export(
+        export_step.export(
             anogan, 1.0, x, ExportParams(path=str(tmp_path / "m.onnx")), {}, **export_args
         )
     assert not (tmp_path / "m.onnx").exists()

@@ -19,12 +19,12 @@ from onnx import TensorProto, helper
 
 from normalcy.artifact.metadata import read_onnx_metadata, update_metadata
 from normalcy.config import MlflowParams
+from normalcy.promotion import decide_promotion, promote_if_better
 from normalcy.registry import (
     CHALLENGER,
     CHAMPION,
     INT8_TAG,
     MAX_PARAM_VAL_LENGTH,
-    decide_promotion,
     describe_version,
     download_run_artifact,
     load_champion,
@@ -32,7 +32,6 @@ from normalcy.registry import (
     log_json,
     log_onnx_model,
     log_params_flat,
-    promote_if_better,
     register_challenger,
     resolve_tracking_uri,
     set_champion,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -108,3 +109,13 @@ def realised_fpr(normal_scores: np.ndarray, threshold: float) -> float:
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold!r}")
     return float(np.mean(scores > float(threshold)))
+
+
+@dataclass
+class OperatingPoint:
+    """A threshold, the false-positive rate it was set for, and the normal scores it came from
+    (which also define a graph's p-values): what an exported graph and its drift reference hold."""
+
+    threshold: float
+    target_fpr: float
+    calibration_scores: np.ndarray

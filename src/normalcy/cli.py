@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_stage(args: argparse.Namespace) -> None:
     from normalcy.config import load_params
-    from normalcy.stage_runner import run_stage
+    from normalcy.pipeline.runner import run_stage
 
     run_stage(args.name, load_params(args.params, args.set))
 
@@ -359,7 +359,7 @@ class _StageNames:
     stage code, which imports torch, and the scoring commands must start without it."""
 
     def _names(self) -> tuple[str, ...]:
-        from normalcy.stage_runner import STAGES
+        from normalcy.pipeline.runner import STAGES
 
         return STAGES
 

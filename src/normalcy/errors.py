@@ -1,14 +1,21 @@
-"""Which exceptions are the user's to fix (printed as one message) rather than bugs (traceback)."""
+"""Which exceptions are the user's to fix (printed as one message) rather than bugs (traceback),
+and the ones that only the flows raise. Nothing here imports the flows."""
 
 from __future__ import annotations
+
+
+class NoChampionError(RuntimeError):
+    """Monitoring and recalibration need a registered champion."""
+
+
+class RecalibrationBusy(RuntimeError):
+    """Another recalibration holds the lock: two at once would race on the champion alias."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Bad params, bad data, failed validation or parity, missing champion, busy lock, DVC."""
     from normalcy.data.versioning import VersioningError
     from normalcy.export import ParityError
-    from normalcy.flows.monitor import NoChampionError
-    from normalcy.flows.recalibrate import RecalibrationBusy
 
     # ConfigError, DataError and DataValidationError are ValueErrors.
     return (

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -328,93 +327,6 @@ def load_champion(model_name: str, dst_dir: str | Path) -> Champion | None:
         onnx_path=onnx_file,
         tags=dict(mv.tags),
     )
-
-
-@dataclass
-class PromotionDecision:
-    """Whether the challenger became champion, and why, in a sentence for people."""
-
-    promoted: bool
-    reason: str
-    challenger_metric: float
-    champion_metric: float | None
-    metric_name: str
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.6g}"
-
-
-def decide_promotion(
-    challenger_version: str,
-    metric_name: str,
-    challenger_metric: float,
-    champion_metric: float | None,
-    champion_version: str | None,
-) -> PromotionDecision:
-    """The promotion rule, free of MLflow: the challenger wins when there is no champion, or its
-    metric is strictly higher on the same test data; ties and NaN keep what is served."""
-    ch = f"challenger version {challenger_version} ({metric_name}={_fmt(challenger_metric)})"
-
-    def decide(promoted: bool, reason: str) -> PromotionDecision:
-        return PromotionDecision(promoted, reason, challenger_metric, champion_metric, metric_name)
-
-    if champion_version is not None and champion_version == str(challenger_version):
-        return decide(False, f"Version {challenger_version} already is the champion.")
-    if math.isnan(challenger_metric):
-        return decide(False, f"The {ch} has no usable metric (NaN); the champion is kept.")
-    if champion_version is None:
-        return decide(True, f"There is no champion yet, so the {ch} becomes champion.")
-    cv = f"champion version {champion_version}"
-    if champion_metric is None or math.isnan(champion_metric):
-        return decide(True, f"The {cv} has no usable {metric_name}, so the {ch} replaces it.")
-    if challenger_metric > champion_metric:
-        return decide(
-            True,
-            f"The {ch} beats the {cv} ({metric_name}={_fmt(champion_metric)}) on the same test "
-            "data and becomes champion.",
-        )
-    return decide(
-        False,
-        f"The {ch} is not better than the {cv} ({metric_name}={_fmt(champion_metric)}) on the "
-        "same test data; the champion is kept.",
-    )
-
-
-def promote_if_better(
-    model_name: str,
-    challenger_version: str,
-    metric_name: str,
-    challenger_metric: float,
-    champion_metric: float | None,
-) -> PromotionDecision:
-    """Move the `champion` alias to the challenger when `decide_promotion` says so, and record
-    the decision as tags on the challenger version so the registry explains itself.
-
-    `champion_metric` is the current champion's metric on the challenger's test data, computed
-    by the caller (None when there is no champion). If the registry has no champion alias the
-    challenger is promoted whatever `champion_metric` says, so a model is always served.
-    """
-    client = MlflowClient()
-    challenger_version = str(challenger_version)
-    current = _alias_version(client, model_name, CHAMPION)
-    decision = decide_promotion(
-        challenger_version, metric_name, challenger_metric, champion_metric, current
-    )
-    if decision.promoted:
-        client.set_registered_model_alias(model_name, CHAMPION, challenger_version)
-    tags = {
-        "promotion_decision": "promoted" if decision.promoted else "not_promoted",
-        "promotion_reason": decision.reason,
-        "promotion_metric": metric_name,
-        "challenger_metric": _fmt(challenger_metric),
-        "champion_metric": "none" if champion_metric is None else _fmt(champion_metric),
-        "champion_version_before": current or "none",
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, challenger_version, key, value)
-    log.info("%s: %s", model_name, decision.reason)
-    return decision
 
 
 def set_champion(model_name: str, version: str) -> None:

@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pytest
 
-from normalcy import stages
 from normalcy.config import (
     CalibrationParams,
     CleanParams,
@@ -15,6 +14,7 @@ from normalcy.config import (
 from normalcy.data.sources import load_dataset
 from normalcy.data.splits import split_dataset
 from normalcy.detectors.autoencoder import Autoencoder
+from normalcy.pipeline import artifacts, clean, evaluate, export, train
 
 
 class LabelSpy(Autoencoder):
@@ -37,9 +37,9 @@ def splits():
 
 
 def test_labels_reach_only_detectors_that_declare_them(splits):
-    quiet = stages.fit_detector(LabelSpy(epochs=1), splits.train, splits.val)
+    quiet = train.fit_detector(LabelSpy(epochs=1), splits.train, splits.val)
     assert quiet.seen_labels == (None, None)
-    using = stages.fit_detector(LabelUsingSpy(epochs=1), splits.train, splits.val)
+    using = train.fit_detector(LabelUsingSpy(epochs=1), splits.train, splits.val)
     assert np.array_equal(using.seen_labels[0], splits.val.y)
     assert np.array_equal(using.seen_labels[1], splits.train.y)
 
@@ -47,31 +47,32 @@ def test_labels_reach_only_detectors_that_declare_them(splits):
 def test_train_evaluate_calibrates_on_validation_normals(splits, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = TrainParams(epochs=5, candidates=["autoencoder", "deep_svdd"])
-    detectors, results, winner = stages.train_candidates(splits.train, splits.val, params)
+    detectors, results, winner = train.train_candidates(splits.train, splits.val, params)
     assert [r.name for r in results] == ["autoencoder", "deep_svdd"]
     assert winner.metric == max(r.metric for r in results)
-    saved = json.loads(stages.CANDIDATES.read_text())
+    saved = json.loads(artifacts.CANDIDATES.read_text())
     assert saved["winner"] == winner.name
-    loaded = stages.load_winner()
+    loaded = train.load_winner()
     assert np.allclose(
         loaded.score(splits.test.X[:5]), detectors[winner.name].score(splits.test.X[:5])
     )
 
-    evaluation = stages.evaluate(
+    evaluation = evaluate.evaluate(
         loaded, splits, EvaluateParams(), CalibrationParams(target_fpr=0.05)
     )
     normal_val = evaluation.val_scores[splits.val.y == 0]
     assert evaluation.n_calibration == len(normal_val)
     assert np.mean(normal_val > evaluation.threshold) <= 0.05
     assert 0 <= evaluation.test["fpr"] <= 1 and "auroc" in evaluation.test
-    threshold, calibration_scores = stages.load_evaluation(EvaluateParams())
-    assert threshold == pytest.approx(evaluation.threshold)
-    assert len(calibration_scores) == evaluation.n_calibration
+    point = evaluate.load_operating_point(EvaluateParams())
+    assert point.threshold == pytest.approx(evaluation.threshold)
+    assert len(point.calibration_scores) == evaluation.n_calibration
+    assert point.target_fpr == 0.05
 
 
 def test_model_metadata_describes_the_input(splits):
     detector = Autoencoder(epochs=1).fit(splits.train.X)
-    metadata = stages.model_metadata(
+    metadata = export.model_metadata(
         detector, splits.feature_names, splits.test.X, 1.5, 0.01, 180, 18, {"data_version": "x"}
     )
     assert metadata["input"]["shape"] == ["N", 64]
@@ -84,7 +85,7 @@ def test_model_metadata_describes_the_input(splits):
 def test_ensemble_candidate_combines_the_best_fitted_candidates(splits, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = TrainParams(candidates=["autoencoder", "deep_svdd", "ensemble"], epochs=3)
-    detectors, results, _ = stages.train_candidates(splits.train, splits.val, params)
+    detectors, results, _ = train.train_candidates(splits.train, splits.val, params)
     ensemble = detectors["ensemble"]
     assert sorted(m.name for m in ensemble.fitted) == ["autoencoder", "deep_svdd"]
     assert ensemble.fitted[0] is detectors[ensemble.fitted[0].name]  # reused, not retrained
@@ -106,9 +107,9 @@ def test_ensemble_needs_two_other_candidates(tmp_path):
 def test_candidates_without_a_training_loop_take_only_the_settings_they_accept(splits):
     """knn and iforest have no epochs/learning rate; the shared train.* settings skip them."""
     params = TrainParams(candidates=["knn", "iforest", "autoencoder"], epochs=2)
-    detectors, results, winner = stages.fit_candidates(splits.train, splits.val, params)
+    detectors, results, winner = train.fit_candidates(splits.train, splits.val, params)
     assert [r.name for r in results] == ["knn", "iforest", "autoencoder"]
     assert detectors["iforest"].seed == params.seed
     assert winner.name in detectors and all(np.isfinite(r.metric) for r in results)
-    clean = stages.cleaning_detector(CleanParams(detector="knn", epochs=3))()
-    assert clean.name == "knn"
+    cleaner = clean.cleaning_detector(CleanParams(detector="knn", epochs=3))()
+    assert cleaner.name == "knn"

@@ -1,0 +1,112 @@
+"""What the monitor flow checks: the champion with the reference it was trained on, a new batch
+against its input and Great Expectations suite, and drift between the two. Torch-free."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from normalcy import registry
+from normalcy.config import MlflowParams, MonitorParams
+from normalcy.data.sources import load_batch
+from normalcy.drift import DriftReport, detect_drift
+from normalcy.errors import NoChampionError
+from normalcy.pipeline import artifacts
+from normalcy.scoring import read_metadata, score_onnx
+from normalcy.validation.suite import ValidationReport, save_report, validate_batch
+
+
+@dataclass
+class ChampionBundle:
+    """The champion's graph, its metadata and the reference it was trained with."""
+
+    version: str
+    run_id: str
+    onnx_path: Path
+    metadata: dict
+    reference_X: np.ndarray
+    reference_scores: np.ndarray
+    feature_names: list[str]
+    validation_spec: dict
+
+
+def fetch_champion(params: MlflowParams, workdir: str | Path) -> ChampionBundle:
+    """Download the champion's ONNX file, drift reference and validation suite from MLflow."""
+    champion = registry.load_champion(params.model_name, workdir)
+    if champion is None:
+        raise NoChampionError(
+            f"model {params.model_name!r} has no 'champion' in {params.tracking_uri}; "
+            "run `normalcy train` first"
+        )
+    reference_path = registry.download_run_artifact(
+        champion.run_id, artifacts.RUN_DRIFT_REFERENCE, workdir
+    )
+    with np.load(reference_path, allow_pickle=False) as reference:
+        X, scores, names = reference["X"], reference["scores"], reference["feature_names"].tolist()
+    metadata = read_metadata(str(champion.onnx_path))
+    spec_path = registry.download_run_artifact(
+        champion.run_id, artifacts.RUN_VALIDATION_SPEC, workdir
+    )
+    spec = json.loads(Path(spec_path).read_text())
+    return ChampionBundle(
+        champion.version, champion.run_id, champion.onnx_path, metadata, X, scores, names, spec
+    )
+
+
+def read_batch(batch_path: str | Path, champion: ChampionBundle) -> np.ndarray:
+    """The batch, checked against the champion's input (columns, shape, finite values)."""
+    return load_batch(batch_path, champion.feature_names, list(champion.reference_X.shape[1:]))
+
+
+def validate_monitor_batch(batch: np.ndarray, champion: ChampionBundle) -> ValidationReport:
+    """The champion's Great Expectations suite on the batch, written to the monitor report;
+    reported, not blocking: values out of the training range are themselves a sign of drift."""
+    report = validate_batch(batch, champion.validation_spec, "monitor batch")
+    save_report([report], artifacts.MONITOR_VALIDATION)
+    return report
+
+
+def check_drift(batch: np.ndarray, champion: ChampionBundle, params: MonitorParams) -> DriftReport:
+    """Per-feature KS tests with BH-FDR, plus a shift of the score distribution."""
+    batch_scores, _ = score_onnx(str(champion.onnx_path), batch)
+    return detect_drift(
+        champion.reference_X,
+        batch,
+        champion.feature_names,
+        champion.reference_scores,
+        batch_scores,
+        params.fdr,
+        params.score_shift_alpha,
+        threshold=float(champion.metadata["threshold"]),
+    )
+
+
+def drift_metrics(report: DriftReport, validation: ValidationReport) -> dict[str, float]:
+    """What a monitor run logs as MLflow metrics."""
+    return {
+        "features_drifted": report.n_features_drifted,
+        "score_shift_p_value": report.score_p_value,
+        "alert_rate_batch": report.alert_rate_batch or 0.0,
+        "drifted": float(report.drifted),
+        "validation_failures": len(validation.failures),
+    }
+
+
+def monitor_result(
+    report: DriftReport, validation: ValidationReport, champion: ChampionBundle
+) -> dict:
+    """The monitor flow's answer: drift, validation and which champion was checked."""
+    return {
+        "drifted": report.drifted,
+        "features_drifted": report.n_features_drifted,
+        "score_shifted": report.score_shifted,
+        "retrain_recommended": report.n_features_drifted > 0,
+        "validation_passed": validation.success,
+        "validation_failures": len(validation.failures),
+        "champion_version": champion.version,
+        "report_path": str(artifacts.DRIFT_REPORT),
+        "recalibration": None,
+    }

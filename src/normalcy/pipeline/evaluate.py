@@ -1,0 +1,115 @@
+"""Step 5, evaluate: the threshold from held-out normal validation scores at the target FPR;
+test metrics once, for the report only (nothing is chosen on them)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from normalcy.calibration import OperatingPoint, threshold_at_fpr
+from normalcy.config import CalibrationParams, EvaluateParams
+from normalcy.data.splits import Splits
+from normalcy.detectors import Detector
+from normalcy.evaluation.metrics import ranking_metrics, threshold_metrics
+from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
+from normalcy.jsonio import write_json
+from normalcy.pipeline import artifacts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    """The winner's operating point and report: what export and the card need."""
+
+    threshold: float
+    target_fpr: float
+    n_calibration: int
+    calibration_scores: np.ndarray
+    val_scores: np.ndarray
+    test_scores: np.ndarray
+    test: dict[str, float]
+    plots: list[str]
+
+    def operating_point(self) -> OperatingPoint:
+        return OperatingPoint(self.threshold, self.target_fpr, self.calibration_scores)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for key in ("calibration_scores", "val_scores", "test_scores"):
+            out.pop(key)
+        return out
+
+
+def _plots(
+    splits: Splits,
+    val_scores: np.ndarray,
+    test_scores: np.ndarray,
+    threshold: float,
+    params: EvaluateParams,
+) -> list[str]:
+    """ROC/PR on test (when it has both classes) and the test and validation score histograms."""
+    folder = artifacts.plots_dir(params)
+    test = splits.test
+    plots = []
+    if test.y is not None and test.has_both_classes:
+        plots.append(plot_roc_pr(test.y, test_scores, "test", folder / artifacts.ROC_PR_TEST_PLOT))
+    plots.append(
+        plot_score_histogram(
+            test_scores, test.y, threshold, "test scores", folder / artifacts.SCORES_TEST_PLOT
+        )
+    )
+    plots.append(
+        plot_score_histogram(
+            val_scores,
+            splits.val.y,
+            threshold,
+            "validation scores",
+            folder / artifacts.SCORES_VAL_PLOT,
+        )
+    )
+    return [str(path) for path in plots]
+
+
+def evaluate(
+    detector: Detector,
+    splits: Splits,
+    params: EvaluateParams,
+    calibration: CalibrationParams,
+) -> Evaluation:
+    """The winner's threshold, test metrics and plots; writes the metrics and the calibration
+    scores for the export step."""
+    val_scores = detector.score(splits.val.X)
+    calibration_scores = val_scores if splits.val.y is None else val_scores[splits.val.y == 0]
+    threshold = threshold_at_fpr(calibration_scores, calibration.target_fpr)
+    test_scores = detector.score(splits.test.X)
+    test: dict[str, float] = {}
+    if splits.test.y is not None:
+        test = {
+            **ranking_metrics(splits.test.y, test_scores),
+            **threshold_metrics(splits.test.y, test_scores, threshold),
+        }
+    evaluation = Evaluation(
+        threshold,
+        calibration.target_fpr,
+        len(calibration_scores),
+        calibration_scores,
+        val_scores,
+        test_scores,
+        test,
+        _plots(splits, val_scores, test_scores, threshold, params),
+    )
+    write_json(evaluation.to_dict(), artifacts.metrics(params))
+    np.save(artifacts.calibration_scores(params), calibration_scores)
+    log.info("threshold %.5g at target FPR %.3f; test %s", threshold, calibration.target_fpr, test)
+    return evaluation
+
+
+def load_operating_point(params: EvaluateParams) -> OperatingPoint:
+    """The operating point `evaluate` wrote (metrics file and calibration scores)."""
+    metrics = json.loads(artifacts.metrics(params).read_text())
+    scores = np.load(artifacts.calibration_scores(params))
+    return OperatingPoint(float(metrics["threshold"]), float(metrics["target_fpr"]), scores)

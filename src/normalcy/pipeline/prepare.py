@@ -1,0 +1,19 @@
+"""Step 1, prepare: load the source, split it (stratified, seeded, leakage-checked), write it."""
+
+from __future__ import annotations
+
+from normalcy.config import DataParams, PrepareParams
+from normalcy.data.sources import load_dataset
+from normalcy.data.splits import Splits, load_splits, save_splits, split_dataset
+
+
+def prepare(data: DataParams, params: PrepareParams) -> Splits:
+    """The splits of the configured source, written to `prepare.output_dir` for the next steps."""
+    splits = split_dataset(load_dataset(data), params)
+    save_splits(splits, params.output_dir, {"source": data.source, "path": data.path})
+    return splits
+
+
+def load_prepared(params: PrepareParams) -> Splits:
+    """The splits the prepare step wrote (what a later `normalcy stage` starts from)."""
+    return load_splits(params.output_dir)
