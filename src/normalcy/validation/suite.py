@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +26,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from normalcy.config import ValidateParams  # noqa: E402
+from normalcy.validation.failures import (  # noqa: E402
+    EXAMPLES,
+    IMAGE_SHAPE_CHECK,
+    SHAPE_CHECK,
+    UNIQUE_COLUMNS_CHECK,
+    image_failure,
+    jsonable,
+    make_failure,
+    sort_key,
+    tabular_failure,
+)
 
 SPEC_VERSION = 1
-EXAMPLES = 5
 # Numeric numpy dtypes accepted by ExpectColumnValuesToBeInTypeList (bool and object are not).
 NUMERIC_TYPES = [
     "float16",
@@ -44,20 +53,6 @@ NUMERIC_TYPES = [
     "uint32",
     "uint64",
 ]
-# Python-side checks (GX cannot see array shapes or duplicate labels) use these names.
-SHAPE_CHECK = "expect_array_shape"
-IMAGE_SHAPE_CHECK = "expect_image_shape"
-UNIQUE_COLUMNS_CHECK = "expect_unique_column_names"
-_ORDER = {
-    SHAPE_CHECK: 0,
-    IMAGE_SHAPE_CHECK: 0,
-    UNIQUE_COLUMNS_CHECK: 0,
-    "expect_table_columns_to_match_ordered_list": 1,
-    "expect_table_row_count_to_be_between": 2,
-    "expect_column_values_to_be_in_type_list": 3,
-    "expect_column_values_to_not_be_null": 4,
-    "expect_column_values_to_be_between": 5,
-}
 
 
 class DataValidationError(ValueError):
@@ -84,7 +79,7 @@ class ValidationReport:
 
     def to_dict(self) -> dict:
         """Strict JSON (no NaN/inf literals), so any JSON reader can load the report."""
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def summary(self) -> str:
         """One header line, then one line per failed expectation."""
@@ -96,7 +91,7 @@ class ValidationReport:
         lines = [head]
         for failure in self.failures:
             where = f" [{failure['column']}]" if failure.get("column") is not None else ""
-            examples = _jsonable(failure.get("examples", []))
+            examples = jsonable(failure.get("examples", []))
             lines.append(
                 f"  - {failure['expectation']}{where}: {failure['details']}; examples: {examples}"
             )
@@ -221,14 +216,16 @@ def _validate_tabular(
         dupes = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
         python_checks += 1
         if dupes:
-            failure = _failure(UNIQUE_COLUMNS_CHECK, None, f"duplicate column names {dupes}", dupes)
+            failure = make_failure(
+                UNIQUE_COLUMNS_CHECK, None, f"duplicate column names {dupes}", dupes
+            )
             return _report(batch_name, len(frame), [failure], python_checks)
     else:
         array = np.asarray(batch)
         python_checks += 1
         if array.ndim != 2 or array.shape[1] != len(names):
             detail = f"expected an array of shape [n, {len(names)}], got {list(array.shape)}"
-            failure = _failure(SHAPE_CHECK, None, detail, [list(array.shape)])
+            failure = make_failure(SHAPE_CHECK, None, detail, [list(array.shape)])
             return _report(batch_name, _length(array), [failure], python_checks)
         frame = pd.DataFrame(array, columns=names)
 
@@ -242,8 +239,8 @@ def _validate_tabular(
             name, frame[name].dtype, ranges[name], spec.get("range_mostly", 1.0)
         )
     results = _run_gx(frame, expectations)
-    failures = [_tabular_failure(r, names, spec["min_rows"]) for r in results if not r.success]
-    failures.sort(key=lambda f: _sort_key(f, names))
+    failures = [tabular_failure(r, names, spec["min_rows"]) for r in results if not r.success]
+    failures.sort(key=lambda f: sort_key(f, names))
     return _report(batch_name, len(frame), failures, len(results) + python_checks)
 
 
@@ -257,7 +254,7 @@ def _validate_images(
     if array.ndim != 4 or list(array.shape[1:]) != [c, h, w]:
         got = list(array.shape[1:]) if array.ndim == 4 else f"an array of shape {list(array.shape)}"
         detail = f"expected images of shape {[c, h, w]}, got {got}"
-        failure = _failure(IMAGE_SHAPE_CHECK, None, detail, [list(array.shape)])
+        failure = make_failure(IMAGE_SHAPE_CHECK, None, detail, [list(array.shape)])
         return _report(batch_name, _length(array), [failure], 1)
 
     # Long frame: one column per channel, one row per (image, pixel); row r is image r // (h*w).
@@ -276,8 +273,8 @@ def _validate_images(
         )
     results = _run_gx(long, expectations)
     geometry = (h, w, spec["feature_names"])
-    failures = [_image_failure(r, spec["min_rows"], geometry) for r in results if not r.success]
-    failures.sort(key=lambda f: _sort_key(f, channels))
+    failures = [image_failure(r, spec["min_rows"], geometry) for r in results if not r.success]
+    failures.sort(key=lambda f: sort_key(f, channels))
     return _report(batch_name, n, failures, len(results) + 1)
 
 
@@ -363,165 +360,9 @@ def _gx() -> Any:
     return gx
 
 
-# -- turning GX results into failures ------------------------------------------------------
-
-
-def _tabular_failure(result: Any, names: list[str], min_rows: int) -> dict:
-    kind, column, info = _unpack(result)
-    error = _exception_message(result)
-    if error is not None:
-        return _failure(kind, column, f"could not evaluate: {error}", [])
-    if kind == "expect_table_columns_to_match_ordered_list":
-        return _columns_failure(info.get("observed_value") or [], names)
-    if kind == "expect_table_row_count_to_be_between":
-        observed = info.get("observed_value")
-        return _failure(kind, None, f"{observed} rows, need at least {min_rows}", [observed])
-    if kind == "expect_column_values_to_be_in_type_list":
-        return _type_failure(kind, column, info)
-    count, total = info.get("unexpected_count"), info.get("element_count")
-    rows = _jsonable(info.get("partial_unexpected_index_list") or [])[:EXAMPLES]
-    if kind == "expect_column_values_to_not_be_null":
-        detail = f"{count} of {total} values are null/NaN (rows {rows})"
-        return _failure(kind, column, detail, rows)
-    if kind == "expect_column_values_to_be_between":
-        low, high = _bounds(result)
-        values = _jsonable(info.get("partial_unexpected_list") or [])[:EXAMPLES]
-        detail = f"{count} of {total} values outside [{low:.6g}, {high:.6g}] (rows {rows})"
-        return _failure(kind, column, detail, values)
-    return _failure(kind, column, json.dumps(_jsonable(info))[:300], [])
-
-
-def _image_failure(result: Any, min_rows: int, geometry: tuple[int, int, list[str]]) -> dict:
-    h, w, names = geometry
-    kind, column, info = _unpack(result)
-    error = _exception_message(result)
-    if error is not None:
-        return _failure(kind, column, f"could not evaluate: {error}", [])
-    if kind == "expect_table_row_count_to_be_between":
-        images = (info.get("observed_value") or 0) // (h * w)
-        return _failure(kind, None, f"{images} images, need at least {min_rows}", [images])
-    if kind == "expect_column_values_to_be_in_type_list":
-        return _type_failure(kind, column, info)
-    channel = int(column.rsplit("_", 1)[1]) if column else 0
-    indices = _jsonable(info.get("partial_unexpected_index_list") or [])[:EXAMPLES]
-    where = [_pixel(int(i), channel, h, w, names) for i in indices]
-    count = info.get("unexpected_count")
-    total = info.get("element_count")
-    if kind == "expect_column_values_to_not_be_null":
-        detail = f"{count} of {total} pixel values are null/NaN (at {where})"
-        return _failure(kind, column, detail, sorted({int(i) // (h * w) for i in indices}))
-    if kind == "expect_column_values_to_be_between":
-        low, high = _bounds(result)
-        values = _jsonable(info.get("partial_unexpected_list") or [])[:EXAMPLES]
-        detail = f"{count} of {total} pixel values outside [{low:.6g}, {high:.6g}] (at {where})"
-        return _failure(kind, column, detail, values)
-    return _failure(kind, column, json.dumps(_jsonable(info))[:300], [])
-
-
-def _pixel(row: int, channel: int, h: int, w: int, names: list[str]) -> str:
-    image, offset = divmod(row, h * w)
-    return f"image {image} {names[channel * h * w + offset]}"
-
-
-def _columns_failure(observed: list, expected: list[str]) -> dict:
-    observed = [str(c) for c in observed]
-    missing = [c for c in expected if c not in set(observed)]
-    extra = [c for c in observed if c not in set(expected)]
-    parts = []
-    if missing:
-        parts.append(f"missing columns {_clip(missing)}")
-    if extra:
-        parts.append(f"unexpected columns {_clip(extra)}")
-    if not parts:
-        moved = [
-            f"{e!r} at position {i}, found {o!r}"
-            for i, (e, o) in enumerate(zip(expected, observed, strict=False))
-            if e != o
-        ]
-        parts.append(f"columns out of order: expected {_clip(moved)}")
-    examples = (missing + extra)[:EXAMPLES] or observed[:EXAMPLES]
-    return _failure("expect_table_columns_to_match_ordered_list", None, "; ".join(parts), examples)
-
-
-def _type_failure(kind: str, column: str | None, info: dict) -> dict:
-    if "observed_value" in info:  # aggregate version: the column's dtype
-        observed = info["observed_value"]
-        detail = f"dtype {observed}, expected a numeric dtype (int/float)"
-        return _failure(kind, column, detail, [observed])
-    values = _jsonable(info.get("partial_unexpected_list") or [])[:EXAMPLES]
-    types = sorted({type(v).__name__ for v in info.get("partial_unexpected_list") or []})
-    detail = (
-        f"object column: {info.get('unexpected_count')} values of python type {types} "
-        "are not numpy numbers"
-    )
-    return _failure(kind, column, detail, values)
-
-
-def _unpack(result: Any) -> tuple[str, str | None, dict]:
-    config = result.expectation_config
-    return config.type, config.kwargs.get("column"), dict(result.result or {})
-
-
-def _bounds(result: Any) -> tuple[float, float]:
-    kwargs = result.expectation_config.kwargs
-    return float(kwargs["min_value"]), float(kwargs["max_value"])
-
-
-def _exception_message(result: Any) -> str | None:
-    """GX reports errors either flat or keyed by metric id; either way, return the message."""
-    info = result.exception_info or {}
-    if "raised_exception" in info:
-        entries = [info]
-    else:
-        entries = [v for v in info.values() if isinstance(v, dict)]
-    for entry in entries:
-        if entry.get("raised_exception") or entry.get("exception_message"):
-            message = str(entry.get("exception_message") or "exception")
-            return message.strip().splitlines()[-1][:300] if message.strip() else "exception"
-    return None
-
-
-def _failure(expectation: str, column: str | None, details: str, examples: list) -> dict:
-    return {
-        "expectation": expectation,
-        "column": column,
-        "details": details,
-        "examples": _jsonable(list(examples)[:EXAMPLES]),
-    }
-
-
 def _report(batch_name: str, n_rows: int, failures: list[dict], checked: int) -> ValidationReport:
     return ValidationReport(batch_name, not failures, int(n_rows), failures, checked)
 
 
-def _sort_key(failure: dict, columns: list[str]) -> tuple[int, int]:
-    column = failure.get("column")
-    position = columns.index(column) if column in columns else -1
-    return position, _ORDER.get(failure["expectation"], 9)
-
-
 def _length(array: np.ndarray) -> int:
     return int(array.shape[0]) if array.ndim >= 1 else 0
-
-
-def _clip(items: list[str], limit: int = 20) -> str:
-    shown = ", ".join(repr(i) for i in items[:limit])
-    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-    return f"[{shown}{more}]"
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values; NaN/inf become the strings 'nan'/'inf'/'-inf' so the JSON stays strict."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if value is None or value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
