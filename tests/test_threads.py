@@ -66,3 +66,31 @@ def test_torch_threads_restores_the_previous_count():
     with threads.torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_train_threads_reach_the_candidates_that_train():
+    from normalcy.config import TrainParams
+    from normalcy.pipeline.train import build_candidate
+
+    params = TrainParams(threads=1, candidates=["autoencoder", "knn"])
+    assert build_candidate("autoencoder", params).threads == 1
+    assert not hasattr(build_candidate("knn", params), "threads")  # knn trains no network
+
+
+def test_a_small_network_trains_on_one_thread_and_the_count_is_restored():
+    import numpy as np
+    import torch
+
+    from normalcy.detectors.autoencoder import Autoencoder
+
+    class Probe(Autoencoder):
+        def on_epoch_end(self, epoch: int) -> None:
+            self.threads_seen = torch.get_num_threads()
+
+    rows = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    with threads.torch_threads(2):
+        automatic = Probe(epochs=1).fit(rows)
+        assert torch.get_num_threads() == 2
+        overridden = Probe(epochs=1, threads=2).fit(rows)
+    assert automatic.threads_seen == 1  # a few thousand parameters
+    assert overridden.threads_seen == 2

@@ -77,6 +77,7 @@ class CleanParams(_Section):
     mad_threshold: float = Field(3.5, gt=0)
     top_fraction: float | None = Field(None, gt=0, lt=0.5)
     epochs: int = Field(15, ge=1)
+    threads: int | None = Field(None, ge=1)  # null: normalcy.threads' rule
     log_path: str = "artifacts/cleaning_log.json"
 
 
@@ -90,6 +91,7 @@ class TrainParams(_Section):
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     patience: int = Field(8, ge=1)
+    threads: int | None = Field(None, ge=1)  # null: normalcy.threads' rule
     ensemble_top_k: int = Field(3, ge=2)
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

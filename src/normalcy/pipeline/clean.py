@@ -19,7 +19,7 @@ def cleaning_detector(params: CleanParams) -> Callable[[], Detector]:
     """A factory of fresh cleaning detectors, one per cleaning iteration."""
 
     def make() -> Detector:
-        settings = {"epochs": params.epochs, "seed": params.seed}
+        settings = {"epochs": params.epochs, "seed": params.seed, "threads": params.threads}
         return create_with_settings(params.detector, params.detector_params, settings)
 
     return make

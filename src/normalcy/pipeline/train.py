@@ -21,7 +21,15 @@ from normalcy.pipeline import artifacts
 
 log = logging.getLogger(__name__)
 
-TRAINING_SETTINGS = {"epochs", "batch_size", "learning_rate", "weight_decay", "patience", "seed"}
+TRAINING_SETTINGS = {
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "patience",
+    "seed",
+    "threads",
+}
 
 
 def build_candidate(name: str, params: TrainParams) -> Detector:

@@ -22,6 +22,7 @@ from normalcy.artifact.names import (
     ROW_OUTPUTS,
     SCORE_NAME,
 )
+from normalcy.threads import scoring_threads
 
 _OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -47,9 +48,11 @@ ORT_DTYPES = {
 class SessionSettings:
     """onnxruntime session options, chosen on purpose rather than left to the defaults.
 
-    `intra_op_threads` (None: onnxruntime's default, one per physical core) parallelises inside
-    an operator (the GEMMs); `inter_op_threads` runs independent operators at once and matters
-    only with `execution_mode="parallel"`, which rarely helps these chain-shaped graphs. Cap
+    `intra_op_threads` parallelises inside an operator (the GEMMs); None applies the rule of
+    `normalcy.threads`: every CPU this process may use (affinity and cgroup quota), where
+    onnxruntime's own default counts the machine's cores and oversubscribes a container.
+    `inter_op_threads` runs independent operators at once and matters only with
+    `execution_mode="parallel"`, which rarely helps these chain-shaped graphs. Cap
     `intra_op_threads` when several workers share a machine.
     """
 
@@ -71,11 +74,11 @@ class SessionSettings:
             ("inter_op_threads", self.inter_op_threads),
         ):
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or null for the default), got {value}")
+                raise ValueError(f"{name} must be >= 1 (or null for automatic), got {value}")
         options = ort.SessionOptions()
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[self.graph_optimization]
         options.execution_mode = _EXECUTION_MODES[self.execution_mode]
-        options.intra_op_num_threads = self.intra_op_threads or 0  # 0: onnxruntime decides
+        options.intra_op_num_threads = scoring_threads(self.intra_op_threads)
         options.inter_op_num_threads = self.inter_op_threads
         return options
 
