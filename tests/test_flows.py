@@ -94,6 +94,8 @@ def client_for(root: Path) -> MlflowClient:
     return MlflowClient(uri, registry_uri=uri)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained, monkeypatch):
     root, summary = trained
     for key in (
@@ -174,6 +176,8 @@ def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained, monke
     assert {"roc_pr_test.png", "scores_test.png"} <= plots
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_second_run_goes_through_the_promotion_gate(tmp_path, prefect_harness, monkeypatch):
     from normalcy.flows.train import train_flow
 
@@ -210,6 +214,8 @@ def test_second_run_goes_through_the_promotion_gate(tmp_path, prefect_harness, m
     assert version.tags["promotion_reason"] == summary["promotion_reason"]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_monitor_detects_drift_and_recalibrates(tmp_path, prefect_harness, monkeypatch):
     from normalcy.flows.monitor import monitor_flow
 
@@ -256,6 +262,8 @@ def test_monitor_detects_drift_and_recalibrates(tmp_path, prefect_harness, monke
     assert not again["drifted"] and again["recalibration"] is None
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_monitor_rejects_batch_with_other_columns(trained, monkeypatch):
     from normalcy.data.sources import DataError
     from normalcy.flows.monitor import monitor_flow
@@ -282,6 +290,8 @@ def _registered_versions(root: Path) -> int:
     return len(client_for(root).search_model_versions("name='normalcy'"))
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_nan_in_features_fails_before_training_and_registers_nothing(
     tmp_path, prefect_harness, monkeypatch
 ):
@@ -300,6 +310,8 @@ def test_nan_in_features_fails_before_training_and_registers_nothing(
     assert not (root / "artifacts" / "model.onnx").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_failed_validation_stops_the_flow_and_saves_the_report(
     tmp_path, prefect_harness, monkeypatch
 ):
@@ -327,6 +339,8 @@ def test_failed_validation_stops_the_flow_and_saves_the_report(
     assert not (root / "artifacts" / "winner.pt").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_parity_failure_registers_nothing_and_says_why(tmp_path, prefect_harness, monkeypatch):
     from normalcy.export import ParityError
     from normalcy.flows.train import train_flow
@@ -346,6 +360,8 @@ def test_parity_failure_registers_nothing_and_says_why(tmp_path, prefect_harness
     assert (root / "artifacts" / "model.rejected.onnx").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_unlabelled_data_uses_the_label_free_criterion(tmp_path, prefect_harness, monkeypatch):
     """No labels anywhere: selection, promotion and the summary still work, without test AUROC."""
     from sklearn.datasets import load_digits
@@ -387,6 +403,8 @@ def test_unlabelled_data_uses_the_label_free_criterion(tmp_path, prefect_harness
     assert (root / "artifacts" / "model.onnx").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_images_train_export_and_monitor(tmp_path, prefect_harness, monkeypatch):
     """Digits as (n, 1, 8, 8) images through the whole flow, then a monitor check."""
     from normalcy.flows.monitor import monitor_flow
@@ -410,6 +428,8 @@ def test_images_train_export_and_monitor(tmp_path, prefect_harness, monkeypatch)
     assert result["features_drifted"] == 0  # held-out normal images: same distribution
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_dvc_repro_reproduces_the_flow(trained, tmp_path):
     """`dvc repro` in a copy of the project runs the same stage functions as the flow, so with
     the same params it reaches the same threshold and test metrics."""
@@ -438,6 +458,8 @@ def test_dvc_repro_reproduces_the_flow(trained, tmp_path):
     assert set(metrics) == set(flow_metrics)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_deployments_exist_with_their_cron_schedules(prefect_harness):
     import asyncio
 
@@ -489,6 +511,8 @@ def test_cli_reports_bad_params_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_monitor_without_champion_says_to_train_first(tmp_path, prefect_harness, monkeypatch):
     from normalcy.errors import NoChampionError
     from normalcy.flows.monitor import monitor_flow

@@ -75,6 +75,7 @@ def records(X: np.ndarray) -> list[dict]:
     return [dict(zip(FEATURES, map(float, row), strict=True)) for row in X]
 
 
+@pytest.mark.integration
 def test_scores_over_http_equal_in_process_onnxruntime(server, model) -> None:
     X = model["X"][:MAX_BATCH]
     expected = score_outputs(model["session"], X)
@@ -99,6 +100,7 @@ def test_scores_over_http_equal_in_process_onnxruntime(server, model) -> None:
     )
 
 
+@pytest.mark.integration
 def test_health_and_metadata(server, model) -> None:
     health = server.get("/health").json()
     assert health["status"] == "ok" and health["follows_alias"] is False
@@ -112,6 +114,7 @@ def test_health_and_metadata(server, model) -> None:
     assert meta["model_version"] == health["model_version"]
 
 
+@pytest.mark.integration
 def test_bad_requests_get_422_naming_the_field(server, model) -> None:
     row = records(model["X"][:1])[0]
     no_x3 = {k: v for k, v in row.items() if k != "x3"}
@@ -143,6 +146,7 @@ def test_bad_requests_get_422_naming_the_field(server, model) -> None:
     assert response.status_code == 422 and "not valid JSON" in response.json()["detail"]
 
 
+@pytest.mark.integration
 def test_more_rows_than_the_cap_get_413(server, model) -> None:
     X = model["X"][: MAX_BATCH + 1]
     response = server.post("/score", json={"instances": X.tolist()})
@@ -183,6 +187,7 @@ def registry(model, tmp_path_factory) -> Iterator[dict]:
         mlflow.set_registry_uri(previous[1])
 
 
+@pytest.mark.integration
 def test_alias_move_is_picked_up_without_failing_requests(registry, model) -> None:
     registry["client"].set_registered_model_alias("m", "champion", registry["v1"])
     app = create_app(
