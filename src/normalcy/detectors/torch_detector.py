@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from normalcy.detectors.base import Detector, under_prefix, with_prefix
+from normalcy.detectors.base import Detector, FitData, under_prefix, with_prefix
 from normalcy.detectors.networks import ScoringModule
 from normalcy.detectors.preprocessing import (
     build_preprocessing,
@@ -133,23 +133,17 @@ class TorchDetector(Detector):
             on_epoch_end=self.on_epoch_end,
         )
 
-    def _fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray | None,
-        val_labels: np.ndarray | None,
-        train_labels: np.ndarray | None,
-    ) -> None:
+    def _fit(self, data: FitData) -> None:
         self.generator = seed_everything(self.seed)
-        self.preprocess = fit_preprocessing(self.preprocessing, train)
-        self.val_labels, self.train_labels = val_labels, train_labels
-        self.network_input_shape = output_shape(self.preprocess, train.shape[1:])
+        self.preprocess = fit_preprocessing(self.preprocessing, data.train)
+        self.val_labels, self.train_labels = data.val_labels, data.train_labels
+        self.network_input_shape = output_shape(self.preprocess, data.train.shape[1:])
         self.network = self.build_network(self.network_input_shape)
-        train_rows = self.rows(train)
+        train_rows = self.rows(data.train)
         n_threads = training_threads(count_parameters(self.network), self.threads)
         with torch_threads(n_threads):
             self.before_training(train_rows)
-            val_rows = self.rows(val) if val is not None else None
+            val_rows = self.rows(data.val) if data.val is not None else None
             self.history = self.train_network(train_rows, val_rows)
 
     def scoring_module(self) -> ScoringModule:
