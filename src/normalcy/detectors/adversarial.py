@@ -159,12 +159,6 @@ class AdversarialDetector(TorchDetector):
             self.validation_criterion,
             train,
             val,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
             betas=self.betas,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            generator=self.generator,
-            description=self.name,
+            **self.loop_settings(self.name),
         )

@@ -98,6 +98,18 @@ class TorchDetector(Detector):
         """`function` over every batch of `data`, in order, without gradients, joined."""
         return forward_data(function, data)
 
+    def loop_settings(self, description: str) -> dict[str, Any]:
+        """This detector's training settings as the training loops' keyword arguments."""
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "patience": self.patience,
+            "generator": self.generator,
+            "description": description,
+        }
+
     def fit_network(
         self,
         network: nn.Module,
@@ -110,16 +122,8 @@ class TorchDetector(Detector):
     ) -> TrainingHistory:
         """The shared loop with this detector's settings (`overrides` win): for the main
         network and for auxiliary ones (pretraining, a background model, an encoder)."""
-        settings = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "weight_decay": self.weight_decay,
-            "patience": self.patience,
-            "generator": self.generator,
-            "description": description,
-        }
-        return train_network(network, loss, train, val, **{**settings, **overrides})
+        settings = {**self.loop_settings(description), **overrides}
+        return train_network(network, loss, train, val, **settings)
 
     def train_network(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
         """Fit `self.network` on the preprocessed datasets; methods with several optimizers
