@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from normalcy.detectors.networks import mlp
 from normalcy.detectors.torch_detector import TorchDetector
-from normalcy.detectors.training import EarlyStopping, TrainingHistory, epoch_batches
-
-log = logging.getLogger(__name__)
+from normalcy.detectors.training import TrainingHistory, epoch_batches, run_epochs
 
 
 class Discriminator(nn.Module):
@@ -59,6 +56,8 @@ def discriminator_bce(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> t
 class AdversarialHistory(TrainingHistory):
     """`train_loss` is the generator's loss and `val_loss` the method's validation criterion."""
 
+    monitored: ClassVar[str] = "val criterion"
+
     discriminator_loss: list[float] = field(default_factory=list)
 
 
@@ -91,10 +90,8 @@ def train_adversarial(
         network.generator.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay
     )
     history = AdversarialHistory()
-    stopping = EarlyStopping(network, patience)
-    progress = tqdm(range(epochs), desc=description, leave=False, mininterval=1.0, disable=None)
-    for epoch in progress:
-        network.train()
+
+    def one_epoch(epoch: int) -> tuple[float, dict[str, str]]:
         d_running, g_running = 0.0, 0.0
         for batch in epoch_batches(train, batch_size, generator):
             d_optimizer.zero_grad()
@@ -112,25 +109,12 @@ def train_adversarial(
         history.train_loss.append(g_running / len(train))
         with torch.no_grad():
             monitored = float(criterion(val if val is not None else train))
-        history.val_loss.append(monitored)
-        progress.set_postfix(
-            d=f"{history.discriminator_loss[-1]:.4f}",
-            g=f"{history.train_loss[-1]:.4f}",
-            val=f"{monitored:.4f}",
-        )
-        stop = stopping.should_stop(epoch, monitored)
-        history.best_epoch = stopping.best_epoch
-        if stop:
-            break
-    stopping.restore_best()
-    log.info(
-        "%s: %d epochs, best epoch %d, val criterion %.5f",
-        description,
-        len(history.train_loss),
-        history.best_epoch,
-        stopping.best,
+        shown = {"d": f"{history.discriminator_loss[-1]:.4f}", "g": f"{history.train_loss[-1]:.4f}"}
+        return monitored, shown
+
+    return run_epochs(
+        network, one_epoch, history, epochs=epochs, patience=patience, description=description
     )
-    return history
 
 
 class AdversarialDetector(TorchDetector):
@@ -175,12 +159,6 @@ class AdversarialDetector(TorchDetector):
             self.validation_criterion,
             train,
             val,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
             betas=self.betas,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            generator=self.generator,
-            description=self.name,
+            **self.loop_settings(self.name),
         )

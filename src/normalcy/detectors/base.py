@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -163,6 +164,17 @@ def check_labels(labels: np.ndarray | None, n_rows: int, who: str, what: str) ->
     return labels.astype(np.int64)
 
 
+@dataclass(frozen=True)
+class FitData:
+    """What `Detector.fit` hands a method's `_fit`, checked: the training rows, the validation
+    rows (None when there are none) and their labels (read only by `uses_labels` methods)."""
+
+    train: np.ndarray
+    val: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+    train_labels: np.ndarray | None = None
+
+
 class Detector(ABC):
     """Learns normality from (mostly) normal data; higher scores mean more anomalous.
 
@@ -238,7 +250,7 @@ class Detector(ABC):
             val_labels = check_labels(val_labels, len(val), self.name, "val_labels")
         else:
             val, val_labels = None, None
-        self._fit(train, val, val_labels, train_labels)
+        self._fit(FitData(train, val, val_labels, train_labels))
         self.input_shape = tuple(train.shape[1:])
         return self
 
@@ -260,13 +272,7 @@ class Detector(ABC):
         return check_input(x, self.name, "input", expected_shape=self.input_shape, min_rows=0)
 
     @abstractmethod
-    def _fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray | None,
-        val_labels: np.ndarray | None,
-        train_labels: np.ndarray | None,
-    ) -> None:
+    def _fit(self, data: FitData) -> None:
         """The method's own training, on checked input."""
 
     def _score(self, x: np.ndarray) -> np.ndarray:

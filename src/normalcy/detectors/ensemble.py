@@ -14,7 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from normalcy.detectors.base import Detector, Prediction, as_prediction, under_prefix, with_prefix
+from normalcy.detectors.base import (
+    Detector,
+    FitData,
+    Prediction,
+    as_prediction,
+    under_prefix,
+    with_prefix,
+)
 from normalcy.detectors.registry import create_with_settings, register
 
 ENSEMBLE = "ensemble"
@@ -97,15 +104,9 @@ class Ensemble(Detector):
     def _member(self, name: str) -> Detector:
         return create_with_settings(name, self.member_params.get(name, {}), self.training)
 
-    def _fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray | None,
-        val_labels: np.ndarray | None,
-        train_labels: np.ndarray | None,
-    ) -> None:
-        self.fitted = [self._member(name).fit(train, val) for name in self.members]
-        self._normalize_on(val if val is not None else train)
+    def _fit(self, data: FitData) -> None:
+        self.fitted = [self._member(name).fit(data.train, data.val) for name in self.members]
+        self._normalize_on(data.val if data.val is not None else data.train)
 
     def _normalize_on(self, X: np.ndarray) -> None:
         stats = [robust_location_scale(member.score(X)) for member in self.fitted]

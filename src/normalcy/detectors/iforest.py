@@ -10,7 +10,7 @@ import torch
 from sklearn.ensemble import IsolationForest as SklearnIsolationForest
 from torch import nn
 
-from normalcy.detectors.base import Detector, Prediction, under_prefix, with_prefix
+from normalcy.detectors.base import Detector, FitData, Prediction, under_prefix, with_prefix
 from normalcy.detectors.registry import register
 
 
@@ -172,13 +172,8 @@ class IForest(Detector):
         self.forest: SklearnIsolationForest | None = None
         self.graph: IsolationForestGraph | None = None
 
-    def _fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray | None,
-        val_labels: np.ndarray | None,
-        train_labels: np.ndarray | None,
-    ) -> None:
+    def _fit(self, data: FitData) -> None:
+        train = data.train
         max_samples = self.max_samples
         if isinstance(max_samples, Integral):
             max_samples = min(int(max_samples), len(train))  # sklearn would warn and do this

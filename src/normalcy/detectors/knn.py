@@ -7,11 +7,10 @@ from collections.abc import Mapping
 from numbers import Integral
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from normalcy.detectors.base import Detector, Prediction, under_prefix, with_prefix
+from normalcy.detectors.base import Detector, FitData, Prediction, under_prefix, with_prefix
 from normalcy.detectors.networks import ScoringModule
 from normalcy.detectors.preprocessing import (
     build_preprocessing,
@@ -176,13 +175,8 @@ class KNN(Detector):
             return max(1, math.ceil(self.coreset_fraction * n_rows))
         return n_rows
 
-    def _fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray | None,
-        val_labels: np.ndarray | None,
-        train_labels: np.ndarray | None,
-    ) -> None:
+    def _fit(self, data: FitData) -> None:
+        train = data.train
         size = self.bank_size(len(train))
         if size > self.max_bank:
             raise ValueError(

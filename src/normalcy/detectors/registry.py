@@ -13,7 +13,13 @@ import pkgutil
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from normalcy.detectors.specs import ParamProblem, spec_for, spec_names, spec_problems
+from normalcy.detectors.specs import (
+    ParamProblem,
+    add_once,
+    spec_for,
+    spec_names,
+    spec_problems,
+)
 
 if TYPE_CHECKING:
     from normalcy.detectors.base import Detector
@@ -40,13 +46,12 @@ def register(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Det
     A factory from outside this package is checked against the built-in names too (which
     imports them), so a clash is reported where it is made."""
 
+    add = add_once(_FACTORIES, name, "detector {name} is registered twice")
+
     def decorate(factory: Callable[..., Detector]) -> Callable[..., Detector]:
         if not str(getattr(factory, "__module__", "")).startswith(f"{PACKAGE}."):
             load_builtin_detectors()
-        if name in _FACTORIES:
-            raise ValueError(f"detector {name!r} is registered twice")
-        _FACTORIES[name] = factory
-        return factory
+        return add(factory)
 
     return decorate
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from numbers import Integral
 from types import NoneType, UnionType
-from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
@@ -149,6 +149,13 @@ class TorchSpec(TrainingSpec, PreprocessedSpec):
     threads: PositiveInt | None = None  # null: normalcy.threads' rule
 
 
+class EncoderSpec(TorchSpec):
+    """A network that encodes rows through hidden layers into a latent code."""
+
+    hidden_dims: Widths = [64, 32]
+    latent_dim: PositiveInt = 8
+
+
 class AdversarialSpec(TorchSpec):
     """A generator/discriminator pair (Adam betas, no weight decay by default)."""
 
@@ -157,18 +164,26 @@ class AdversarialSpec(TorchSpec):
 
 
 _SPECS: dict[str, type[DetectorSpec]] = {}
+T = TypeVar("T")
+
+
+def add_once(table: dict[str, T], name: str, duplicate: str) -> Callable[[T], T]:
+    """Decorator: put the decorated object in `table` under `name`, so a name table (specs,
+    detector factories) is filled where each entry is defined; a second entry under the same
+    name is refused with `duplicate` (a message with `{name}`)."""
+
+    def decorate(value: T) -> T:
+        if name in table:
+            raise ValueError(duplicate.format(name=repr(name)))
+        table[name] = value
+        return value
+
+    return decorate
 
 
 def spec(name: str) -> Callable[[type[DetectorSpec]], type[DetectorSpec]]:
     """Decorator: the params spec of detector `name` (the name it is registered under)."""
-
-    def decorate(cls: type[DetectorSpec]) -> type[DetectorSpec]:
-        if name in _SPECS:
-            raise ValueError(f"detector spec {name!r} is defined twice")
-        _SPECS[name] = cls
-        return cls
-
-    return decorate
+    return add_once(_SPECS, name, "detector spec {name} is defined twice")
 
 
 def spec_names() -> list[str]:
@@ -182,18 +197,14 @@ def spec_for(name: str) -> type[DetectorSpec] | None:
 
 
 @spec("autoencoder")
-class AutoencoderSpec(TorchSpec):
-    hidden_dims: Widths = [64, 32]
-    latent_dim: PositiveInt = 8
+class AutoencoderSpec(EncoderSpec):
     noise_std: NonNegativeFloat = 0.0
     sparsity_weight: NonNegativeFloat = 0.0
     contractive_weight: NonNegativeFloat = 0.0
 
 
 @spec("memae")
-class MemAESpec(TorchSpec):
-    hidden_dims: Widths = [64, 32]
-    latent_dim: PositiveInt = 8
+class MemAESpec(EncoderSpec):
     memory_size: PositiveInt = 50
     shrink_threshold: Probability | None = None
     temperature: PositiveFloat = 0.1
@@ -201,16 +212,13 @@ class MemAESpec(TorchSpec):
 
 
 @spec("vae")
-class VAESpec(TorchSpec):
-    hidden_dims: Widths = [64, 32]
-    latent_dim: PositiveInt = 8
+class VAESpec(EncoderSpec):
     scoring: Literal["elbo", "likelihood_ratio"] = "elbo"
     background_perturbation: UnitFraction = 0.2
 
 
 @spec("deep_svdd")
-class DeepSVDDSpec(TorchSpec):
-    hidden_dims: Widths = [64, 32]
+class DeepSVDDSpec(EncoderSpec):
     latent_dim: PositiveInt = 16
     objective: Literal["one-class", "soft-boundary"] = "one-class"
     nu: UnitFraction = 0.1
@@ -219,15 +227,12 @@ class DeepSVDDSpec(TorchSpec):
 
 
 @spec("ae_svdd")
-class AESVDDSpec(TorchSpec):
-    hidden_dims: Widths = [64, 32]
-    latent_dim: PositiveInt = 8
+class AESVDDSpec(EncoderSpec):
     compactness_weight: NonNegativeFloat = 1.0
 
 
 @spec("dagmm")
-class DAGMMSpec(TorchSpec):
-    hidden_dims: Widths = [64, 32]
+class DAGMMSpec(EncoderSpec):
     latent_dim: PositiveInt = 2
     n_components: PositiveInt = 4
     estimation_dims: Widths = [10]
@@ -247,9 +252,7 @@ class FlowSpec(TorchSpec):
 
 
 @spec("ganomaly")
-class GANomalySpec(AdversarialSpec):
-    hidden_dims: Widths = [64, 32]
-    latent_dim: PositiveInt = 8
+class GANomalySpec(AdversarialSpec, EncoderSpec):
     discriminator_dims: NonEmptyWidths = [64, 32]
     w_adv: NonNegativeFloat = 1.0
     w_con: NonNegativeFloat = 50.0

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from normalcy.detectors.base import Detector, under_prefix, with_prefix
+from normalcy.detectors.base import Detector, FitData, under_prefix, with_prefix
 from normalcy.detectors.networks import ScoringModule
 from normalcy.detectors.preprocessing import (
     build_preprocessing,
@@ -98,6 +98,18 @@ class TorchDetector(Detector):
         """`function` over every batch of `data`, in order, without gradients, joined."""
         return forward_data(function, data)
 
+    def loop_settings(self, description: str) -> dict[str, Any]:
+        """This detector's training settings as the training loops' keyword arguments."""
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "patience": self.patience,
+            "generator": self.generator,
+            "description": description,
+        }
+
     def fit_network(
         self,
         network: nn.Module,
@@ -110,16 +122,8 @@ class TorchDetector(Detector):
     ) -> TrainingHistory:
         """The shared loop with this detector's settings (`overrides` win): for the main
         network and for auxiliary ones (pretraining, a background model, an encoder)."""
-        settings = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "weight_decay": self.weight_decay,
-            "patience": self.patience,
-            "generator": self.generator,
-            "description": description,
-        }
-        return train_network(network, loss, train, val, **{**settings, **overrides})
+        settings = {**self.loop_settings(description), **overrides}
+        return train_network(network, loss, train, val, **settings)
 
     def train_network(self, train: Dataset, val: Dataset | None) -> TrainingHistory:
         """Fit `self.network` on the preprocessed datasets; methods with several optimizers
@@ -133,23 +137,17 @@ class TorchDetector(Detector):
             on_epoch_end=self.on_epoch_end,
         )
 
-    def _fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray | None,
-        val_labels: np.ndarray | None,
-        train_labels: np.ndarray | None,
-    ) -> None:
+    def _fit(self, data: FitData) -> None:
         self.generator = seed_everything(self.seed)
-        self.preprocess = fit_preprocessing(self.preprocessing, train)
-        self.val_labels, self.train_labels = val_labels, train_labels
-        self.network_input_shape = output_shape(self.preprocess, train.shape[1:])
+        self.preprocess = fit_preprocessing(self.preprocessing, data.train)
+        self.val_labels, self.train_labels = data.val_labels, data.train_labels
+        self.network_input_shape = output_shape(self.preprocess, data.train.shape[1:])
         self.network = self.build_network(self.network_input_shape)
-        train_rows = self.rows(train)
+        train_rows = self.rows(data.train)
         n_threads = training_threads(count_parameters(self.network), self.threads)
         with torch_threads(n_threads):
             self.before_training(train_rows)
-            val_rows = self.rows(val) if val is not None else None
+            val_rows = self.rows(data.val) if data.val is not None else None
             self.history = self.train_network(train_rows, val_rows)
 
     def scoring_module(self) -> ScoringModule:

@@ -1,5 +1,5 @@
 """The one training loop: seeding, data through a Dataset/DataLoader, early stopping on
-validation loss, progress. The adversarial loop reuses `epoch_batches` and `EarlyStopping`."""
+validation loss, progress. The adversarial loop reuses `epoch_batches` and `run_epochs`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -111,6 +111,7 @@ def forward_data(function: Callable[[Any], Any], data: Dataset, batch_size: int 
 
 @dataclass
 class TrainingHistory:
+    monitored: ClassVar[str] = "val loss"  # what `val_loss` holds, for the log
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     best_epoch: int = 0
@@ -170,10 +171,8 @@ def train_network(
     SVDD's soft boundary refits its radius there)."""
     optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
     history = TrainingHistory()
-    stopping = EarlyStopping(network, patience)
-    progress = tqdm(range(epochs), desc=description, leave=False, mininterval=1.0, disable=None)
-    for epoch in progress:
-        network.train()
+
+    def one_epoch(epoch: int) -> tuple[float, dict[str, str]]:
         running = 0.0
         for batch in epoch_batches(train, batch_size, generator):
             optimizer.zero_grad()
@@ -188,18 +187,46 @@ def train_network(
         monitored = (
             mean_loss(loss_fn, val, batch_size) if val is not None else history.train_loss[-1]
         )
+        return monitored, {"loss": f"{history.train_loss[-1]:.4f}"}
+
+    return run_epochs(
+        network, one_epoch, history, epochs=epochs, patience=patience, description=description
+    )
+
+
+HistoryT = TypeVar("HistoryT", bound=TrainingHistory)
+
+
+def run_epochs(
+    network: nn.Module,
+    one_epoch: Callable[[int], tuple[float, dict[str, str]]],
+    history: HistoryT,
+    *,
+    epochs: int,
+    patience: int,
+    description: str,
+) -> HistoryT:
+    """The epoch bookkeeping every training loop shares: `one_epoch(epoch)` trains one pass
+    (the network in train mode), leaves it in eval mode and returns the monitored value with
+    the losses to show; this records it, stops early on it and restores the best weights."""
+    stopping = EarlyStopping(network, patience)
+    progress = tqdm(range(epochs), desc=description, leave=False, mininterval=1.0, disable=None)
+    for epoch in progress:
+        network.train()
+        monitored, shown = one_epoch(epoch)
         history.val_loss.append(monitored)
-        progress.set_postfix(loss=f"{history.train_loss[-1]:.4f}", val=f"{monitored:.4f}")
+        progress.set_postfix(**shown, val=f"{monitored:.4f}")
         stop = stopping.should_stop(epoch, monitored)
         history.best_epoch = stopping.best_epoch
         if stop:
             break
     stopping.restore_best()
     log.info(
-        "%s: %d epochs, best epoch %d, val loss %.5f",
+        "%s: %d epochs, best epoch %d, %s %.5f",
         description,
         len(history.train_loss),
         history.best_epoch,
+        history.monitored,
         stopping.best,
     )
     return history

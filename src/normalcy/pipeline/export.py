@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,15 +20,20 @@ from normalcy.config import ExportParams
 from normalcy.data.splits import Splits
 from normalcy.detectors import Detector, accepted_params
 from normalcy.export import (
+    FloatTolerance,
+    Int8Tolerance,
     ParityReport,
+    TolerancePolicy,
+    compare,
     export_onnx,
-    parity_check,
     quantize_int8,
-    quantized_parity_check,
     require_parity,
 )
 from normalcy.jsonio import write_json
 from normalcy.pipeline import artifacts
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +87,25 @@ def model_metadata(
     }
 
 
-def _reject(path: Path) -> Path:
-    return path.replace(artifacts.rejected(path))
+def _gate(
+    graph: Path,
+    module: nn.Module,
+    threshold: float,
+    test_X: np.ndarray,
+    calibration_scores: np.ndarray,
+    policy: TolerancePolicy,
+    report_path: Path,
+    label: str,
+) -> tuple[Path, ParityReport]:
+    """The gate every exported graph (float or INT8) passes: `compare` with torch on test_X
+    under `policy`, the report written to `report_path` and logged; a graph that fails is
+    renamed `.rejected.onnx`. Returns (path of the graph, report)."""
+    report = compare(module, threshold, graph, test_X, policy, calibration_scores)
+    write_json(report.to_dict(), report_path)
+    log.info("%s: %s", label, report.message())
+    if not report.passed:
+        graph = graph.replace(artifacts.rejected(graph))
+    return graph, report
 
 
 def export(
@@ -112,21 +135,10 @@ def export(
         calibration_scores=stored,
     )
     artifacts.int8_model(params).unlink(missing_ok=True)
-    report = parity_check(
-        module,
-        threshold,
-        path,
-        test_X,
-        params.parity_max_abs,
-        params.parity_max_rel,
-        params.parity_min_agreement,
-        calibration_scores=stored,
+    policy = FloatTolerance(
+        params.parity_max_abs, params.parity_max_rel, params.parity_min_agreement
     )
-    write_json(report.to_dict(), artifacts.PARITY)
-    log.info("parity: %s", report.message())
-    if not report.passed:
-        path = _reject(path)
-    return path, report
+    return _gate(path, module, threshold, test_X, stored, policy, artifacts.PARITY, "parity")
 
 
 def quantize(
@@ -142,21 +154,12 @@ def quantize(
     module = detector.scoring_module()
     stored = subsample_calibration(calibration_scores, params.max_calibration_scores)
     path = quantize_int8(onnx_path, artifacts.int8_model(params))
-    report = quantized_parity_check(
-        module,
-        threshold,
-        path,
-        test_X,
-        params.quantized_max_rel,
-        params.quantized_min_spearman,
-        params.quantized_min_agreement,
-        calibration_scores=stored,
+    policy = Int8Tolerance(
+        params.quantized_max_rel, params.quantized_min_spearman, params.quantized_min_agreement
     )
-    write_json(report.to_dict(), artifacts.PARITY_INT8)
-    log.info("INT8 parity: %s", report.message())
-    if not report.passed:
-        path = _reject(path)
-    return path, report
+    return _gate(
+        path, module, threshold, test_X, stored, policy, artifacts.PARITY_INT8, "INT8 parity"
+    )
 
 
 @dataclass

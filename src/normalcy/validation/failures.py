@@ -45,11 +45,8 @@ def tabular_failure(result: Any, names: list[str], min_rows: int) -> dict:
         detail = f"{count} of {total} values are null/NaN (rows {rows})"
         return make_failure(kind, column, detail, rows)
     if kind == "expect_column_values_to_be_between":
-        low, high = _bounds(result)
-        values = jsonable(info.get("partial_unexpected_list") or [])[:EXAMPLES]
-        detail = f"{count} of {total} values outside [{low:.6g}, {high:.6g}] (rows {rows})"
-        return make_failure(kind, column, detail, values)
-    return make_failure(kind, column, json.dumps(jsonable(info))[:300], [])
+        return _out_of_range(result, column, info, "values", f"rows {rows}")
+    return _raw_failure(kind, column, info)
 
 
 def image_failure(result: Any, min_rows: int, geometry: tuple[int, int, list[str]]) -> dict:
@@ -72,10 +69,22 @@ def image_failure(result: Any, min_rows: int, geometry: tuple[int, int, list[str
         detail = f"{count} of {total} pixel values are null/NaN (at {where})"
         return make_failure(kind, column, detail, sorted({int(i) // (h * w) for i in indices}))
     if kind == "expect_column_values_to_be_between":
-        low, high = _bounds(result)
-        values = jsonable(info.get("partial_unexpected_list") or [])[:EXAMPLES]
-        detail = f"{count} of {total} pixel values outside [{low:.6g}, {high:.6g}] (at {where})"
-        return make_failure(kind, column, detail, values)
+        return _out_of_range(result, column, info, "pixel values", f"at {where}")
+    return _raw_failure(kind, column, info)
+
+
+def _out_of_range(result: Any, column: str | None, info: dict, what: str, where: str) -> dict:
+    """`expect_column_values_to_be_between` (tabular or image): how many of `what` fall
+    outside the bounds, `where` they are, and a few of the values."""
+    low, high = _bounds(result)
+    count, total = info.get("unexpected_count"), info.get("element_count")
+    values = jsonable(info.get("partial_unexpected_list") or [])[:EXAMPLES]
+    detail = f"{count} of {total} {what} outside [{low:.6g}, {high:.6g}] ({where})"
+    return make_failure("expect_column_values_to_be_between", column, detail, values)
+
+
+def _raw_failure(kind: str, column: str | None, info: dict) -> dict:
+    """A check without its own wording: its raw result, clipped."""
     return make_failure(kind, column, json.dumps(jsonable(info))[:300], [])
 
 
