@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -410,5 +411,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The console script: `main`, then a prompt exit.
+
+    After a command that loaded torch, MLflow, Prefect and Great Expectations, the interpreter's
+    own teardown of those modules took 6 s of a 54 s training run here (2.4 s after the imports
+    alone) and does nothing a user needs. So exit handlers run (Prefect's temporary server stops,
+    MLflow ends its run, logs flush), output is flushed, and the process ends without it.
+    Callers of `main()` (tests, other Python code) keep the normal interpreter exit."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
