@@ -20,8 +20,7 @@ wait = start_temporary_api_early()
 wait()
 server = SubprocessASGIServer()
 print(server.running, httpx.get(server.api_url + "/health").status_code)
-server.stop()
-"""
+"""  # the exit handler of start_temporary_api_early stops it
 
 
 def test_nothing_starts_when_an_api_is_configured(prefect_harness):
@@ -43,3 +42,21 @@ def test_without_an_api_the_temporary_server_answers_after_wait(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "200"]
+    assert "Stopping temporary server" not in result.stderr  # ours stopped it, quickly
+
+
+def test_stop_quickly_ends_a_server_that_ignores_sigterm():
+    import time
+    from types import SimpleNamespace
+
+    from normalcy.prefect_api import STOP_GRACE_S, stop_quickly
+
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", stubborn])
+    time.sleep(0.5)  # let it install its handler
+    server = SimpleNamespace(server_process=process)
+    started = time.monotonic()
+    stop_quickly(server)
+    assert process.returncode is not None and server.server_process is None
+    assert time.monotonic() - started < STOP_GRACE_S + 5
+    stop_quickly(server)  # a second stop is a no-op
