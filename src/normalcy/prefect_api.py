@@ -61,10 +61,17 @@ def start_temporary_api_early() -> Callable[[], None]:
 
 
 def stop_quickly(server: Any) -> None:
-    """Stop a temporary API server: SIGTERM, `STOP_GRACE_S` to finish, then SIGKILL."""
+    """Stop a temporary API server: first send it the logs and events still queued (Prefect's
+    log handler otherwise flushes them at the very end of the exit, to a server already gone,
+    and waits 5 s for nothing), then SIGTERM, `STOP_GRACE_S` to finish, then SIGKILL."""
     process = server.server_process
     if process is None:
         return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=STOP_GRACE_S * 5)
     process.terminate()
     try:
         process.wait(timeout=STOP_GRACE_S)
