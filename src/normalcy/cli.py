@@ -75,25 +75,24 @@ def check_params(args: argparse.Namespace) -> Any:
     return load_params(args.params, args.set)
 
 
-def flow_with_api_booting(module: str, name: str) -> Callable[..., Any]:
-    """Import a flow of `normalcy.flows` while Prefect's temporary API boots beside the import
-    (see normalcy.prefect_api); returns the flow once the API answers."""
+def run_flow(module: str, name: str, *args: Any) -> Any:
+    """Run a flow of `normalcy.flows`, its module imported while Prefect's temporary API boots
+    beside the import (see normalcy.prefect_api)."""
     import importlib
 
     from normalcy.prefect_api import start_temporary_api_early
 
-    api_ready = start_temporary_api_early()
+    api = start_temporary_api_early()
     flow = getattr(importlib.import_module(f"normalcy.flows.{module}"), name)
-    api_ready()
-    return flow
+    with api():
+        return flow(*args)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from normalcy.data.sources import check_source
 
     check_source(check_params(args).data)  # a missing file or column: before any work
-    train_flow = flow_with_api_booting("train", "train_flow")
-    print_summary(train_flow(args.params, args.set))
+    print_summary(run_flow("train", "train_flow", args.params, args.set))
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -108,8 +107,8 @@ def cmd_monitor(args: argparse.Namespace) -> None:
 
     params = check_params(args)
     check_batch_file(args.batch or params.monitor.batch_path)
-    monitor_flow = flow_with_api_booting("monitor", "monitor_flow")
-    print(json.dumps(monitor_flow(args.batch, args.params, args.set), indent=2, default=str))
+    result = run_flow("monitor", "monitor_flow", args.batch, args.params, args.set)
+    print(json.dumps(result, indent=2, default=str))
 
 
 def cmd_recalibrate(args: argparse.Namespace) -> None:
@@ -117,8 +116,8 @@ def cmd_recalibrate(args: argparse.Namespace) -> None:
 
     check_params(args)
     check_batch_file(args.batch)
-    recalibrate_flow = flow_with_api_booting("recalibrate", "recalibrate_flow")
-    print(json.dumps(recalibrate_flow(args.batch, args.params, args.set), indent=2, default=str))
+    result = run_flow("recalibrate", "recalibrate_flow", args.batch, args.params, args.set)
+    print(json.dumps(result, indent=2, default=str))
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:

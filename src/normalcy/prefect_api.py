@@ -1,81 +1,143 @@
 """Boot Prefect's temporary API server while the rest of the process is still getting ready.
 
-With no `PREFECT_API_URL`, Prefect starts a temporary API server (a uvicorn subprocess) the first
-time a flow runs, and waits for it: several seconds in which this process does nothing. Starting
-that same server from a background thread before the heavy imports and the params checks lets
-the two overlap on a second core. Prefect's own code then finds the server already running (it is
-one instance per process), so nothing else changes."""
+With no API configured, Prefect starts a temporary API server (a uvicorn subprocess) the first
+time a flow runs, and waits for it: several seconds in which this process does nothing, after it
+has imported Prefect's whole server package just to start that subprocess. Here the same server
+(the same uvicorn app factory, in Prefect's ephemeral mode) is started before the heavy imports,
+so it boots on another core while they load, and this process never imports the server package.
+The flow then runs against it as against any configured API.
+
+At exit the queued logs and events are sent first, then the server gets `STOP_GRACE_S` to stop:
+Prefect's own stop waits 5 s for uvicorn's graceful shutdown, which waits on idle keep-alive
+connections, and its log handler flushes only after the server is gone (another 5 s)."""
 
 from __future__ import annotations
 
 import atexit
-import logging
+import contextlib
+import os
+import socket
 import subprocess
-import threading
-from collections.abc import Callable
-from typing import Any
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
-log = logging.getLogger(__name__)
-
-# uvicorn's graceful shutdown waits for idle keep-alive connections to close, and Prefect's stop
-# waits 5 s for it before killing: 5 s added to every run. The temporary server holds nothing
-# that needs a graceful end (each request committed its own transaction).
 STOP_GRACE_S = 1.0
+STARTUP_TIMEOUT_S = 120.0
+# Prefect's temporary server runs its app in ephemeral mode, without the UI.
+SERVER_ENV = {
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+}
 
 
 def _configured_api_url() -> str | None:
+    """An API the user configured: the environment, or Prefect's settings once Prefect is
+    loaded (a profile, or a test harness)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    if "prefect.settings" not in sys.modules:
+        return None
     from prefect.settings import get_current_settings
 
     return get_current_settings().api.url
 
 
-def start_temporary_api_early() -> Callable[[], None]:
-    """Start the temporary API in the background when no API is configured.
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    Returns `wait()`, which blocks until the server answers and re-raises whatever its start
-    raised; call it before the first flow. With an API configured both are no-ops."""
-    if _configured_api_url():
-        return lambda: None
-    failure: list[BaseException] = []
 
-    def boot() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
+def _server_command(port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
 
+
+def _wait_until_healthy(process: subprocess.Popen, api_url: str, timeout_s: float) -> None:
+    """Return once `GET /health` answers 200; a server that exits or never answers is an error
+    that says which URL was tried."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the temporary Prefect API at {api_url} exited with code {process.returncode} "
+                "before answering; set PREFECT_API_URL to use a running Prefect server instead"
+            )
         try:
-            server = SubprocessASGIServer()
-            server.start()
-        except BaseException as exc:  # handed to wait(), the caller's thread
-            failure.append(exc)
-            return
-        atexit.register(stop_quickly, server)  # runs before Prefect's own stop (LIFO)
-
-    thread = threading.Thread(target=boot, name="prefect-temporary-api", daemon=True)
-    thread.start()
-
-    def wait() -> None:
-        thread.join()
-        if failure:
-            raise failure[0]
-
-    return wait
+            with urllib.request.urlopen(f"{api_url}/health", timeout=1.0) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"the temporary Prefect API at {api_url} did not answer within {timeout_s:.0f} s; set "
+        "PREFECT_API_URL to use a running Prefect server instead"
+    )
 
 
-def stop_quickly(server: Any) -> None:
-    """Stop a temporary API server: first send it the logs and events still queued (Prefect's
-    log handler otherwise flushes them at the very end of the exit, to a server already gone,
-    and waits 5 s for nothing), then SIGTERM, `STOP_GRACE_S` to finish, then SIGKILL."""
-    process = server.server_process
-    if process is None:
+def stop_quickly(process: subprocess.Popen) -> None:
+    """Send Prefect's queued logs and events while the server still answers, then SIGTERM,
+    `STOP_GRACE_S` to finish, then SIGKILL. Safe to call twice."""
+    if process.poll() is not None:
         return
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
+    if "prefect.logging.handlers" in sys.modules:  # nothing queued when Prefect never loaded
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
 
-    for worker in (APILogWorker, EventsWorker):
-        worker.drain_all(timeout=STOP_GRACE_S * 5)
+        for worker in (APILogWorker, EventsWorker):
+            worker.drain_all(timeout=STOP_GRACE_S * 5)
     process.terminate()
     try:
         process.wait(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-    server.server_process = None  # Prefect's own stop finds nothing left to do
+
+
+def start_temporary_api_early(
+    timeout_s: float = STARTUP_TIMEOUT_S,
+) -> Callable[[], AbstractContextManager[None]]:
+    """Start the temporary API now, unless an API is configured.
+
+    Returns `api()`: a context manager that waits until the server answers and points Prefect
+    at it for its duration. With an API configured it does nothing."""
+    if _configured_api_url():
+        return contextlib.nullcontext
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    process = subprocess.Popen(_server_command(port), env={**os.environ, **SERVER_ENV})
+    atexit.register(stop_quickly, process)
+
+    @contextlib.contextmanager
+    def api() -> Iterator[None]:
+        configured = _configured_api_url()  # a profile's API, seen once Prefect has loaded
+        if configured:
+            stop_quickly(process)
+            yield
+            return
+        _wait_until_healthy(process, api_url, timeout_s)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield
+
+    return api
