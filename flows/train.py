@@ -128,9 +128,10 @@ def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = N
     with mlflow.start_run() as active:
         registry.log_params_flat(params.flat())
         splits = prepare_data(params)
-        data_version = version_data(params)
+        snapshot = version_data.submit(params)  # DVC works in its own processes while GX runs
+        spec = validate_data(splits, params)  # a failure ends the flow once DVC is done too
+        data_version = snapshot.result()
         mlflow.set_tag("data_version", data_version)
-        spec = validate_data(splits, params)
         cleaned = clean_data(splits, params)
         detector, winner = train_and_select(cleaned, splits, params)
         evaluation = evaluate_winner(detector, splits, params)

@@ -228,6 +228,9 @@ def _validate_tabular(
             failure = make_failure(SHAPE_CHECK, None, detail, [list(array.shape)])
             return _report(batch_name, _length(array), [failure], python_checks)
         frame = pd.DataFrame(array, columns=names)
+    # An array has one dtype: when it is numeric (the shape check above looked at it), a
+    # per-column dtype expectation is 64 GX checks of one fact, a quarter of the suite's time.
+    typed_columns = isinstance(batch, pd.DataFrame) or not _is_numeric(frame.dtypes.iloc[0])
 
     present = set(frame.columns)
     ranges = {col["name"]: col for col in spec["columns"]}
@@ -236,7 +239,7 @@ def _validate_tabular(
         if name not in present:
             continue  # the ordered-list expectation names it; nothing to check per value
         expectations += _column_expectations(
-            name, frame[name].dtype, ranges[name], spec.get("range_mostly", 1.0)
+            name, frame[name].dtype, ranges[name], spec.get("range_mostly", 1.0), typed_columns
         )
     results = _run_gx(frame, expectations)
     failures = [tabular_failure(r, names, spec["min_rows"]) for r in results if not r.success]
@@ -286,15 +289,23 @@ def _table_expectations(columns: list[str], min_rows: int) -> list:
     ]
 
 
-def _column_expectations(name: str, dtype: Any, bounds: dict, mostly: float = 1.0) -> list:
+def _is_numeric(dtype: Any) -> bool:
+    return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
+def _column_expectations(
+    name: str, dtype: Any, bounds: dict, mostly: float = 1.0, check_type: bool = True
+) -> list:
     """Per-column checks. The range check runs only on numeric columns: GX raises comparing
     strings with numbers, and the dtype expectation already fails such a column."""
     gx = _gx()
-    expectations = [
-        gx.expectations.ExpectColumnValuesToBeInTypeList(column=name, type_list=NUMERIC_TYPES),
-        gx.expectations.ExpectColumnValuesToNotBeNull(column=name),
-    ]
-    if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype):
+    expectations = [gx.expectations.ExpectColumnValuesToNotBeNull(column=name)]
+    if check_type:
+        expectations.insert(
+            0,
+            gx.expectations.ExpectColumnValuesToBeInTypeList(column=name, type_list=NUMERIC_TYPES),
+        )
+    if _is_numeric(dtype):
         # GX skips nulls here (NaN is caught above) but +/-inf is out of any finite range.
         # The range may tolerate a few rare values (`mostly`); infinity never is.
         largest = float(np.finfo(np.float64).max)
