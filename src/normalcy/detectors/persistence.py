@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from normalcy.atomic import atomic_path
 from normalcy.detectors.base import Detector
 from normalcy.detectors.registry import available_detectors, create_detector
 
@@ -37,10 +38,8 @@ def save_detector(detector: Detector, path: str | Path) -> Path:
             key: value.detach().cpu().contiguous() for key, value in detector.fitted_state().items()
         },
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    torch.save(record, partial)
-    partial.replace(path)  # never a half-written file under the final name
+    with atomic_path(path) as tmp:  # never a half-written file under the final name
+        torch.save(record, tmp)
     return path
 
 
