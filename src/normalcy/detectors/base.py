@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -88,18 +90,27 @@ def concatenate(parts: list[Any]) -> Any:
     )
 
 
-def forward_in_batches(module: nn.Module, data: torch.Tensor, batch_size: int = 4096) -> Any:
-    """`module(data)` without gradients and in eval mode (its train/eval flag restored after),
-    in chunks so a large input does not need one huge activation; a `Prediction` output is
-    joined field by field."""
-    was_training = module.training
-    module.eval()
+@contextlib.contextmanager
+def inference(function: Any) -> Iterator[None]:
+    """No gradients and, for an `nn.Module`, eval mode for the duration, then each submodule's
+    own train/eval flag back as it was: how every batched forward pass and export runs."""
+    flags = {m: m.training for m in function.modules()} if isinstance(function, nn.Module) else {}
+    for module in flags:
+        module.eval()
     try:
         with torch.no_grad():
-            chunks = data.split(batch_size) if len(data) else (data,)
-            return concatenate([module(chunk) for chunk in chunks])
+            yield
     finally:
-        module.train(was_training)
+        for module, training in flags.items():
+            module.training = training
+
+
+def forward_in_batches(module: nn.Module, data: torch.Tensor, batch_size: int = 4096) -> Any:
+    """`module(data)` under `inference`, in chunks so a large input does not need one huge
+    activation; a `Prediction` output is joined field by field."""
+    with inference(module):
+        chunks = data.split(batch_size) if len(data) else (data,)
+        return concatenate([module(chunk) for chunk in chunks])
 
 
 def predict_in_batches(

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from normalcy.detectors.base import concatenate
+from normalcy.detectors.base import concatenate, inference
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +96,10 @@ def batch_rows(batch: Any) -> int:
 
 
 def forward_data(function: Callable[[Any], Any], data: Dataset, batch_size: int = 4096) -> Any:
-    """`function` over every batch of `data` in order, without gradients (an `nn.Module` in
-    eval mode, its flag restored after), the outputs joined along rows."""
-    was_training = isinstance(function, nn.Module) and function.training
-    if isinstance(function, nn.Module):
-        function.eval()
-    try:
-        with torch.no_grad():
-            return concatenate([function(batch) for batch in epoch_batches(data, batch_size)])
-    finally:
-        if isinstance(function, nn.Module):
-            function.train(was_training)
+    """`function` over every batch of `data` in order, under `inference`, the outputs joined
+    along rows."""
+    with inference(function):
+        return concatenate([function(batch) for batch in epoch_batches(data, batch_size)])
 
 
 @dataclass

@@ -3,9 +3,6 @@ compares the file against."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 from torch import nn
@@ -114,15 +111,3 @@ def device_of(module: nn.Module) -> torch.device:
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for the duration, then every submodule's own train/eval flag back as it was."""
-    flags = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in flags.items():
-            m.training = training

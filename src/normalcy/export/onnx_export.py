@@ -16,7 +16,8 @@ from normalcy.artifact.calibration_head import (
 )
 from normalcy.artifact.metadata import save_model, set_metadata
 from normalcy.artifact.names import INPUT_NAME
-from normalcy.export.graph import ScorePath, check_outputs, device_of, eval_mode, named_outputs
+from normalcy.detectors.base import inference
+from normalcy.export.graph import ScorePath, check_outputs, device_of, named_outputs
 
 
 def export_onnx(
@@ -49,7 +50,7 @@ def export_onnx(
     module = ScorePath(scoring_module)
     sample = torch.from_numpy(np.ascontiguousarray(example)).to(device_of(scoring_module))
     batch = torch.export.Dim("batch", min=1)
-    with eval_mode(module), torch.no_grad():
+    with inference(module):
         outputs = named_outputs(scoring_module(sample))
         check_outputs(outputs, len(sample))
         program = torch.onnx.export(

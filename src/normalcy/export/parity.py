@@ -20,7 +20,8 @@ from torch import nn
 
 from normalcy.artifact.calibration_head import calibration_array
 from normalcy.artifact.names import DECISION_NAME, P_VALUE_NAME, SCORE_NAME
-from normalcy.export.graph import ScoringGraph, device_of, eval_mode
+from normalcy.detectors.base import inference
+from normalcy.export.graph import ScoringGraph, device_of
 from normalcy.export.report import HEAD_ROLES, OutputParity, ParityReport
 from normalcy.export.tolerance import (
     REL_EPS,
@@ -89,7 +90,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 def _torch_outputs(graph: ScoringGraph, X: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     device = device_of(graph)
     chunks: list[dict[str, torch.Tensor]] = []
-    with eval_mode(graph), torch.no_grad():
+    with inference(graph):
         for start in range(0, len(X), batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(X[start : start + batch_size]))
             chunks.append({k: t.cpu() for k, t in graph(chunk.to(device)).items()})
