@@ -83,3 +83,33 @@ def test_quality_tabular_refuses_unknown_datasets(tmp_path):
         timeout=120,
     )
     assert run.returncode != 0 and "['nope'] not found" in run.stderr
+
+
+def test_run_under_load_times_both_conditions_and_parses_fit_times(tmp_path):
+    fake_run = tmp_path / "fake_run.py"
+    fake_run.write_text(
+        "import sys\n"
+        "print('INFO normalcy.pipeline.train: candidate vae: val_auprc = 0.5 (1.5 s)', "
+        "file=sys.stderr)\n"
+    )
+    out = tmp_path / "load.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run_under_load.py"),
+            "--repeats",
+            "1",
+            "--command",
+            f"{sys.executable} {fake_run}",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "loaded / idle (medians):" in run.stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["fit_s"] for r in runs["idle"] + runs["loaded"]] == [{"vae": 1.5}, {"vae": 1.5}]
+    assert all(r["wall_s"] > 0 for r in runs["idle"] + runs["loaded"])

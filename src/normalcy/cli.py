@@ -29,6 +29,34 @@ def _quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+PROGRESS_LOGGERS = ("normalcy", "prefect.flow_runs", "prefect.task_runs")
+
+
+def is_progress_or_warning(record: logging.LogRecord) -> bool:
+    """Run progress from normalcy and Prefect at INFO; every other library from WARNING on.
+
+    Libraries log their internals at INFO (each HTTP request to the Prefect API, Great
+    Expectations' registries; some set their own loggers to INFO), which buried the progress
+    lines of a training run. A handler filter holds whatever level a library sets."""
+    is_progress = any(
+        record.name == name or record.name.startswith(name + ".") for name in PROGRESS_LOGGERS
+    )
+    return is_progress or record.levelno >= logging.WARNING
+
+
+def show_progress_logs() -> None:
+    """Log to stderr through that filter, unless the caller (an application, pytest) already
+    configured logging: then its handlers and levels are left alone."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(is_progress_or_warning)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def print_summary(summary: dict) -> None:
     """The end of `normalcy train`: what won, how well, where things are, how to look."""
 
@@ -392,9 +420,7 @@ def _is_user_error(command: str, exc: Exception) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input ends with a one-paragraph error and exit code 2, no traceback."""
     _quiet_environment()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    show_progress_logs()
     args = build_parser().parse_args(argv)
     if args.command not in TORCH_FREE_COMMANDS:
         from normalcy.run_logs import hide_user_error_tracebacks
