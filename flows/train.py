@@ -95,11 +95,9 @@ def publish_and_promote(
     params: Params,
     run: dict,
 ) -> tuple[str, PromotionDecision]:
-    """Register the winner as challenger with its card; champion only if it beats the champion."""
+    """Register the winner as challenger with its card; champion only if the holdout says so."""
     name = params.mlflow.model_name
-    comparison = promotion.compare_with_champion(
-        exported.onnx_path, splits.test, name, params.prepare.seed
-    )
+    decision = promotion.plan_promotion(exported.onnx_path, splits.holdout, params)
     reference = release.save_drift_reference(
         cleaned.X,
         evaluation.operating_point(),
@@ -116,8 +114,9 @@ def publish_and_promote(
         tracking.card_metrics(winner, evaluation, exported),
         release.training_data(splits, cleaned, params.data.source, params.data.path),
         exported.int8_path,
+        decision.tags(),
     )
-    return registered.version, promotion.promote(registered, comparison)
+    return registered.version, promotion.apply_promotion(registered, decision)
 
 
 @flow(name="normalcy-train", log_prints=True)

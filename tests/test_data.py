@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,12 +23,34 @@ def test_splits_are_deterministic_stratified_and_disjoint():
     a, b = split_dataset(dataset, params), split_dataset(dataset, params)
     for (_, split_a), (_, split_b) in zip(a.items(), b.items(), strict=True):
         assert np.array_equal(split_a.ids, split_b.ids)
-    rates = [split.y.mean() for _, split in a.items()]
-    assert max(rates) - min(rates) < 0.02  # stratified
+    rates = [a.train.y.mean(), a.val.y.mean(), a.test.y.mean()]
+    assert max(rates) - min(rates) < 0.02  # stratified (the holdout is chosen by row hash)
     all_ids = np.concatenate([split.ids for _, split in a.items()])
     assert len(all_ids) == len(np.unique(all_ids))
     other_seed = split_dataset(dataset, PrepareParams(seed=4, train_contamination=None))
     assert not np.array_equal(a.train.ids, other_seed.train.ids)
+
+
+def test_holdout_is_the_same_rows_whatever_else_the_data_holds():
+    dataset = load_dataset(DataParams())
+    params = PrepareParams(holdout_fraction=0.2)
+    splits = split_dataset(dataset, params)
+    assert len(splits.holdout) == pytest.approx(0.2 * len(dataset.X), rel=0.2)
+    assert 0 < splits.holdout.y.sum() < len(splits.holdout)  # both classes, as drawn at random
+    # Half of the rows removed and the seed changed: every remaining row keeps its side.
+    kept = np.arange(len(dataset.X)) % 2 == 0
+    smaller = replace(dataset, X=dataset.X[kept], y=dataset.y[kept], ids=dataset.ids[kept])
+    other = split_dataset(smaller, PrepareParams(holdout_fraction=0.2, seed=7))
+    expected = np.intersect1d(splits.holdout.ids, dataset.ids[kept])
+    assert np.array_equal(np.sort(other.holdout.ids), np.sort(expected))
+    assert len(expected) > 0
+
+
+def test_an_empty_holdout_is_refused():
+    dataset = load_dataset(DataParams())
+    tiny = replace(dataset, X=dataset.X[:3], y=dataset.y[:3], ids=dataset.ids[:3])
+    with pytest.raises(DataError, match="holdout"):
+        split_dataset(tiny, PrepareParams(holdout_fraction=0.01))
 
 
 def test_train_contamination_is_capped():

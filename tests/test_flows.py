@@ -217,6 +217,12 @@ def test_second_run_goes_through_the_promotion_gate(tmp_path, prefect_harness, m
     expected_champion = "2" if summary["promoted"] else "1"
     assert str(champion.version) == expected_champion
     assert version.tags["promotion_reason"] == summary["promotion_reason"]
+    # decided on the holdout against version 1, with the evidence on the version and in its card
+    assert version.tags["promotion_champion_version"] == "1"
+    assert version.tags["promotion_metric_name"].startswith("holdout_")
+    assert ".." in version.tags["promotion_metric_delta_interval"]
+    assert "## Promotion" in version.description
+    assert version.tags["promotion_metric_delta_interval"] in version.description
 
 
 @pytest.mark.slow
@@ -404,7 +410,7 @@ def test_unlabelled_data_uses_the_label_free_criterion(tmp_path, prefect_harness
     assert summary["selection_metric"] == "val_synthetic_auroc"
     assert 0.5 < summary["selection_value"] <= 1.0
     assert summary["test_auroc"] is None and summary["promoted"] is True
-    assert "test_synthetic_auroc" in summary["promotion_reason"]
+    assert "holdout_synthetic_auroc" in summary["promotion_reason"]
     assert (root / "artifacts" / "model.onnx").exists()
 
 

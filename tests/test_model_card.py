@@ -99,3 +99,18 @@ def test_card_tolerates_missing_keys() -> None:
     card = model_card(legacy)
     assert "unregistered model (no registry version)" in card
     assert "p_value" not in card.split("## Limits")[0]
+
+
+def test_card_shows_the_promotion_decision_and_its_evidence() -> None:
+    promotion = {
+        "promotion_decision": "not_promoted",
+        "promotion_reason": "The challenger does not beat the champion version 2.",
+        "promotion_metric_delta_interval": "-0.01..0.02",
+    }
+    card = model_card(META, METRICS, DATA, promotion)
+    headings = re.findall(r"^## (.+)$", card, flags=re.M)
+    assert headings.index("Promotion") == headings.index("Metrics") + 1
+    assert "| decision | not_promoted |" in card
+    assert "| metric_delta_interval | -0.01..0.02 |" in card
+    assert "does not beat the champion version 2" in card
+    assert "## Promotion" not in model_card(META, METRICS, DATA)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -17,9 +16,11 @@ import pytest
 from mlflow import MlflowClient
 from onnx import TensorProto, helper
 
+from normalcy.artifact.calibration_head import attach_head
 from normalcy.artifact.metadata import read_onnx_metadata, update_metadata
-from normalcy.config import MlflowParams
-from normalcy.promotion import decide_promotion, promote_if_better
+from normalcy.config import MlflowParams, PromotionParams
+from normalcy.data.splits import Split
+from normalcy.promotion import apply_promotion, decide_promotion, gather_evidence
 from normalcy.registry import (
     CHALLENGER,
     CHAMPION,
@@ -226,51 +227,90 @@ def test_load_champion_none_without_model_or_alias(store: Store, tmp_path: Path)
     assert load_champion(name, tmp_path) is None  # a challenger is not served
 
 
+def weighted_scorer(path: Path, weights: list[float], threshold: float) -> Path:
+    """float32 [N, 3] -> score = x @ weights, with the calibration head (is_anomaly)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [3], weights)]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["score"])], "weighted", [x], [score], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    attach_head(model, threshold)
+    onnx.save(model, str(path))
+    return path
+
+
+def holdout_rows(n: int = 400, seed: int = 0) -> Split:
+    """Feature 0 tells anomalies apart (+4), features 1 and 2 are noise."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.1).astype(int)
+    X = rng.normal(size=(n, 3)).astype(np.float32)
+    X[:, 0] += 4.0 * y
+    return Split(X, y, np.arange(n))
+
+
 def test_promotion_sequence(store: Store, tmp_path: Path) -> None:
+    """First model served; a worse one (noise) kept out with its evidence tagged; a better one
+    promoted; a decision made against a champion that has since moved promotes nothing."""
     name = fresh_name()
     client = MlflowClient()
+    holdout, params = holdout_rows(), PromotionParams(n_bootstrap=200)
 
     def champion_version() -> str:
         return str(client.get_model_version_by_alias(name, CHAMPION).version)
 
-    # v1: first model, no champion yet -> champion
-    with mlflow.start_run() as run1:
-        v1 = register_challenger(store.onnx(1.0), name, {"detector": "autoencoder", "seed": "0"})
+    def register_and_decide(weights: list[float], threshold: float, tags: dict):
+        path = weighted_scorer(tmp_path / f"{uuid.uuid4().hex[:8]}.onnx", weights, threshold)
+        evidence = gather_evidence(path, holdout, name, 0.01, params, seed=0)
+        with mlflow.start_run() as run:
+            registered = register_challenger(path, name, tags)
+            applied = apply_promotion(registered, decide_promotion(evidence, params))
+        return registered, applied, run
+
+    # v1: the sum of all features, mediocre; no champion yet -> champion
+    v1, first, run1 = register_and_decide([1.0, 1.0, 1.0], 5.0, {"detector": "autoencoder"})
     assert (v1.name, v1.version, v1.run_id) == (name, "1", run1.info.run_id)
     mv1 = client.get_model_version(name, "1")
     assert mv1.tags["detector"] == "autoencoder"
-    assert mv1.run_id == run1.info.run_id
-    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "1"
-    first = promote_if_better(name, v1.version, "auroc", 0.8, None)
-    assert first.promoted
-    assert "no champion" in first.reason.lower()
+    assert first.promoted and "no champion" in first.reason.lower()
     assert champion_version() == "1"
 
-    # v2: worse -> stays challenger, champion unchanged, reason names both metrics
-    with mlflow.start_run():
-        v2 = register_challenger(store.onnx(2.0), name, {"detector": "deep_svdd"})
-    second = promote_if_better(name, v2.version, "auroc", 0.75, 0.8)
-    assert not second.promoted
-    assert (second.challenger_metric, second.champion_metric, second.metric_name) == (
-        0.75,
-        0.8,
-        "auroc",
-    )
-    assert "0.75" in second.reason and "0.8" in second.reason and "auroc" in second.reason
+    # v2: noise only -> stays challenger; the reason and the evidence are tagged
+    v2, second, _ = register_and_decide([0.0, 1.0, 0.0], 2.5, {"detector": "deep_svdd"})
+    assert not second.promoted and "does not beat" in second.reason
+    evidence = second.evidence
+    assert evidence.champion_version == "1" and evidence.n_rows == len(holdout)
+    assert evidence.challenger_metric < evidence.champion_metric
+    assert evidence.metric_delta_interval[1] < 0  # clearly worse, and the interval says so
     assert champion_version() == "1"
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "2"
     tags2 = client.get_model_version(name, "2").tags
     assert tags2["promotion_decision"] == "not_promoted"
     assert tags2["promotion_reason"] == second.reason
     assert tags2["champion_version_before"] == "1"
+    assert tags2["promotion_metric_name"] == "holdout_auprc"
+    low, high = (float(v) for v in tags2["promotion_metric_delta_interval"].split(".."))
+    assert low <= high < 0
 
-    # v3: better -> champion, and it is what load_champion serves
-    with mlflow.start_run() as run3:
-        v3 = register_challenger(store.onnx(3.0), name, {"detector": "autoencoder"})
-    third = promote_if_better(name, v3.version, "auroc", 0.9, 0.8)
-    assert third.promoted
+    # v3: the informative feature alone -> champion, and it is what load_champion serves
+    v3, third, run3 = register_and_decide([1.0, 0.0, 0.0], 2.5, {"detector": "autoencoder"})
+    assert third.promoted, third.reason
+    assert third.evidence.metric_delta_interval[0] > 0
     assert champion_version() == "3"
     assert client.get_model_version(name, "3").tags["promotion_decision"] == "promoted"
+
+    # v4 is as good as v3, but measured against v1: the champion moved, so nothing is promoted
+    path4 = weighted_scorer(tmp_path / "v4.onnx", [1.0, 0.0, 0.0], 2.5)
+    stale = replace(gather_evidence(path4, holdout, name, 0.01, params, 0), champion_version="1")
+    with mlflow.start_run():
+        v4 = register_challenger(path4, name, {"detector": "autoencoder"})
+        fourth = apply_promotion(
+            v4, replace(decide_promotion(stale, params), promoted=True, reason="planned.")
+        )
+    assert not fourth.promoted and "moved to version 3" in fourth.reason
+    assert champion_version() == "3"
 
     champion = load_champion(name, tmp_path / "serve")
     assert champion is not None
@@ -279,13 +319,13 @@ def test_promotion_sequence(store: Store, tmp_path: Path) -> None:
     assert champion.onnx_path.suffix == ".onnx" and champion.onnx_path.is_file()
     assert champion.onnx_path.is_relative_to(tmp_path / "serve")
     x = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]], dtype=np.float32)
-    np.testing.assert_allclose(run_onnx(champion.onnx_path, x), [18.0, 3.0])
+    np.testing.assert_allclose(run_onnx(champion.onnx_path, x), [1.0, 0.0])  # x @ [1, 0, 0]
 
     # rollback, as recalibration does: set_champion moves the alias
     set_champion(name, "1")
     rolled = load_champion(name, tmp_path / "serve")
     assert rolled is not None and rolled.version == "1"
-    np.testing.assert_allclose(run_onnx(rolled.onnx_path, x), [6.0, 1.0])
+    np.testing.assert_allclose(run_onnx(rolled.onnx_path, x), [6.0, 1.0])  # x @ [1, 1, 1]
 
 
 # --- the version number inside the registered file ---------------------------------------------
@@ -378,34 +418,3 @@ def test_int8_twin_is_logged_beside_its_version(store: Store, tmp_path: Path) ->
         log_int8_twin(twin, registered)
     describe_version(name, registered.version, "# Model card\n")
     assert MlflowClient().get_model_version(name, "1").description == "# Model card\n"
-
-
-# --- the decision rule (pure) ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("challenger", "champion", "champion_version", "promoted"),
-    [
-        (0.7, None, None, True),
-        (0.9, 0.8, "1", True),
-        (0.8, 0.8, "1", False),  # a tie keeps what is served
-        (0.7, 0.8, "1", False),
-        (math.nan, None, None, False),
-        (math.nan, 0.8, "1", False),
-        (0.7, math.nan, "1", True),
-        (0.7, 0.9, None, True),  # no champion alias: always serve something
-    ],
-)
-def test_decide_promotion(
-    challenger: float, champion: float | None, champion_version: str | None, promoted: bool
-) -> None:
-    decision = decide_promotion("2", "auroc", challenger, champion, champion_version)
-    assert decision.promoted is promoted
-    assert decision.reason.endswith(".")
-    assert "version 2" in decision.reason
-
-
-def test_decide_promotion_when_challenger_already_champion() -> None:
-    decision = decide_promotion("3", "auroc", 0.9, 0.9, "3")
-    assert not decision.promoted
-    assert "already" in decision.reason

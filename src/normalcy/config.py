@@ -42,15 +42,17 @@ class PrepareParams(_Section):
     seed: int = 0
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    holdout_fraction: float = Field(0.15, gt=0, lt=1)
     train_contamination: float | None = Field(0.03, ge=0, lt=1)
     output_dir: str = "data/prepared"
 
     @model_validator(mode="after")
     def _check_fractions(self) -> PrepareParams:
-        if self.val_fraction + self.test_fraction >= 0.9:
+        held_out = self.val_fraction + self.test_fraction + self.holdout_fraction
+        if held_out >= 0.9:
             raise ValueError(
-                "prepare.val_fraction + prepare.test_fraction must be below 0.9 "
-                f"(got {self.val_fraction + self.test_fraction:.2f}), leaving data to train on"
+                "prepare.val_fraction + prepare.test_fraction + prepare.holdout_fraction must be "
+                f"below 0.9 (got {held_out:.2f}), leaving data to train on"
             )
         return self
 
@@ -103,6 +105,13 @@ class EvaluateParams(_Section):
 
 class CalibrationParams(_Section):
     target_fpr: float = Field(0.01, gt=0, lt=0.5)
+
+
+class PromotionParams(_Section):
+    confidence: float = Field(0.9, gt=0.5, lt=1)
+    n_bootstrap: int = Field(1000, ge=100)
+    min_gain: float = Field(0.0, gt=-1, lt=1)
+    alert_rate_tolerance: float = Field(0.5, gt=0)
 
 
 class ExportParams(_Section):
@@ -161,6 +170,7 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     calibration: CalibrationParams = Field(default_factory=CalibrationParams)
+    promotion: PromotionParams = Field(default_factory=PromotionParams)
     export: ExportParams = Field(default_factory=ExportParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)

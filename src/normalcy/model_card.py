@@ -115,6 +115,20 @@ def _metrics_section(metrics: dict) -> list[str]:
     ]
 
 
+def _promotion_section(promotion: dict) -> list[str]:
+    """The promotion decision with its reason and evidence (registry tags of the same names)."""
+    evidence = [(key.removeprefix("promotion_"), value) for key, value in promotion.items()]
+    return [
+        "## Promotion",
+        "",
+        'Decided on the holdout split, which chose nothing else (see README, "Promotion"); '
+        "intervals are paired bootstrap intervals, differences are this version minus the "
+        "champion.",
+        "",
+        *_table(evidence, ("evidence", "value")),
+    ]
+
+
 def _limits_section(meta: dict) -> list[str]:
     target = _percent(meta.get("target_fpr"))
     lines = [
@@ -171,11 +185,14 @@ def _how_to_score(meta: dict) -> list[str]:
     ]
 
 
-def model_card(meta: dict, metrics: dict | None = None, data: dict | None = None) -> str:
+def model_card(
+    meta: dict, metrics: dict | None = None, data: dict | None = None, promotion: dict | None = None
+) -> str:
     """A short markdown model card: what the model is for, its data, its metrics, its limits and
     how to score it. `meta` is the ONNX file's 'normalcy' metadata, `metrics` a flat name ->
     value dict, `data` a description of the training data (source, path, rows and
-    anomaly_share per split, removed_by_cleaning, description; all optional)."""
+    anomaly_share per split, removed_by_cleaning, description; all optional), `promotion` the
+    decision and its evidence as tags (`PromotionDecision.tags`)."""
     metrics, data = metrics or {}, data or {}
     detector = meta.get("detector", UNKNOWN)
     intro = [
@@ -216,6 +233,7 @@ def model_card(meta: dict, metrics: dict | None = None, data: dict | None = None
         intro,
         _data_section(meta, data),
         _metrics_section(metrics),
+        *([_promotion_section(promotion)] if promotion else []),
         _limits_section(meta),
         _how_to_score(meta),
     ]

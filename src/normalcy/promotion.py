@@ -1,163 +1,300 @@
-"""Champion or challenger: measure both graphs on the same data with the same code, and move the
-`champion` alias only when the challenger is strictly better. Torch-free: onnxruntime scores
-both graphs, so the measure cannot depend on how a model was trained."""
+"""Champion or challenger, decided on the holdout split alone.
+
+The holdout (`prepare.holdout_fraction`, chosen by row hash, see `data.splits.in_holdout`) chose
+nothing: no fit, no model selection, no threshold saw it, and it holds no row of the champion's
+training data either. Both graphs are scored on it by the same onnxruntime code. The challenger
+becomes champion when (1) its ranking metric beats the champion's by more than
+`promotion.min_gain` at the lower end of a paired bootstrap interval, (2) its alert rate on
+holdout normals is compatible with the target rate, and (3) its recall at its threshold is not
+significantly below the champion's. Test metrics are reported, never used here. Torch-free."""
 
 from __future__ import annotations
 
 import logging
 import math
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from onnxruntime import InferenceSession
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from normalcy import registry
+from normalcy.config import Params, PromotionParams
 from normalcy.data.splits import Split
-from normalcy.evaluation.selection import validation_metric
+from normalcy.evaluation.bootstrap import (
+    paired_bootstrap_deltas,
+    percentile_interval,
+    wilson_interval,
+)
+from normalcy.evaluation.selection import SYNTHETIC_ANOMALIES
 from normalcy.scoring import load_session, read_metadata, score_onnx
 
 log = logging.getLogger(__name__)
 
+LABELLED_METRIC = "holdout_auprc"
+LABEL_FREE_METRIC = "holdout_synthetic_auroc"
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    LABELLED_METRIC: average_precision_score,
+    LABEL_FREE_METRIC: roc_auc_score,
+}
 
-def promotion_metric(session: InferenceSession, test: Split, seed: int) -> tuple[str, float]:
-    """The promotion metric of a graph on the test split, from onnxruntime alone, so the
-    challenger and the champion are measured by exactly the same code."""
-    name, value = validation_metric(lambda X: score_onnx(session, X)[0], test.X, test.y, seed)
-    return name.replace("val_", "test_"), value
+
+@dataclass(frozen=True)
+class HoldoutSet:
+    """Rows both graphs are scored on, labelled: the holdout's own labels when it has both
+    classes, else its rows as normal against synthetic anomalies made from them (the three
+    kinds of `evaluation.selection`, pooled into one set so that it can be resampled)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    metric_name: str
+    real_labels: bool
+
+    @property
+    def normal(self) -> np.ndarray:
+        """Rows the alert rate is measured on: labelled normals, or every real holdout row."""
+        return self.y == 0
+
+    @property
+    def n_real_rows(self) -> int:
+        return len(self.y) if self.real_labels else int(self.normal.sum())
+
+
+def holdout_set(holdout: Split, seed: int) -> HoldoutSet:
+    if len(holdout) == 0:
+        raise ValueError("the holdout split is empty; there is nothing to decide promotion on")
+    if holdout.has_both_classes:
+        return HoldoutSet(holdout.X, holdout.y.astype(int), LABELLED_METRIC, True)
+    synthetic = [
+        make(holdout.X, seed).astype(holdout.X.dtype) for make in SYNTHETIC_ANOMALIES.values()
+    ]
+    X = np.concatenate([holdout.X, *synthetic])
+    y = np.r_[np.zeros(len(holdout), dtype=int), np.ones(len(X) - len(holdout), dtype=int)]
+    return HoldoutSet(X, y, LABEL_FREE_METRIC, False)
+
+
+def _recall(y: np.ndarray, alerts: np.ndarray) -> float:
+    """Share of the anomalies flagged: a `METRICS`-style (labels, decisions) function."""
+    return float(alerts[y == 1].mean())
 
 
 @dataclass
-class Comparison:
-    """The challenger's metric and the champion's on the same data (None: no champion;
-    inf: a champion with another input schema, which therefore stays)."""
+class Evidence:
+    """What the decision rests on, all measured on the holdout. Intervals are (low, high) at
+    `promotion.confidence`; deltas are challenger minus champion. `champion_version` None: no
+    champion yet; `same_input` False: the champion reads another input schema."""
 
     metric_name: str
+    n_rows: int
+    n_normal_rows: int
     challenger_metric: float
-    champion_metric: float | None
+    target_rate: float
+    alert_rate: float
+    alert_rate_interval: tuple[float, float]
+    champion_version: str | None = None
+    same_input: bool = True
+    champion_metric: float | None = None
+    metric_delta_interval: tuple[float, float] | None = None
+    recall_delta_interval: tuple[float, float] | None = None
+
+    def tags(self) -> dict[str, str]:
+        """The evidence as registry tags (strings), one per figure."""
+        tags = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, tuple | list):
+                value = f"{value[0]:.6g}..{value[1]:.6g}"
+            elif isinstance(value, float):
+                value = f"{value:.6g}"
+            tags[f"promotion_{key}"] = "none" if value is None else str(value)
+        return tags
 
 
-def compare_with_champion(
-    onnx_path: str | Path, test: Split, model_name: str, seed: int
-) -> Comparison:
-    """Measure the challenger graph and, when one is registered, the current champion on `test`."""
+def measure(
+    challenger: InferenceSession,
+    champion: InferenceSession | None,
+    data: HoldoutSet,
+    target_rate: float,
+    params: PromotionParams,
+    seed: int,
+) -> dict:
+    """The challenger's metric and alert rate, and with a champion the paired intervals."""
+    metric = METRICS[data.metric_name]
+    scores, alerts = score_onnx(challenger, data.X)
+    normal_alerts = alerts[data.normal]
+    found = {
+        "metric_name": data.metric_name,
+        "n_rows": data.n_real_rows,
+        "n_normal_rows": int(data.normal.sum()),
+        "challenger_metric": float(metric(data.y, scores)),
+        "target_rate": target_rate,
+        "alert_rate": float(normal_alerts.mean()),
+        "alert_rate_interval": wilson_interval(
+            int(normal_alerts.sum()), len(normal_alerts), params.confidence
+        ),
+    }
+    if champion is None:
+        return found
+    champion_scores, champion_alerts = score_onnx(champion, data.X)
+    found["champion_metric"] = float(metric(data.y, champion_scores))
+    deltas = paired_bootstrap_deltas(
+        metric, data.y, scores, champion_scores, params.n_bootstrap, seed
+    )
+    found["metric_delta_interval"] = percentile_interval(deltas, params.confidence)
+    if data.real_labels:
+        recall_deltas = paired_bootstrap_deltas(
+            _recall, data.y, alerts, champion_alerts, params.n_bootstrap, seed
+        )
+        found["recall_delta_interval"] = percentile_interval(recall_deltas, params.confidence)
+    return found
+
+
+def gather_evidence(
+    onnx_path: str | Path,
+    holdout: Split,
+    model_name: str,
+    target_rate: float,
+    params: PromotionParams,
+    seed: int,
+) -> Evidence:
+    """Score the challenger graph and, when one is registered, the champion on the holdout."""
+    data = holdout_set(holdout, seed)
     challenger = load_session(onnx_path)
-    metric_name, challenger_metric = promotion_metric(challenger, test, seed)
-    champion_metric = None
     with tempfile.TemporaryDirectory() as tmp:
         champion = registry.load_champion(model_name, tmp)
-        if champion is not None:
-            incumbent = load_session(champion.onnx_path)
-            # same input name, dtype, shape and feature names: the same test data fits both
-            if read_metadata(challenger).get("input") == read_metadata(incumbent).get("input"):
-                _, champion_metric = promotion_metric(incumbent, test, seed)
-            else:  # another schema: no fair comparison, so the champion stays
-                log.warning(
-                    "champion v%s expects another input; it is kept (use another "
-                    "mlflow.model_name for a new data schema)",
-                    champion.version,
-                )
-                champion_metric = float("inf")
-    return Comparison(metric_name, challenger_metric, champion_metric)
+        if champion is None:
+            return Evidence(**measure(challenger, None, data, target_rate, params, seed))
+        incumbent = load_session(champion.onnx_path)
+        # same input name, dtype, shape and feature names: the same holdout fits both
+        same_input = read_metadata(challenger).get("input") == read_metadata(incumbent).get("input")
+        found = measure(
+            challenger, incumbent if same_input else None, data, target_rate, params, seed
+        )
+    return Evidence(**found, champion_version=str(champion.version), same_input=same_input)
 
 
 @dataclass
 class PromotionDecision:
-    """Whether the challenger became champion, and why, in a sentence for people."""
+    """Whether the challenger becomes champion, why (a sentence for people), and the evidence."""
 
     promoted: bool
     reason: str
-    challenger_metric: float
-    champion_metric: float | None
-    metric_name: str
+    evidence: Evidence
+
+    def tags(self) -> dict[str, str]:
+        """Decision, reason and evidence as the registry tags (and model card rows) show them."""
+        return {
+            "promotion_decision": "promoted" if self.promoted else "not_promoted",
+            "promotion_reason": self.reason,
+            **self.evidence.tags(),
+        }
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.6g}"
+def plan_promotion(onnx_path: str | Path, holdout: Split, params: Params) -> PromotionDecision:
+    """The decision for a challenger graph before it is registered: evidence, then the rule."""
+    evidence = gather_evidence(
+        onnx_path,
+        holdout,
+        params.mlflow.model_name,
+        params.calibration.target_fpr,
+        params.promotion,
+        params.prepare.seed,
+    )
+    return decide_promotion(evidence, params.promotion)
+
+
+def _interval(bounds: tuple[float, float]) -> str:
+    return f"[{bounds[0]:.3g}, {bounds[1]:.3g}]"
+
+
+def _alert_rate_problem(evidence: Evidence, tolerance: float) -> str | None:
+    """Why the challenger's alert rate is incompatible with the target, or None: its interval
+    must reach into target x (1 +- tolerance), so a handful of rows does not fail it by chance."""
+    low, high = evidence.alert_rate_interval
+    allowed = (evidence.target_rate * (1 - tolerance), evidence.target_rate * (1 + tolerance))
+    if high >= allowed[0] and low <= allowed[1]:
+        return None
+    return (
+        f"its alert rate on {evidence.n_normal_rows} holdout normal rows is "
+        f"{evidence.alert_rate:.3g} (interval {_interval(evidence.alert_rate_interval)}), "
+        f"incompatible with the target {evidence.target_rate:.3g} +- {tolerance:.0%}"
+    )
 
 
 def decide_promotion(
-    challenger_version: str,
-    metric_name: str,
-    challenger_metric: float,
-    champion_metric: float | None,
-    champion_version: str | None,
+    evidence: Evidence, params: PromotionParams, challenger_version: str | None = None
 ) -> PromotionDecision:
-    """The promotion rule, free of MLflow: the challenger wins when there is no champion, or its
-    metric is strictly higher on the same test data; ties and NaN keep what is served."""
-    ch = f"challenger version {challenger_version} ({metric_name}={_fmt(challenger_metric)})"
+    """The rule of the module docstring, free of MLflow; a first model is always served."""
 
     def decide(promoted: bool, reason: str) -> PromotionDecision:
-        return PromotionDecision(promoted, reason, challenger_metric, champion_metric, metric_name)
+        return PromotionDecision(promoted, reason, evidence)
 
-    if champion_version is not None and champion_version == str(challenger_version):
+    ch = f"challenger ({evidence.metric_name}={evidence.challenger_metric:.4g})"
+    cv = f"champion version {evidence.champion_version}"
+    alert_problem = _alert_rate_problem(evidence, params.alert_rate_tolerance)
+    if challenger_version is not None and challenger_version == evidence.champion_version:
         return decide(False, f"Version {challenger_version} already is the champion.")
-    if math.isnan(challenger_metric):
+    if math.isnan(evidence.challenger_metric):
         return decide(False, f"The {ch} has no usable metric (NaN); the champion is kept.")
-    if champion_version is None:
-        return decide(True, f"There is no champion yet, so the {ch} becomes champion.")
-    cv = f"champion version {champion_version}"
-    if champion_metric is None or math.isnan(champion_metric):
-        return decide(True, f"The {cv} has no usable {metric_name}, so the {ch} replaces it.")
-    if challenger_metric > champion_metric:
+    if evidence.champion_version is None:
+        warning = f" Note: {alert_problem}." if alert_problem else ""
+        return decide(True, f"There is no champion yet, so the {ch} becomes champion.{warning}")
+    if not evidence.same_input:
         return decide(
-            True,
-            f"The {ch} beats the {cv} ({metric_name}={_fmt(champion_metric)}) on the same test "
-            "data and becomes champion.",
+            False,
+            f"The {cv} reads another input schema, so the two cannot be compared; it is kept "
+            "(use another mlflow.model_name for a new data schema).",
         )
-    return decide(
-        False,
-        f"The {ch} is not better than the {cv} ({metric_name}={_fmt(champion_metric)}) on the "
-        "same test data; the champion is kept.",
+    delta = evidence.metric_delta_interval
+    versus = (
+        f"the {cv} ({evidence.metric_name}={evidence.champion_metric:.4g}); difference "
+        f"{_interval(delta)} at {params.confidence:.0%} on {evidence.n_rows} holdout rows"
     )
+    if delta[0] <= params.min_gain:
+        return decide(
+            False,
+            f"The {ch} does not beat {versus}, which must exceed {params.min_gain:g}; the "
+            "champion is kept.",
+        )
+    if alert_problem:
+        return decide(False, f"The {ch} beats {versus}, but is not promoted: {alert_problem}.")
+    recall = evidence.recall_delta_interval
+    if recall is not None and recall[1] < 0:
+        return decide(
+            False,
+            f"The {ch} beats {versus}, but is not promoted: its recall at its threshold is "
+            f"below the {cv}'s (difference {_interval(recall)}).",
+        )
+    return decide(True, f"The {ch} beats {versus}, and becomes champion.")
 
 
-def promote_if_better(
-    model_name: str,
-    challenger_version: str,
-    metric_name: str,
-    challenger_metric: float,
-    champion_metric: float | None,
+def apply_promotion(
+    registered: registry.Registered, decision: PromotionDecision
 ) -> PromotionDecision:
-    """Move the `champion` alias to the challenger when `decide_promotion` says so, and record
-    the decision as tags on the challenger version so the registry explains itself.
-
-    `champion_metric` is the current champion's metric on the challenger's test data, computed
-    by the caller (None when there is no champion). If the registry has no champion alias the
-    challenger is promoted whatever `champion_metric` says, so a model is always served.
-    """
+    """Move `champion` to the just-registered challenger when the decision says so, and tag the
+    decision, its reason and its evidence on the version. The alias moves only if it still
+    names the version the evidence was measured against (another run may have moved it); the
+    decision as applied is returned."""
     client = MlflowClient()
-    challenger_version = str(challenger_version)
-    current = registry._alias_version(client, model_name, registry.CHAMPION)
-    decision = decide_promotion(
-        challenger_version, metric_name, challenger_metric, champion_metric, current
-    )
-    if decision.promoted:
-        client.set_registered_model_alias(model_name, registry.CHAMPION, challenger_version)
-    tags = {
-        "promotion_decision": "promoted" if decision.promoted else "not_promoted",
-        "promotion_reason": decision.reason,
-        "promotion_metric": metric_name,
-        "challenger_metric": _fmt(challenger_metric),
-        "champion_metric": "none" if champion_metric is None else _fmt(champion_metric),
-        "champion_version_before": current or "none",
-    }
+    current = registry._alias_version(client, registered.name, registry.CHAMPION)
+    promoted = decision.promoted and current == decision.evidence.champion_version
+    reason = decision.reason
+    if decision.promoted and not promoted:
+        reason = (
+            f"The champion moved to version {current} while this run compared with version "
+            f"{decision.evidence.champion_version}; nothing was promoted. ({decision.reason})"
+        )
+    if promoted:
+        client.set_registered_model_alias(registered.name, registry.CHAMPION, registered.version)
+    applied = replace(decision, promoted=promoted, reason=reason)
+    tags = {**applied.tags(), "champion_version_before": current or "none"}
     for key, value in tags.items():
-        client.set_model_version_tag(model_name, challenger_version, key, value)
-    log.info("%s: %s", model_name, decision.reason)
-    return decision
-
-
-def promote(registered: registry.Registered, comparison: Comparison) -> PromotionDecision:
-    """`promote_if_better` for a just-registered challenger; its metric is logged in the run."""
-    decision = promote_if_better(
-        registered.name,
-        registered.version,
-        comparison.metric_name,
-        comparison.challenger_metric,
-        comparison.champion_metric,
-    )
-    mlflow.log_metric(f"promotion_{comparison.metric_name}", comparison.challenger_metric)
-    return decision
+        client.set_model_version_tag(registered.name, registered.version, key, value)
+    evidence = decision.evidence
+    mlflow.log_metric(f"promotion_{evidence.metric_name}", evidence.challenger_metric)
+    log.info("%s v%s: %s", registered.name, registered.version, reason)
+    return applied

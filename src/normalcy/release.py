@@ -58,8 +58,9 @@ def version_tags(data_version: str, detector: str, threshold: float, **extra: st
 
 def training_data(splits: Splits, cleaned: Split, source: str, path: str | None) -> dict:
     """What the model card says about the data a trained version learnt from."""
-    rows = {"train": len(cleaned), "val": len(splits.val), "test": len(splits.test)}
-    labelled = {"train": cleaned.y, "val": splits.val.y, "test": splits.test.y}
+    kept = {"val": splits.val, "test": splits.test, "holdout": splits.holdout}
+    rows = {"train": len(cleaned), **{name: len(split) for name, split in kept.items()}}
+    labelled = {"train": cleaned.y, **{name: split.y for name, split in kept.items()}}
     return {
         "source": source,
         "path": path,
@@ -89,10 +90,12 @@ def publish_version(
     metrics: dict,
     data: dict,
     int8_path: Path | None = None,
+    promotion: dict | None = None,
 ) -> registry.Registered:
     """Log the reference and suite, register the graph as `challenger`, and log its metadata,
     its INT8 twin (when given) and its model card, which also becomes the version's
-    description. Runs inside the active MLflow run."""
+    description; `promotion` (the decision's tags) goes into the card. Runs inside the active
+    MLflow run."""
     registry.log_json(validation_spec, artifacts.RUN_VALIDATION_SPEC)  # may hold numpy values
     mlflow.log_artifact(str(reference), artifacts.RUN_REFERENCE_DIR)
     registered = registry.register_challenger(onnx_path, model_name, tags)
@@ -100,7 +103,7 @@ def publish_version(
     if int8_path is not None:
         uri = registry.log_int8_twin(int8_path, registered)
         log.info("INT8 twin of v%s logged at %s", registered.version, uri)
-    card = model_card(registered.metadata, metrics, data)
+    card = model_card(registered.metadata, metrics, data, promotion)
     mlflow.log_text(card, artifacts.RUN_CARD)
     registry.describe_version(registered.name, registered.version, card)
     return registered

@@ -1,4 +1,5 @@
-"""Deterministic stratified train/val/test splits with leakage checks, and their files on disk."""
+"""Deterministic splits with leakage checks, and their files on disk: stratified train/val/test,
+and a holdout that only the promotion decision reads."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from normalcy.config import PrepareParams
 from normalcy.data.sources import DataError, Dataset
 
 log = logging.getLogger(__name__)
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = ("train", "val", "test", "holdout")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Splits:
     train: Split
     val: Split
     test: Split
+    holdout: Split
     feature_names: list[str]
     dropped_duplicates: int = 0
     dropped_train_anomalies: int = 0
@@ -76,6 +78,17 @@ def check_no_leakage(splits: Splits) -> None:
                 )
 
 
+def in_holdout(hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """Whether each row (by its content hash) belongs to the promotion holdout.
+
+    By hash, not by a seeded draw: a row held out now was held out in every earlier run with
+    the same fraction, whatever else the data holds. So the champion, trained on an earlier
+    version of the data, never trained on or was chosen with a row that now decides whether
+    it stays."""
+    position = np.array([int(h[:8], 16) for h in hashes], dtype=np.float64) / 16**8
+    return position < fraction
+
+
 def _split_indices(
     n: int, y: np.ndarray | None, fraction: float, seed: int, indices: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -87,15 +100,26 @@ def _split_indices(
 
 def split_dataset(dataset: Dataset, params: PrepareParams) -> Splits:
     """Drop duplicate rows, split stratified by label, cap train contamination, check leakage."""
-    _, first = np.unique(row_hashes(dataset.X), return_index=True)
+    hashes = row_hashes(dataset.X)
+    _, first = np.unique(hashes, return_index=True)
     unique = np.sort(first)
     y = dataset.y
     if y is not None and int(y[unique].sum()) == len(unique):
         raise DataError(
             f"{dataset.source}: every row is labelled anomalous; expected normal rows to learn from"
         )
-    rest, test_idx = _split_indices(len(dataset.X), y, params.test_fraction, params.seed, unique)
-    val_share = params.val_fraction / (1 - params.test_fraction)
+    held = in_holdout(hashes[unique], params.holdout_fraction)
+    if not held.any():
+        raise DataError(
+            f"{dataset.source}: none of its {len(unique)} distinct rows fell in the promotion "
+            f"holdout (prepare.holdout_fraction={params.holdout_fraction}); expected more rows "
+            "or a larger fraction"
+        )
+    holdout_idx, unique = unique[held], unique[~held]
+    remaining = 1 - params.holdout_fraction
+    test_share = params.test_fraction / remaining
+    rest, test_idx = _split_indices(len(dataset.X), y, test_share, params.seed, unique)
+    val_share = params.val_fraction / (remaining - params.test_fraction)
     train_idx, val_idx = _split_indices(len(dataset.X), y, val_share, params.seed, rest)
     dropped_anomalies = 0
     if y is not None and params.train_contamination is not None:
@@ -115,17 +139,20 @@ def split_dataset(dataset: Dataset, params: PrepareParams) -> Splits:
         make(train_idx),
         make(val_idx),
         make(test_idx),
+        make(holdout_idx),
         dataset.feature_names,
-        len(dataset.X) - len(unique),
+        len(dataset.X) - len(unique) - len(holdout_idx),
         dropped_anomalies,
     )
     check_no_leakage(splits)
     log.info(
-        "split %s: train %d, val %d, test %d rows (%d duplicates, %d train anomalies dropped)",
+        "split %s: train %d, val %d, test %d, holdout %d rows (%d duplicates, %d train "
+        "anomalies dropped)",
         dataset.source,
         len(splits.train),
         len(splits.val),
         len(splits.test),
+        len(splits.holdout),
         splits.dropped_duplicates,
         dropped_anomalies,
     )
@@ -180,6 +207,12 @@ def load_splits(output_dir: str | Path) -> Splits:
         )
     meta = json.loads((output_dir / "meta.json").read_text())
     parts = {}
+    missing = [name for name in SPLIT_NAMES if not (output_dir / f"{name}.npz").exists()]
+    if missing:
+        raise DataError(
+            f"{output_dir}: no {', '.join(missing)} split (prepared by an older normalcy); run "
+            "the prepare stage again"
+        )
     for name in SPLIT_NAMES:
         with np.load(output_dir / f"{name}.npz", allow_pickle=False) as archive:
             parts[name] = Split(
@@ -189,6 +222,7 @@ def load_splits(output_dir: str | Path) -> Splits:
         parts["train"],
         parts["val"],
         parts["test"],
+        parts["holdout"],
         meta["feature_names"],
         meta.get("dropped_duplicates", 0),
         meta.get("dropped_train_anomalies", 0),
