@@ -11,6 +11,7 @@ from prefect import flow, task
 from normalcy import monitoring, registry
 from normalcy.config import Params, load_params
 from normalcy.drift import DriftReport
+from normalcy.errors import RecalibrationRefused
 from normalcy.jsonio import write_json
 from normalcy.monitoring import ChampionBundle
 from normalcy.pipeline import artifacts
@@ -58,5 +59,9 @@ def monitor_flow(
     print(report.summary())
     result = monitoring.monitor_result(report, validation, champion)
     if report.drifted and params.monitor.recalibrate_on_drift:
-        result["recalibration"] = recalibrate_flow(str(batch_path), params_path, overrides)
+        try:
+            result["recalibration"] = recalibrate_flow(str(batch_path), params_path, overrides)
+        except RecalibrationRefused as refused:  # the batch must not become the new normal
+            print(refused)
+            result["recalibration"] = {"refused": str(refused)}
     return result

@@ -1,4 +1,4 @@
-"""The recalibrate flow: a new threshold for the champion's graph from a batch, as a new version."""
+"""The recalibrate flow: a new threshold for the champion's graph from a vetted batch."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import mlflow
 from prefect import flow
 
-from normalcy import monitoring, registry, release
+from normalcy import monitoring, promotion, registry, release
 from normalcy.config import load_params
 from normalcy.recalibration import exclusive, recalibrate, recalibrated_graphs
+from normalcy.validation.suite import validate_batch
 
 log = logging.getLogger("normalcy.recalibrate")
 
@@ -20,19 +21,22 @@ log = logging.getLogger("normalcy.recalibrate")
 def recalibrate_flow(
     batch_path: str, params_path: str = "params.yaml", overrides: list[str] | None = None
 ) -> dict:
-    """Re-estimate the threshold on the batch (its anomalous tail trimmed), write it and the kept
-    batch scores (the new calibration scores) into the champion's graph and register that graph
-    as the new champion version."""
+    """Refuse a batch that fails a guard (RecalibrationRefused, nothing registered); otherwise
+    move the champion's threshold and calibration scores with the batch's score scale, register
+    that graph, with the batch's vetted rows as its drift reference, and make it champion
+    (`recalibrate.promotion: auto`) or leave it challenger for a person (`manual`)."""
     params = load_params(params_path, overrides)
     registry.setup_tracking(params.mlflow)
     name = params.mlflow.model_name
     with exclusive(), tempfile.TemporaryDirectory() as workdir:
         champion = monitoring.fetch_champion(params.mlflow, workdir)
         batch = monitoring.read_batch(batch_path, champion)
+        validation = validate_batch(batch, champion.validation_spec, "recalibration batch")
         point = recalibrate(
             champion,
             batch,
-            params.monitor.mad_threshold,
+            validation,
+            params.recalibrate,
             params.calibration.target_fpr,
             params.export.max_calibration_scores,
         )
@@ -44,8 +48,9 @@ def recalibrate_flow(
             mlflow.set_tags(
                 {"recalibrated_from_version": champion.version, "batch_path": batch_path}
             )
+            vetted = batch[point.vetted_rows]
             reference = release.save_drift_reference(
-                batch, point, champion.feature_names, params.monitor, seed=0, folder=Path(workdir)
+                vetted, point, champion.feature_names, params.monitor, seed=0, folder=Path(workdir)
             )
             registered = release.publish_version(
                 path,
@@ -59,21 +64,27 @@ def recalibrate_flow(
                 reference,
                 champion.validation_spec,
                 point.metrics(),
-                release.recalibration_data(
-                    batch_path, len(batch), len(point.calibration_scores), champion.version
-                ),
+                release.recalibration_data(batch_path, len(batch), len(vetted), champion.version),
                 int8_path,
             )
-            registry.set_champion(name, registered.version)
+            promoted = params.recalibrate.promotion == "auto"
+            if promoted:
+                reason = f"recalibrated from v{champion.version}; every guard passed"
+                promotion.promote_version(name, registered.version, reason)
     log.info(
-        "threshold %.5g -> %.5g; champion is now v%s",
+        "threshold %.5g -> %.5g; v%s is %s",
         point.old_threshold,
         point.threshold,
         registered.version,
+        "champion"
+        if promoted
+        else f"challenger (promote it with `normalcy promote {registered.version}`)",
     )
     return {
         "old_threshold": point.old_threshold,
         "threshold": point.threshold,
         "model_version": registered.version,
         "recalibrated_from_version": champion.version,
+        "promoted": promoted,
+        "estimated_contamination": point.estimated_contamination,
     }

@@ -1,4 +1,5 @@
-"""Thresholds at a target FPR, and their robust re-estimation on contaminated batches."""
+"""Thresholds at a target FPR, the robust cutoff cleaning uses, and the score-scale map that
+recalibration uses."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 
 from normalcy.calibration import (
+    fit_score_shift,
     realised_fpr,
-    recalibrated_threshold,
-    robust_normal_scores,
+    robust_cutoff,
     threshold_at_fpr,
 )
 
@@ -79,51 +80,64 @@ def _contaminated(seed: int, n_inliers: int = 19_000, n_outliers: int = 1_000):
     return inliers, outliers, rng.permutation(np.r_[inliers, outliers])
 
 
-def test_robust_normal_scores_removes_outliers_and_keeps_inliers():
+def test_robust_cutoff_separates_outliers_from_inliers():
     inliers, outliers, batch = _contaminated(3)
-    kept = robust_normal_scores(batch, 3.5)
-    assert kept.max() < 10.0, "an injected outlier survived the trimming"
-    n_inliers_kept = np.count_nonzero(kept < 10.0)
-    assert n_inliers_kept >= 0.95 * inliers.size
-    # At 3.5 sigma hardly any inlier is lost (expected fraction ~2e-4, even with the 5% shift of
-    # the median and MAD that the contamination causes).
-    assert n_inliers_kept >= 0.999 * inliers.size
+    cutoff = robust_cutoff(batch, 3.5)
+    assert outliers.min() > cutoff, "an injected outlier is below the cutoff"
+    # At 3.5 sigma hardly any inlier is above it (expected fraction ~2e-4, even with the 5%
+    # shift of the median and MAD that the contamination causes).
+    assert np.count_nonzero(inliers <= cutoff) >= 0.999 * inliers.size
 
 
-def test_robust_normal_scores_falls_back_when_mad_is_zero():
+def test_robust_cutoff_falls_back_when_mad_is_zero():
     # 60% tied at 0 -> MAD = 0; the mean-absolute-deviation fallback still drops the outliers.
     scores = np.r_[np.zeros(600), np.linspace(0.1, 1.0, 350), np.full(50, 100.0)]
-    kept = robust_normal_scores(scores, 3.5)
-    assert kept.max() <= 1.0
-    assert kept.size == 950
+    assert 1.0 <= robust_cutoff(scores, 3.5) < 100.0
+    assert robust_cutoff(np.full(10, 2.5), 3.5) == 2.5  # all equal: the cutoff is that score
 
 
-def test_robust_normal_scores_keeps_all_equal_scores():
-    kept = robust_normal_scores(np.full(10, 2.5), 3.5)
-    np.testing.assert_array_equal(kept, np.full(10, 2.5))
-
-
-def test_robust_normal_scores_rejects_bad_threshold():
+def test_robust_cutoff_rejects_bad_threshold():
     with pytest.raises(ValueError, match="mad_threshold"):
-        robust_normal_scores(np.arange(10.0), 0.0)
+        robust_cutoff(np.arange(10.0), 0.0)
 
 
-def test_recalibrated_threshold_on_contaminated_batch_matches_clean_threshold():
-    inliers, _, batch = _contaminated(4)
-    clean = threshold_at_fpr(inliers, 0.01)
-    recalibrated = recalibrated_threshold(batch, 0.01, 3.5)
-    plain = threshold_at_fpr(batch, 0.01)
-    # Both estimate the 0.99 quantile of the same 19k inliers; trimming shifts it by ~2e-4 of the
-    # probability mass. The standard error of a 0.99 quantile of N(0, 1) at n=19k is
-    # sqrt(0.99 * 0.01 / n) / phi(2.326) ~= 0.027, and here both use the same inliers, so 0.05
-    # (~2 SE, well under the gap to the plain quantile) is a generous tolerance.
-    assert abs(recalibrated - clean) < 0.05
-    # The plain quantile lands inside the outlier cluster: 5% outliers > 1% budget.
-    assert plain > 15.0
-    # What matters downstream: on fresh normal data the recalibrated threshold meets the target.
-    fresh = np.random.default_rng(5).normal(size=20_000)
-    assert 0.007 <= realised_fpr(fresh, recalibrated) <= 0.013
-    assert realised_fpr(fresh, plain) == 0.0
+@pytest.mark.parametrize("shape", ["normal", "gamma", "lognormal"])
+def test_score_shift_carries_the_threshold_to_a_moved_scale(shape):
+    """Scores that moved to 2 + 1.5 x: the mapped threshold flags the target share of fresh
+    normal rows (within +-30%), for skewed as well as bell-shaped scores."""
+    rng = np.random.default_rng(0)
+    draw = {
+        "normal": lambda n: rng.normal(size=n),
+        "gamma": lambda n: rng.gamma(1.0, size=n),
+        "lognormal": lambda n: rng.lognormal(0.0, 0.8, size=n),
+    }[shape]
+    calibration = draw(20_000)
+    threshold = threshold_at_fpr(calibration, 0.01)
+    shift = fit_score_shift(calibration, 2 + 1.5 * draw(20_000))
+    assert shift.scale == pytest.approx(1.5, rel=0.05)
+    moved = float(shift.apply([threshold])[0])
+    assert 0.007 <= realised_fpr(2 + 1.5 * draw(50_000), moved) <= 0.013
+
+
+def test_score_shift_corrects_for_contamination_in_the_upper_tail():
+    rng = np.random.default_rng(1)
+    calibration = rng.gamma(1.0, size=20_000)
+    threshold = threshold_at_fpr(calibration, 0.01)
+    batch = np.r_[rng.gamma(1.0, size=18_000), 30 + rng.random(2_000)]  # 10% far anomalies
+    naive = float(fit_score_shift(calibration, batch).apply([threshold])[0])
+    corrected = float(fit_score_shift(calibration, batch, contamination=0.1).apply([threshold])[0])
+    fresh = rng.gamma(1.0, size=50_000)
+    assert realised_fpr(fresh, naive) < 0.007  # uncorrected: too few alerts
+    assert 0.007 <= realised_fpr(fresh, corrected) <= 0.013
+
+
+def test_score_shift_refuses_what_it_cannot_fit():
+    with pytest.raises(ValueError, match="no spread"):
+        fit_score_shift(np.full(100, 3.0), np.arange(100.0))
+    with pytest.raises(ValueError, match="contamination"):
+        fit_score_shift(np.arange(100.0), np.arange(100.0), contamination=1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_score_shift(np.arange(100.0), np.r_[np.arange(99.0), np.nan])
 
 
 def test_realised_fpr_counts_strictly_above():

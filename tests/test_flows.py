@@ -234,13 +234,24 @@ def test_monitor_detects_drift_and_recalibrates(tmp_path, prefect_harness, monke
     root, _ = train_project(tmp_path, monkeypatch, LOOSE_INT8)
     client = client_for(root)
     before = client.get_model_version_by_alias("normalcy", "champion")
+    names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
     with np.load(root / "data" / "prepared" / "test.npz") as test:
-        names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
-        shifted = pd.DataFrame(np.clip(test["X"] * 1.6 + 2.0, 0, 40), columns=names)
-    shifted.to_csv(root / "shifted.csv", index=False)
-    result = monitor_flow("shifted.csv", "params.yaml")
+        garbage = pd.DataFrame(np.clip(test["X"] * 1.6 + 2.0, 0, 40), columns=names)
+    garbage.to_csv(root / "garbage.csv", index=False)
+    # values far beyond the training range: drift, but the batch must not become the new normal
+    refused = monitor_flow("garbage.csv", "params.yaml")
+    assert refused["drifted"] and refused["validation_passed"] is False
+    assert "Great Expectations suite" in refused["recalibration"]["refused"]
+    assert client.get_model_version_by_alias("normalcy", "champion").version == before.version
+    assert len(client.search_model_versions("name='normalcy'")) == 1  # nothing registered
+    # normal rows whose intensities dimmed by 20%: in range, drifted, a moved score scale
+    rows = [np.load(root / "data" / "prepared" / f"{split}.npz") for split in ("val", "test")]
+    normal = np.concatenate([r["X"][r["y"] == 0] for r in rows])
+    pd.DataFrame(normal * 0.8, columns=names).to_csv(root / "shifted.csv", index=False)
+    result = monitor_flow("shifted.csv", "params.yaml", ["recalibrate.min_rows=100"])
     assert result["drifted"] and result["features_drifted"] > 0
     recalibration = result["recalibration"]
+    assert recalibration["promoted"] is True and recalibration["estimated_contamination"] < 0.05
     assert recalibration["threshold"] != pytest.approx(recalibration["old_threshold"])
     after = client.get_model_version_by_alias("normalcy", "champion")
     assert int(after.version) > int(before.version)
@@ -266,7 +277,7 @@ def test_monitor_detects_drift_and_recalibrates(tmp_path, prefect_harness, monke
     assert twin_meta["threshold"] == pytest.approx(recalibration["threshold"])
     assert twin_meta["model_version"] == int(after.version)
     assert (root / "artifacts" / "drift_report.json").exists()
-    assert result["validation_passed"] is False  # values beyond the training range
+    assert result["validation_passed"] is True
     # the recalibrated champion carries the batch as its new reference: the same batch is normal now
     again = monitor_flow("shifted.csv", "params.yaml", ["monitor.recalibrate_on_drift=false"])
     assert again["champion_version"] == str(after.version)

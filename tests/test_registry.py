@@ -20,7 +20,13 @@ from normalcy.artifact.calibration_head import attach_head
 from normalcy.artifact.metadata import read_onnx_metadata, update_metadata
 from normalcy.config import MlflowParams, PromotionParams
 from normalcy.data.splits import Split
-from normalcy.promotion import apply_promotion, decide_promotion, gather_evidence
+from normalcy.promotion import (
+    apply_promotion,
+    decide_promotion,
+    gather_evidence,
+    promote_version,
+    rollback,
+)
 from normalcy.registry import (
     CHALLENGER,
     CHAMPION,
@@ -326,6 +332,29 @@ def test_promotion_sequence(store: Store, tmp_path: Path) -> None:
     rolled = load_champion(name, tmp_path / "serve")
     assert rolled is not None and rolled.version == "1"
     np.testing.assert_allclose(run_onnx(rolled.onnx_path, x), [6.0, 1.0])  # x @ [1, 1, 1]
+
+
+def test_promote_by_hand_and_roll_back(store: Store, tmp_path: Path) -> None:
+    name = fresh_name()
+    client = MlflowClient()
+    with mlflow.start_run():
+        for scale in (1.0, 2.0, 3.0):
+            register_challenger(store.onnx(scale), name, {"detector": "autoencoder"})
+    with pytest.raises(ValueError, match="no champion to roll back"):
+        rollback(name)
+    assert promote_version(name, "1", "first") is None
+    with pytest.raises(ValueError, match="nothing to roll back to"):
+        rollback(name)
+    assert promote_version(name, "2", "a person looked") == "1"
+    assert promote_version(name, "3", "and again") == "2"
+    assert client.get_model_version(name, "3").tags["promotion_reason"] == "and again"
+    assert rollback(name) == "2"
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "2"
+    assert client.get_model_version(name, "3").tags["rolled_back"] == "champion returned to v2"
+    assert rollback(name) == "1"  # a chain: each champion remembers the one it replaced
+    with pytest.raises(ValueError, match="has no version '9'"):
+        promote_version(name, "9", "typo")
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
 
 
 # --- the version number inside the registered file ---------------------------------------------

@@ -2,9 +2,9 @@
 
 A detector's scores only become decisions through a threshold; `is_anomaly = score > threshold`.
 The threshold is set on held-out normal scores so that the false-positive rate on them is at most
-`target_fpr`. When the normal data may contain anomalies (an unlabelled production batch), the
-anomalous tail is trimmed robustly first, so the threshold tracks the normal bulk rather than the
-contamination.
+`target_fpr`. When the score scale moves later (an unlabelled production batch that may hold
+anomalies), `fit_score_shift` maps the calibration scores onto the batch by the bulk of both,
+so the threshold follows the scale and not the batch's contamination.
 """
 
 from __future__ import annotations
@@ -86,21 +86,44 @@ def robust_cutoff(scores: np.ndarray, mad_threshold: float) -> float:
     return median + float(mad_threshold) * sigma
 
 
-def robust_normal_scores(scores: np.ndarray, mad_threshold: float) -> np.ndarray:
-    """The scores that look normal: those at or below `robust_cutoff`; never empty."""
-    arr = _as_scores(scores)
-    return arr[arr <= robust_cutoff(arr, mad_threshold)]
+@dataclass(frozen=True)
+class ScoreShift:
+    """batch score ~ offset + scale x calibration score: how the score scale moved."""
+
+    offset: float
+    scale: float
+    median_move_iqrs: float  # how far the median moved, in calibration IQRs
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        return self.offset + self.scale * np.asarray(scores, dtype=np.float64)
 
 
-def recalibrated_threshold(
-    batch_scores: np.ndarray, target_fpr: float, mad_threshold: float
-) -> float:
-    """Threshold re-estimated on an unlabelled batch that may contain anomalies.
+def fit_score_shift(
+    calibration_scores: np.ndarray, batch_scores: np.ndarray, contamination: float = 0.0
+) -> ScoreShift:
+    """The location-scale map that puts the calibration scores' quartiles onto the batch's.
 
-    Trimming also removes the few normal scores beyond the cutoff (about 2e-4 of a normal at
-    `mad_threshold=3.5`), so the threshold is very slightly low, i.e. errs toward more alerts.
-    """
-    return threshold_at_fpr(robust_normal_scores(batch_scores, mad_threshold), target_fpr)
+    A recalibration exists for a moved score scale with an unchanged shape; then the threshold
+    maps like every other quantile, whatever the shape (skewed scores included), with no
+    trimming rule to tune. Anomalies sit in the batch's upper tail, so with a share
+    `contamination` of them the normal rows' quantile p is the batch's quantile p x (1 -
+    contamination); uncorrected, they widen the spread and raise the threshold (fewer alerts,
+    never more)."""
+    if not 0 <= contamination < 1:
+        raise ValueError(f"contamination must be in [0, 1), got {contamination!r}")
+    reference = _as_scores(calibration_scores, "calibration_scores")
+    batch = _as_scores(batch_scores, "batch_scores")
+    levels = np.array([0.25, 0.5, 0.75])
+    ref_q1, ref_median, ref_q3 = np.quantile(reference, levels)
+    q1, median, q3 = np.quantile(batch, levels * (1 - contamination))
+    if ref_q3 <= ref_q1:
+        raise ValueError(
+            "the calibration scores have no spread (equal quartiles); a score scale cannot be "
+            "matched to them"
+        )
+    scale = float((q3 - q1) / (ref_q3 - ref_q1))
+    offset = float(median - scale * ref_median)
+    return ScoreShift(offset, scale, float(abs(median - ref_median) / (ref_q3 - ref_q1)))
 
 
 def realised_fpr(normal_scores: np.ndarray, threshold: float) -> float:

@@ -148,6 +148,25 @@ def cmd_recalibrate(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, default=str))
 
 
+def cmd_promote(args: argparse.Namespace) -> None:
+    from normalcy import promotion, registry
+
+    params = check_params(args)
+    registry.setup_tracking(params.mlflow)
+    reason = f"promoted by hand: {args.reason}" if args.reason else "promoted by hand"
+    previous = promotion.promote_version(params.mlflow.model_name, args.version, reason)
+    print(f"{params.mlflow.model_name}: champion v{previous} -> v{args.version}")
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from normalcy import promotion, registry
+
+    params = check_params(args)
+    registry.setup_tracking(params.mlflow)
+    version = promotion.rollback(params.mlflow.model_name)
+    print(f"{params.mlflow.model_name}: champion is v{version} again")
+
+
 def cmd_schedule(args: argparse.Namespace) -> None:
     from normalcy.flows.deploy import serve_deployments
 
@@ -314,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
         "recalibrate", cmd_recalibrate, "re-estimate the champion's threshold on a batch"
     )
     recalibrate.add_argument("--batch", required=True, help="npz/csv/parquet batch")
+    promote = add("promote", cmd_promote, "make a registered version champion (a person's call)")
+    promote.add_argument("version", help="the model version to serve")
+    promote.add_argument("--reason", default="", help="why, kept as a tag on the version")
+    add("rollback", cmd_rollback, "move champion back to the version it replaced")
     add("schedule", cmd_schedule, "serve the train and monitor deployments on their cron schedules")
 
     model_help = "an .onnx file, or a registry model: models:/NAME@ALIAS or models:/NAME/VERSION"

@@ -140,7 +140,13 @@ class MonitorParams(_Section):
     score_shift_alpha: float = Field(0.01, gt=0, lt=1)
     reference_size: int = Field(2000, ge=10)
     recalibrate_on_drift: bool = True
-    mad_threshold: float = Field(3.5, gt=0)
+
+
+class RecalibrateParams(_Section):
+    promotion: Literal["auto", "manual"] = "auto"
+    min_rows: int = Field(200, ge=10)
+    max_contamination: float = Field(0.2, gt=0, lt=0.5)
+    max_scale_change: float = Field(4.0, gt=1)
 
 
 class ScheduleParams(_Section):
@@ -174,6 +180,7 @@ class Params(_Section):
     export: ExportParams = Field(default_factory=ExportParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
+    recalibrate: RecalibrateParams = Field(default_factory=RecalibrateParams)
     schedule: ScheduleParams = Field(default_factory=ScheduleParams)
     scoring: ScoringParams = Field(default_factory=ScoringParams)
 

@@ -12,6 +12,11 @@ class RecalibrationBusy(RuntimeError):
     """Another recalibration holds the lock: two at once would race on the champion alias."""
 
 
+class RecalibrationRefused(RuntimeError):
+    """The batch must not become the new normal (invalid, too small, too contaminated, or a
+    scale move beyond the configured limits); the message names every reason."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Bad params, bad data, failed validation or parity, missing champion, busy lock, DVC."""
     from normalcy.data.versioning import VersioningError
@@ -25,4 +30,5 @@ def user_errors() -> tuple[type[BaseException], ...]:
         VersioningError,
         NoChampionError,
         RecalibrationBusy,
+        RecalibrationRefused,
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from onnxruntime import InferenceSession
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -292,9 +293,53 @@ def apply_promotion(
         client.set_registered_model_alias(registered.name, registry.CHAMPION, registered.version)
     applied = replace(decision, promoted=promoted, reason=reason)
     tags = {**applied.tags(), "champion_version_before": current or "none"}
-    for key, value in tags.items():
-        client.set_model_version_tag(registered.name, registered.version, key, value)
+    _tag_version(client, registered.name, registered.version, tags)
     evidence = decision.evidence
     mlflow.log_metric(f"promotion_{evidence.metric_name}", evidence.challenger_metric)
     log.info("%s v%s: %s", registered.name, registered.version, reason)
     return applied
+
+
+def _tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def promote_version(model_name: str, version: str, reason: str) -> str | None:
+    """Make `version` champion outside the holdout gate (a person's decision, or a
+    recalibration that passed its guards), remembering the champion it replaces so that
+    `rollback` can return to it. Returns that previous champion (None: there was none)."""
+    client = MlflowClient()
+    try:
+        client.get_model_version(model_name, str(version))
+    except MlflowException as error:
+        raise ValueError(f"model {model_name!r} has no version {version!r}") from error
+    previous = registry._alias_version(client, model_name, registry.CHAMPION)
+    client.set_registered_model_alias(model_name, registry.CHAMPION, str(version))
+    tags = {
+        "promotion_decision": "promoted",
+        "promotion_reason": reason,
+        "champion_version_before": previous or "none",
+    }
+    _tag_version(client, model_name, str(version), tags)
+    log.info("%s: champion v%s -> v%s (%s)", model_name, previous, version, reason)
+    return previous
+
+
+def rollback(model_name: str) -> str:
+    """Move `champion` back to the version it replaced (its `champion_version_before` tag);
+    the version left is tagged `rolled_back`. Returns the new champion's version."""
+    client = MlflowClient()
+    current = registry._alias_version(client, model_name, registry.CHAMPION)
+    if current is None:
+        raise ValueError(f"model {model_name!r} has no champion to roll back")
+    before = client.get_model_version(model_name, current).tags.get("champion_version_before")
+    if before in (None, "none"):
+        raise ValueError(
+            f"champion v{current} of {model_name!r} replaced no earlier champion; there is "
+            "nothing to roll back to"
+        )
+    client.set_registered_model_alias(model_name, registry.CHAMPION, before)
+    _tag_version(client, model_name, current, {"rolled_back": f"champion returned to v{before}"})
+    log.info("%s: rolled back from v%s to v%s", model_name, current, before)
+    return before

@@ -1,6 +1,10 @@
-"""Recalibrating the champion from a batch: only the score scale moved, so the network stays
-and the threshold and calibration scores are re-estimated on the batch (its anomalous tail
-trimmed). One recalibration at a time: an OS lock guards the champion alias. Torch-free."""
+"""Recalibrating the champion from a batch: only the score scale moved, so the network stays and
+the threshold and calibration scores follow the scale (`calibration.fit_score_shift`).
+
+A batch is refused, with every reason, when it fails the champion's Great Expectations suite,
+is too small, looks too contaminated, or would move the scale more than `recalibrate.*` allows:
+a broken sensor or a sustained attack must not become the new normal. One recalibration at a
+time: an OS lock guards the champion alias. Torch-free."""
 
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from mlflow import MlflowClient
 from normalcy import registry
 from normalcy.artifact.calibration_head import subsample_calibration
 from normalcy.artifact.recalibration import recalibrate_graph
-from normalcy.calibration import OperatingPoint, recalibrated_threshold, robust_normal_scores
-from normalcy.errors import RecalibrationBusy
+from normalcy.calibration import OperatingPoint, ScoreShift, fit_score_shift
+from normalcy.config import RecalibrateParams
+from normalcy.errors import RecalibrationBusy, RecalibrationRefused
 from normalcy.monitoring import ChampionBundle
 from normalcy.pipeline import artifacts
 from normalcy.scoring import score_onnx
+from normalcy.validation.suite import ValidationReport
 
 
 @contextmanager
@@ -40,13 +46,17 @@ def exclusive(lock_path: Path = artifacts.RECALIBRATION_LOCK) -> Iterator[None]:
 
 @dataclass
 class Recalibration(OperatingPoint):
-    """The new operating point (its calibration scores are every batch score kept as normal),
-    the champion's threshold before it, and the kept scores that go into the graph (at most
-    `export.max_calibration_scores`)."""
+    """The new operating point (threshold and calibration scores mapped by `shift`), the
+    champion's threshold before it, the scores that go into the graph (at most
+    `export.max_calibration_scores`), and the batch rows below the new threshold: the vetted
+    rows that may become the drift reference."""
 
     old_threshold: float
     stored_scores: np.ndarray
     n_batch: int
+    shift: ScoreShift
+    estimated_contamination: float
+    vetted_rows: np.ndarray
 
     def metrics(self) -> dict[str, float]:
         """What a recalibration run logs and its model card shows."""
@@ -54,29 +64,102 @@ class Recalibration(OperatingPoint):
             "old_threshold": self.old_threshold,
             "threshold": self.threshold,
             "batch_rows": self.n_batch,
-            "trimmed_rows": self.n_batch - len(self.calibration_scores),
+            "score_scale": self.shift.scale,
+            "score_offset": self.shift.offset,
+            "estimated_contamination": self.estimated_contamination,
         }
+
+
+def refusals(
+    n_rows: int,
+    validation: ValidationReport,
+    shift: ScoreShift,
+    contamination: float,
+    params: RecalibrateParams,
+) -> list[str]:
+    """Every reason to refuse this batch (empty: it may recalibrate the champion)."""
+    problems = []
+    if not validation.success:
+        failed = ", ".join(
+            f"{failure['expectation']}[{failure.get('column')}]" for failure in validation.failures
+        )
+        problems.append(
+            f"it fails {len(validation.failures)} of {validation.checked} checks of the "
+            f"champion's Great Expectations suite ({failed})"
+        )
+    if n_rows < params.min_rows:
+        problems.append(f"it has {n_rows} rows, fewer than recalibrate.min_rows={params.min_rows}")
+    limit = params.max_scale_change
+    if not 1 / limit <= shift.scale <= limit:
+        problems.append(
+            f"its score spread changed by a factor {shift.scale:.3g}, beyond "
+            f"recalibrate.max_scale_change={limit:g}"
+        )
+    if shift.median_move_iqrs > limit:
+        problems.append(
+            f"its median score moved {shift.median_move_iqrs:.3g} calibration IQRs, beyond "
+            f"recalibrate.max_scale_change={limit:g}"
+        )
+    if contamination > params.max_contamination:
+        problems.append(
+            f"about {contamination:.1%} of it looks anomalous, above "
+            f"recalibrate.max_contamination={params.max_contamination:g}"
+        )
+    return problems
+
+
+def shift_with_contamination(
+    calibration_scores: np.ndarray,
+    batch_scores: np.ndarray,
+    old_threshold: float,
+    target_fpr: float,
+    rounds: int = 3,
+) -> tuple[ScoreShift, float, float]:
+    """(shift, new threshold, estimated contamination), refined together: the share of batch
+    rows above the mapped threshold beyond the target rate estimates the contamination, which
+    corrects the quartiles the next map is fitted on. A few rounds settle it."""
+    contamination = 0.0
+    for _ in range(rounds):
+        shift = fit_score_shift(calibration_scores, batch_scores, min(contamination, 0.5))
+        threshold = float(shift.apply([old_threshold])[0])
+        contamination = max(0.0, float(np.mean(batch_scores > threshold)) - target_fpr)
+    return shift, threshold, contamination
 
 
 def recalibrate(
     champion: ChampionBundle,
     batch: np.ndarray,
-    mad_threshold: float,
+    validation: ValidationReport,
+    params: RecalibrateParams,
     default_target_fpr: float,
     max_calibration_scores: int,
 ) -> Recalibration:
-    """The champion's target FPR (the configured one if its metadata lacks it) re-estimated on
-    the batch's scores after robust trimming of their anomalous tail."""
+    """The champion's operating point moved with the batch's score scale, or
+    RecalibrationRefused naming every guard the batch fails.
+
+    The contamination estimate is the share of batch rows above the new threshold beyond the
+    target rate: what the recalibrated model would flag in excess on this very batch."""
     scores, _ = score_onnx(str(champion.onnx_path), batch)
     target_fpr = float(champion.metadata.get("target_fpr", default_target_fpr))
-    kept = robust_normal_scores(scores, mad_threshold)
+    shift, threshold, contamination = shift_with_contamination(
+        champion.reference_scores, scores, float(champion.metadata["threshold"]), target_fpr
+    )
+    problems = refusals(len(batch), validation, shift, contamination, params)
+    if problems:
+        raise RecalibrationRefused(
+            f"recalibration refused for champion v{champion.version}: " + "; ".join(problems)
+        )
+    calibration = shift.apply(champion.reference_scores).astype(np.float32)
     return Recalibration(
-        threshold=recalibrated_threshold(scores, target_fpr, mad_threshold),
+        threshold=threshold,
         target_fpr=target_fpr,
-        calibration_scores=kept,
+        calibration_scores=calibration,
         old_threshold=float(champion.metadata["threshold"]),
-        stored_scores=subsample_calibration(kept, max_calibration_scores),
+        stored_scores=subsample_calibration(calibration, max_calibration_scores),
         n_batch=len(batch),
+        shift=shift,
+        estimated_contamination=contamination,
+        vetted_rows=scores <= threshold,
     )
 
 
