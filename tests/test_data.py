@@ -192,3 +192,77 @@ def test_duplicate_ids_are_refused(tmp_path):
     frame = pd.DataFrame({"id": [1, 1, 2], "a": [1.0, 2.0, 3.0]})
     with pytest.raises(DataError, match="duplicate ids"):
         load_dataset(DataParams(source="csv", path=_csv(tmp_path, frame), id_column="id"))
+
+
+def table_with_time_and_groups(path, n: int = 600, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(rng.normal(size=(n, 3)), columns=["a", "b", "c"])
+    frame["label"] = (rng.random(n) < 0.05).astype(int)
+    days = pd.Timestamp("2026-01-01") + pd.to_timedelta(rng.integers(0, 120, n), unit="D")
+    frame["when"] = days.strftime("%Y-%m-%d")
+    frame["machine"] = [f"m{k}" for k in rng.integers(0, 30, n)]
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def table_params(path, **extra) -> DataParams:
+    return DataParams(
+        source="csv",
+        path=str(path),
+        label_column="label",
+        time_column="when",
+        group_column="machine",
+        **extra,
+    )
+
+
+def test_time_split_trains_on_the_past_and_tests_on_the_latest(tmp_path):
+    frame = table_with_time_and_groups(tmp_path / "t.csv")
+    dataset = load_dataset(table_params(tmp_path / "t.csv"))
+    assert dataset.feature_names == ["a", "b", "c"]  # time and group columns are not features
+    splits = split_dataset(dataset, PrepareParams(split="time", train_contamination=None))
+    when = pd.to_datetime(frame["when"]).to_numpy()
+
+    def times(split):
+        return when[split.ids]
+
+    assert times(splits.train).max() < times(splits.val).min()  # ties kept on one side
+    assert times(splits.val).max() < times(splits.test).min()
+    assert len(splits.test) == pytest.approx(0.2 * len(frame), rel=0.25)
+    random = split_dataset(dataset, PrepareParams(train_contamination=None))
+    assert np.array_equal(np.sort(random.holdout.ids), np.sort(splits.holdout.ids))
+
+
+def test_group_split_keeps_every_group_in_one_split(tmp_path):
+    frame = table_with_time_and_groups(tmp_path / "g.csv")
+    dataset = load_dataset(table_params(tmp_path / "g.csv"))
+    splits = split_dataset(dataset, PrepareParams(split="group", train_contamination=None))
+    machines = frame["machine"].to_numpy()
+    seen = [set(machines[split.ids]) for _, split in splits.items()]
+    for i, a in enumerate(seen):
+        for b in seen[i + 1 :]:
+            assert not a & b, f"group(s) {a & b} in two splits"
+    assert all(len(group_set) > 0 for group_set in seen)
+
+
+def test_split_kinds_need_their_column(tmp_path):
+    from pydantic import ValidationError
+
+    from normalcy.config import Params
+
+    with pytest.raises(ValidationError, match="needs data.time_column"):
+        Params(prepare={"split": "time"})
+    with pytest.raises(ValidationError, match="needs data.group_column"):
+        Params(data={"source": "csv", "path": "x.csv"}, prepare={"split": "group"})
+
+
+def test_an_unreadable_time_column_is_named(tmp_path):
+    frame = table_with_time_and_groups(tmp_path / "t.csv")
+    frame.loc[3, "when"] = "not a date"
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match="time column 'when' cannot be read as dates"):
+        load_dataset(table_params(tmp_path / "t.csv"))
+    frame.loc[3, "when"] = None
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match="missing or non-finite"):
+        load_dataset(table_params(tmp_path / "t.csv"))

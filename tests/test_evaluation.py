@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from normalcy.evaluation.metrics import ranking_metrics, threshold_metrics
+from normalcy.evaluation.metrics import ranking_metrics
 from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
 from normalcy.evaluation.selection import (
     LABEL_FREE_METRIC,
@@ -17,13 +17,11 @@ from normalcy.evaluation.selection import (
 )
 
 
-def test_ranking_and_threshold_metrics():
+def test_ranking_metrics():
     labels = np.array([0, 0, 0, 1, 1])
     scores = np.array([0.1, 0.2, 0.6, 0.5, 0.9])
     assert ranking_metrics(labels, scores)["auroc"] == pytest.approx(5 / 6)
     assert np.isnan(ranking_metrics(np.zeros(3), np.arange(3.0))["auroc"])
-    at = threshold_metrics(labels, scores, 0.55)
-    assert at == {"fpr": pytest.approx(1 / 3), "recall": 0.5, "precision": 0.5, "alert_rate": 0.4}
 
 
 def test_shuffled_features_keep_marginals_but_break_dependence():

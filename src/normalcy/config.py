@@ -23,6 +23,8 @@ class DataParams(_Section):
     feature_columns: list[str] | None = None
     label_column: str | None = None
     id_column: str | None = None
+    time_column: str | None = None
+    group_column: str | None = None
     normal_digits: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     anomaly_fraction: float = Field(0.1, gt=0, lt=1)
     as_images: bool = False
@@ -39,6 +41,7 @@ class DataParams(_Section):
 
 
 class PrepareParams(_Section):
+    split: Literal["random", "time", "group"] = "random"
     seed: int = 0
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -104,7 +107,28 @@ class EvaluateParams(_Section):
 
 
 class CalibrationParams(_Section):
+    mode: Literal["target_fpr", "alert_budget", "min_cost"] = "target_fpr"
     target_fpr: float = Field(0.01, gt=0, lt=0.5)
+    alert_budget: float | None = Field(None, gt=0)
+    rows_per_period: float | None = Field(None, gt=0)
+    cost_false_alarm: float = Field(1.0, gt=0)
+    cost_miss: float = Field(10.0, gt=0)
+    expected_anomaly_rate: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> CalibrationParams:
+        if self.mode == "alert_budget":
+            if self.alert_budget is None or self.rows_per_period is None:
+                raise ValueError(
+                    "calibration.mode alert_budget needs calibration.alert_budget (alerts per "
+                    "period) and calibration.rows_per_period (rows scored per period)"
+                )
+            if self.alert_budget >= self.rows_per_period:
+                raise ValueError(
+                    f"calibration.alert_budget={self.alert_budget:g} must be below "
+                    f"calibration.rows_per_period={self.rows_per_period:g}"
+                )
+        return self
 
 
 class PromotionParams(_Section):
@@ -185,6 +209,20 @@ class Params(_Section):
     scoring: ScoringParams = Field(default_factory=ScoringParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_split_columns(self) -> Params:
+        needs = {"time": ("time_column", self.data.time_column)}
+        needs["group"] = ("group_column", self.data.group_column)
+        if self.prepare.split in needs:
+            key, column = needs[self.prepare.split]
+            if column is None or self.data.source not in ("csv", "parquet"):
+                raise ValueError(
+                    f"prepare.split {self.prepare.split!r} needs data.{key}, a column of a csv "
+                    f"or parquet source (got data.source {self.data.source!r}, data.{key} "
+                    f"{column!r})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_detectors(self) -> Params:

@@ -196,12 +196,15 @@ class PromotionDecision:
 
 
 def plan_promotion(onnx_path: str | Path, holdout: Split, params: Params) -> PromotionDecision:
-    """The decision for a challenger graph before it is registered: evidence, then the rule."""
+    """The decision for a challenger graph before it is registered: evidence, then the rule.
+    The alert rate is checked against the false-positive rate the graph's threshold was set for
+    (whatever `calibration.mode` chose it by)."""
+    target = read_metadata(load_session(onnx_path)).get("target_fpr", params.calibration.target_fpr)
     evidence = gather_evidence(
         onnx_path,
         holdout,
         params.mlflow.model_name,
-        params.calibration.target_fpr,
+        float(target),
         params.promotion,
         params.prepare.seed,
     )

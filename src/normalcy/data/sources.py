@@ -25,6 +25,8 @@ class Dataset:
     feature_names: list[str]
     ids: np.ndarray = field(default=None)  # type: ignore[assignment]
     source: str = ""
+    times: np.ndarray | None = None  # float64 per row (dates as seconds), for time splits
+    groups: np.ndarray | None = None  # a group id per row, for group splits
 
     def __post_init__(self) -> None:
         if self.ids is None:
@@ -162,14 +164,40 @@ def read_table(path: Path, kind: str) -> pd.DataFrame:
     return frame
 
 
+def reserved_columns(params: DataParams) -> list[str]:
+    """The columns `data` names that are not features."""
+    named = (params.label_column, params.id_column, params.time_column, params.group_column)
+    return [c for c in named if c is not None]
+
+
+def time_values(column: pd.Series, source: str) -> np.ndarray:
+    """A time column as float64 (numbers as they are, dates as seconds since the epoch)."""
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        values = column.to_numpy(dtype=np.float64)
+    else:
+        try:
+            parsed = pd.to_datetime(column, utc=True)
+        except (ValueError, TypeError) as exc:
+            raise DataError(
+                f"{source}: time column {column.name!r} cannot be read as dates ({exc}); "
+                "expected numbers or ISO dates"
+            ) from None
+        values = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
+    if not np.isfinite(values).all():
+        raise DataError(
+            f"{source}: time column {column.name!r} has {int((~np.isfinite(values)).sum())} "
+            "missing or non-finite value(s); expected a time for every row"
+        )
+    return values
+
+
 def check_named_columns(columns: list[str], params: DataParams, source: str) -> None:
     """The label, id and feature columns named in `data` are in the table."""
-    reserved = [c for c in (params.label_column, params.id_column) if c is not None]
-    missing = [c for c in reserved if c not in columns]
+    missing = [c for c in reserved_columns(params) if c not in columns]
     if missing:
         raise DataError(
-            f"{source}: missing column(s) {missing} named in data.label_column/id_column; "
-            f"the file has {columns[:20]}"
+            f"{source}: missing column(s) {missing} named in data.label_column/id_column/"
+            f"time_column/group_column; the file has {columns[:20]}"
         )
     missing = [c for c in params.feature_columns or [] if c not in columns]
     if missing:
@@ -220,14 +248,15 @@ def load_table_dataset(params: DataParams) -> Dataset:
     """csv/parquet with named feature, label and id columns."""
     path = Path(params.path)
     frame = read_table(path, params.source)
-    reserved = {params.label_column, params.id_column} - {None}
+    reserved = set(reserved_columns(params))
     check_named_columns(list(frame.columns), params, str(path))
     feature_columns = params.feature_columns or [c for c in frame.columns if c not in reserved]
     extra = sorted(set(frame.columns) - set(feature_columns) - reserved)
     if params.feature_columns and extra:
         raise DataError(
             f"{path}: unexpected column(s) {extra}; expected only {feature_columns} "
-            "plus the label/id columns (list them in data.feature_columns or drop them)"
+            "plus the label/id/time/group columns (list them in data.feature_columns or drop "
+            "them)"
         )
     X = table_features(frame, feature_columns, str(path))
     y = (
@@ -242,7 +271,16 @@ def load_table_dataset(params: DataParams) -> Dataset:
             ids = ids.astype(str)  # fixed-width strings: saved and loaded without pickle
         if len(np.unique(ids)) != len(ids):
             raise DataError(f"{path}: id column {params.id_column!r} has duplicate ids")
-    return Dataset(X, y, list(feature_columns), ids, str(path))
+    times = time_values(frame[params.time_column], str(path)) if params.time_column else None
+    groups = None
+    if params.group_column:
+        if frame[params.group_column].isna().any():
+            raise DataError(
+                f"{path}: group column {params.group_column!r} has missing values; expected a "
+                "group for every row"
+            )
+        groups = frame[params.group_column].astype(str).to_numpy().astype(str)
+    return Dataset(X, y, list(feature_columns), ids, str(path), times, groups)
 
 
 def load_dataset(params: DataParams) -> Dataset:

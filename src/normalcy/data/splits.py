@@ -98,8 +98,68 @@ def _split_indices(
     return train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
 
 
+def _cut_after_ties(sorted_times: np.ndarray, cut: int) -> int:
+    """Move a cut forward past rows with the same time, so no time is on both sides."""
+    while 0 < cut < len(sorted_times) and sorted_times[cut] == sorted_times[cut - 1]:
+        cut += 1
+    return cut
+
+
+def time_split(
+    indices: np.ndarray, times: np.ndarray | None, val_share: float, test_share: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test): the past trains, later rows validate, the latest test. Nothing from
+    the future of a split's rows leaks into its training data."""
+    if times is None:
+        raise DataError("prepare.split 'time' needs data.time_column")
+    order = indices[np.argsort(times[indices], kind="stable")]
+    ordered_times = times[order]
+    n = len(order)
+    val_start = _cut_after_ties(ordered_times, int(round(n * (1 - val_share - test_share))))
+    test_start = _cut_after_ties(ordered_times, max(val_start, int(round(n * (1 - test_share)))))
+    parts = order[:val_start], order[val_start:test_start], order[test_start:]
+    if any(len(part) == 0 for part in parts):
+        raise DataError(
+            f"a time split of {n} rows left a split empty (train/val/test "
+            f"{[len(part) for part in parts]} rows); expected more distinct times"
+        )
+    return parts
+
+
+def group_split(
+    indices: np.ndarray,
+    groups: np.ndarray | None,
+    val_share: float,
+    test_share: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) with every group whole in one split: groups in a seeded random order
+    fill test, then validation, up to their shares of the rows; the rest train."""
+    if groups is None:
+        raise DataError("prepare.split 'group' needs data.group_column")
+    names, inverse, counts = np.unique(groups[indices], return_inverse=True, return_counts=True)
+    if len(names) < 3:
+        raise DataError(
+            f"a group split needs at least 3 groups (train, val, test); the data has {len(names)}"
+        )
+    order = np.random.default_rng(seed).permutation(len(names))
+    filled = np.cumsum(counts[order]) / len(indices)
+    in_test = order[: max(1, int(np.searchsorted(filled, test_share)))]
+    rest = order[len(in_test) :]
+    filled_val = np.cumsum(counts[rest]) / len(indices)
+    in_val = rest[: max(1, int(np.searchsorted(filled_val, val_share)))]
+    if len(in_test) + len(in_val) >= len(names):
+        raise DataError(
+            f"a group split of {len(names)} groups left none to train on; expected more groups "
+            "or smaller prepare.val_fraction/test_fraction"
+        )
+    test_mask, val_mask = np.isin(inverse, in_test), np.isin(inverse, in_val)
+    return indices[~test_mask & ~val_mask], indices[val_mask], indices[test_mask]
+
+
 def split_dataset(dataset: Dataset, params: PrepareParams) -> Splits:
-    """Drop duplicate rows, split stratified by label, cap train contamination, check leakage."""
+    """Drop duplicate rows, hold out the promotion rows, split the rest (`prepare.split`:
+    stratified at random, by time, or by group), cap train contamination, check leakage."""
     hashes = row_hashes(dataset.X)
     _, first = np.unique(hashes, return_index=True)
     unique = np.sort(first)
@@ -108,7 +168,9 @@ def split_dataset(dataset: Dataset, params: PrepareParams) -> Splits:
         raise DataError(
             f"{dataset.source}: every row is labelled anomalous; expected normal rows to learn from"
         )
-    held = in_holdout(hashes[unique], params.holdout_fraction)
+    # A group is held out whole (a group split must never straddle two splits).
+    keys = hashes[unique] if dataset.groups is None else row_hashes(dataset.groups[unique])
+    held = in_holdout(keys, params.holdout_fraction)
     if not held.any():
         raise DataError(
             f"{dataset.source}: none of its {len(unique)} distinct rows fell in the promotion "
@@ -117,10 +179,17 @@ def split_dataset(dataset: Dataset, params: PrepareParams) -> Splits:
         )
     holdout_idx, unique = unique[held], unique[~held]
     remaining = 1 - params.holdout_fraction
-    test_share = params.test_fraction / remaining
-    rest, test_idx = _split_indices(len(dataset.X), y, test_share, params.seed, unique)
-    val_share = params.val_fraction / (remaining - params.test_fraction)
-    train_idx, val_idx = _split_indices(len(dataset.X), y, val_share, params.seed, rest)
+    test_share, val_share = params.test_fraction / remaining, params.val_fraction / remaining
+    if params.split == "time":
+        train_idx, val_idx, test_idx = time_split(unique, dataset.times, val_share, test_share)
+    elif params.split == "group":
+        train_idx, val_idx, test_idx = group_split(
+            unique, dataset.groups, val_share, test_share, params.seed
+        )
+    else:
+        rest, test_idx = _split_indices(len(dataset.X), y, test_share, params.seed, unique)
+        rest_share = val_share / (1 - test_share)
+        train_idx, val_idx = _split_indices(len(dataset.X), y, rest_share, params.seed, rest)
     dropped_anomalies = 0
     if y is not None and params.train_contamination is not None:
         train_idx, dropped_anomalies = cap_contamination(

@@ -1,5 +1,6 @@
-"""Step 5, evaluate: the threshold from held-out normal validation scores at the target FPR;
-test metrics once, for the report only (nothing is chosen on them)."""
+"""Step 5, evaluate: the threshold from validation scores as `calibration.mode` asks; test
+metrics and the operating point's figures once, for the report only (nothing is chosen on
+them)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from normalcy.calibration import OperatingPoint, threshold_at_fpr
+from normalcy.calibration import OperatingPoint
 from normalcy.config import CalibrationParams, EvaluateParams
 from normalcy.data.splits import Splits
 from normalcy.detectors import Detector
-from normalcy.evaluation.metrics import ranking_metrics, threshold_metrics
+from normalcy.evaluation.metrics import ranking_metrics
+from normalcy.evaluation.operating_point import choose_threshold, operating_report
 from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
 from normalcy.jsonio import write_json
 from normalcy.pipeline import artifacts
@@ -27,6 +29,7 @@ class Evaluation:
 
     threshold: float
     target_fpr: float
+    threshold_how: str
     n_calibration: int
     calibration_scores: np.ndarray
     val_scores: np.ndarray
@@ -84,17 +87,16 @@ def evaluate(
     scores for the export step."""
     val_scores = detector.score(splits.val.X)
     calibration_scores = val_scores if splits.val.y is None else val_scores[splits.val.y == 0]
-    threshold = threshold_at_fpr(calibration_scores, calibration.target_fpr)
+    chosen = choose_threshold(val_scores, splits.val.y, calibration)
+    threshold = chosen.value
     test_scores = detector.score(splits.test.X)
-    test: dict[str, float] = {}
+    test = operating_report(splits.test.y, test_scores, threshold, calibration)
     if splits.test.y is not None:
-        test = {
-            **ranking_metrics(splits.test.y, test_scores),
-            **threshold_metrics(splits.test.y, test_scores, threshold),
-        }
+        test = {**ranking_metrics(splits.test.y, test_scores), **test}
     evaluation = Evaluation(
         threshold,
-        calibration.target_fpr,
+        chosen.target_fpr,
+        chosen.how,
         len(calibration_scores),
         calibration_scores,
         val_scores,
@@ -104,7 +106,7 @@ def evaluate(
     )
     write_json(evaluation.to_dict(), artifacts.metrics(params))
     np.save(artifacts.calibration_scores(params), calibration_scores)
-    log.info("threshold %.5g at target FPR %.3f; test %s", threshold, calibration.target_fpr, test)
+    log.info("threshold %.5g (%s); test %s", threshold, chosen.how, test)
     return evaluation
 
 

@@ -95,6 +95,7 @@ def card_metrics(winner: CandidateResult, evaluation: Evaluation, exported: Expo
     metrics = {
         "selection_metric": winner.metric_name,
         "selection_value": winner.metric,
+        "threshold_rule": evaluation.threshold_how,
         **{f"test_{key}": value for key, value in evaluation.test.items()},
         "parity_max_abs_diff": exported.parity.max_abs_diff,
         "parity_spearman": exported.parity.spearman,
