@@ -11,6 +11,7 @@ from prefect import flow
 
 from normalcy import monitoring, promotion, registry, release
 from normalcy.config import load_params
+from normalcy.flow_locks import champion_changes
 from normalcy.recalibration import exclusive, recalibrate, recalibrated_graphs
 from normalcy.validation.suite import validate_batch
 
@@ -28,7 +29,7 @@ def recalibrate_flow(
     params = load_params(params_path, overrides)
     registry.setup_tracking(params.mlflow)
     name = params.mlflow.model_name
-    with exclusive(), tempfile.TemporaryDirectory() as workdir:
+    with exclusive(), champion_changes(name), tempfile.TemporaryDirectory() as workdir:
         champion = monitoring.fetch_champion(params.mlflow, workdir)
         batch = monitoring.read_batch(batch_path, champion)
         validation = validate_batch(batch, champion.validation_spec, "recalibration batch")

@@ -12,6 +12,7 @@ from normalcy.data.versioning import snapshot_data
 from normalcy.detectors import Detector
 from normalcy.evaluation.selection import CandidateResult
 from normalcy.export import ParityError
+from normalcy.flow_locks import champion_changes
 from normalcy.pipeline import clean, evaluate, export, prepare, tracking, train, validate
 from normalcy.pipeline.evaluate import Evaluation
 from normalcy.pipeline.export import Exported
@@ -124,7 +125,7 @@ def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = N
     """prepare, DVC snapshot, validate, clean, candidates, calibrate, export, register."""
     params = load_params(params_path, overrides)
     registry.setup_tracking(params.mlflow)
-    with mlflow.start_run() as active:
+    with champion_changes(params.mlflow.model_name), mlflow.start_run() as active:
         registry.log_params_flat(params.flat())
         splits = prepare_data(params)
         snapshot = version_data.submit(params)  # DVC works in its own processes while GX runs

@@ -12,6 +12,10 @@ class RecalibrationBusy(RuntimeError):
     """Another recalibration holds the lock: two at once would race on the champion alias."""
 
 
+class ModelBusy(RuntimeError):
+    """Another training or recalibration of the same model is changing its champion."""
+
+
 class RecalibrationRefused(RuntimeError):
     """The batch must not become the new normal (invalid, too small, too contaminated, or a
     scale move beyond the configured limits); the message names every reason."""
@@ -31,4 +35,5 @@ def user_errors() -> tuple[type[BaseException], ...]:
         NoChampionError,
         RecalibrationBusy,
         RecalibrationRefused,
+        ModelBusy,
     )
