@@ -178,8 +178,7 @@ def test_detect_drift_end_to_end(digits_halves):
         PIXEL_NAMES,
         ref_scores,
         batch_scores,
-        fdr=0.05,
-        score_shift_alpha=0.01,
+        alpha=0.01,
         threshold=threshold,
     )
     assert isinstance(report, DriftReport)
@@ -200,16 +199,67 @@ def test_detect_drift_end_to_end(digits_halves):
     assert "DRIFT" in summary
     assert f"{report.n_features_drifted}/64" in summary
     assert "score distribution: shifted" in summary
+    assert report.family_level == pytest.approx(0.005)  # two families share alpha
+    assert report.fired() == ["features", "scores"]
+    assert payload["tests"][1]["p_value"] == report.score_p_value
 
 
 def test_detect_drift_quiet_when_nothing_changed(digits_halves):
     a, b = digits_halves
     rng = np.random.default_rng(9)
-    report = detect_drift(
-        a, b, PIXEL_NAMES, rng.normal(size=len(a)), rng.normal(size=len(b)), 0.05, 0.01
-    )
+    report = detect_drift(a, b, PIXEL_NAMES, rng.normal(size=len(a)), rng.normal(size=len(b)), 0.01)
     assert not report.score_shifted
     assert report.alert_rate_reference is None and report.alert_rate_batch is None
     assert report.n_features_drifted <= 1
     json.dumps(report.to_dict())
     assert "not shifted" in report.summary()
+
+
+def test_each_family_is_tested_at_its_bonferroni_share():
+    """A score shift whose p-value lies between alpha / 2 and alpha is not drift at alpha: the
+    two families share the level (testing each at alpha would add up their false alarms)."""
+    rng = np.random.default_rng(12)
+    ref, new = rng.normal(size=(400, 3)), rng.normal(size=(400, 3))
+    ref_scores = rng.normal(size=1000)
+    for shift in np.linspace(0.0, 0.5, 101):
+        batch_scores = rng.normal(loc=shift, size=300)
+        p = score_shift(ref_scores, batch_scores)[1]
+        if 0.005 < p <= 0.01:
+            break
+    else:
+        pytest.fail("no batch with a score p-value in (0.005, 0.01]")
+    report = detect_drift(ref, new, None, ref_scores, batch_scores, alpha=0.01)
+    scores = report.test("scores")
+    assert scores.p_value == pytest.approx(p) and scores.level == pytest.approx(0.005)
+    assert not scores.rejected and not report.score_shifted
+    assert report.test("features").p_value == min(f.adjusted_p_value for f in report.features)
+    assert detect_drift(ref, new, None, ref_scores, batch_scores, alpha=0.03).score_shifted
+
+
+def test_features_family_p_value_is_the_smallest_bh_adjusted_one(digits_halves):
+    a, b = digits_halves
+    b = b.copy()
+    b[:, SHIFTED] += 2.0 * a[:, SHIFTED].std()
+    rng = np.random.default_rng(2)
+    report = detect_drift(a, b, PIXEL_NAMES, rng.normal(size=500), rng.normal(size=500), 0.01)
+    family = report.test("features")
+    assert family.rejected and family.p_value == report.features[SHIFTED].adjusted_p_value
+    assert family.statistic == max(f.statistic for f in report.features)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, float("nan"), "0.01", True])
+def test_overall_alpha_out_of_range_is_refused(digits_halves, alpha):
+    a, b = digits_halves
+    with pytest.raises(ValueError, match="alpha"):
+        detect_drift(a, b, PIXEL_NAMES, np.ones(5), np.ones(5), alpha)
+
+
+def test_empty_or_non_finite_batch_is_refused(digits_halves):
+    a, b = digits_halves
+    scores = np.arange(5.0)
+    with pytest.raises(ValueError, match="batch has no rows"):
+        detect_drift(a, b[:0], PIXEL_NAMES, scores, scores, 0.01)
+    with pytest.raises(ValueError, match="batch_scores contains non-finite"):
+        detect_drift(a, b, PIXEL_NAMES, scores, np.array([1.0, np.nan]), 0.01)
+    with pytest.raises(ValueError, match="batch_scores is empty"):
+        detect_drift(a, b, PIXEL_NAMES, scores, np.array([]), 0.01)

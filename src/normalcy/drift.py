@@ -1,23 +1,30 @@
-"""Drift between a reference sample and a new batch: per-feature and on the anomaly scores.
+"""Drift between a reference sample and a new batch, decided at one overall level `alpha`.
 
-Each feature gets a two-sample Kolmogorov-Smirnov test, and the p-values are corrected with
-Benjamini-Hochberg: with hundreds of features (or thousands of pixels) uncorrected tests at 0.05
-would flag about 5% of them on every batch even without any drift. BH bounds the expected fraction
-of false discoveries among the flagged features at `fdr`; when nothing has drifted, the chance of
-flagging any feature at all is at most `fdr` (for independent or positively dependent tests).
+Several families of tests look at the batch: per-feature Kolmogorov-Smirnov tests (with a
+Benjamini-Hochberg correction inside the family), a KS test on the detector's scores, and, when
+the monitor has them, an alert-rate test and a sequential test across batches. Each holds its own
+level, so "drift when any family fires" would add up their false alarms (two families at 1% and 5%
+flagged 4-6.5% of stationary batches). Instead the families share `alpha` by Bonferroni: each is
+tested at `alpha / n_families`, so a stationary batch is flagged with probability at most `alpha`
+whatever the dependence between the families (they all look at the same batch, so they are not
+independent, which Bonferroni does not need). Holm would need a p-value from every family, and
+the sequential CUSUM is a threshold test without one.
+
+Inside the feature family BH bounds the expected fraction of false discoveries among the flagged
+features; when nothing has drifted, the chance of flagging any feature at all is at most the
+family's level (for independent or positively dependent tests). The family's p-value is the
+smallest BH-adjusted p-value (Simes' p-value of the global null), so the family rejects exactly
+when BH flags a feature.
 
 KS assumes continuous data. On discrete features (e.g. the 0..16 integer pixels of sklearn digits)
 ties make it conservative: the p-values are too large, never too small, so false alarms stay within
 the nominal rate, at the cost of some power.
-
-A separate KS test on the detector's scores asks whether what the model sees has changed, which is
-the shift that matters for the threshold; the alert rate above the threshold is reported alongside.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +43,19 @@ class FeatureDrift:
 
 
 @dataclass
+class FamilyTest:
+    """One family's verdict at its share of the overall level; `p_value` is None for a threshold
+    test (the CUSUM), whose `critical_value` is the threshold its statistic is compared with."""
+
+    family: str
+    statistic: float
+    p_value: float | None
+    level: float
+    rejected: bool
+    critical_value: float | None = None
+
+
+@dataclass
 class DriftReport:
     """Everything the monitoring flow needs to decide, log and explain a drift alert."""
 
@@ -49,12 +69,21 @@ class DriftReport:
     drifted: bool
     n_reference: int
     n_batch: int
-    fdr: float | None = None
-    score_shift_alpha: float | None = None
+    alpha: float
+    family_level: float
+    tests: list[FamilyTest] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types only, so `json.dumps` works and the report can be logged as-is."""
         return asdict(self)
+
+    def test(self, family: str) -> FamilyTest | None:
+        """The named family's result, or None when it did not run on this batch."""
+        return next((t for t in self.tests if t.family == family), None)
+
+    def fired(self) -> list[str]:
+        """The families that rejected, in the order they ran."""
+        return [t.family for t in self.tests if t.rejected]
 
     def drifted_features(self) -> list[FeatureDrift]:
         """Drifted features, most significant first."""
@@ -64,13 +93,12 @@ class DriftReport:
         )
 
     def summary(self, top: int = 10) -> str:
-        """A few lines for a log or an alert: verdict, counts, top drifted features, score shift."""
-        fdr = f" (BH FDR {self.fdr:g})" if self.fdr is not None else ""
-        alpha = f" < alpha {self.score_shift_alpha:g}" if self.score_shift_alpha is not None else ""
+        """A few lines for a log or an alert: verdict, each family, top drifted features."""
+        verdict = f"DRIFT ({', '.join(self.fired())})" if self.drifted else "No drift"
         lines = [
-            f"{'DRIFT' if self.drifted else 'No drift'}: reference n={self.n_reference}, "
-            f"batch n={self.n_batch}",
-            f"features drifted: {self.n_features_drifted}/{len(self.features)}{fdr}",
+            f"{verdict}: reference n={self.n_reference}, batch n={self.n_batch}, overall alpha "
+            f"{self.alpha:g} = {len(self.tests)} families x {self.family_level:.3g} (Bonferroni)",
+            f"features drifted: {self.n_features_drifted}/{len(self.features)} (BH inside)",
         ]
         drifted = self.drifted_features()
         for f in drifted[:top]:
@@ -80,15 +108,25 @@ class DriftReport:
             )
         if len(drifted) > top:
             lines.append(f"  ... and {len(drifted) - top} more")
-        verdict = f"shifted (p{alpha})" if self.score_shifted else "not shifted"
+        shifted = "shifted" if self.score_shifted else "not shifted"
         lines.append(
-            f"score distribution: {verdict}, KS={self.score_statistic:.3f} "
+            f"score distribution: {shifted}, KS={self.score_statistic:.3f} "
             f"p={self.score_p_value:.3g}"
         )
         if self.alert_rate_reference is not None and self.alert_rate_batch is not None:
             lines.append(
                 f"alert rate: reference {self.alert_rate_reference:.2%}, "
                 f"batch {self.alert_rate_batch:.2%}"
+            )
+        for t in self.tests:
+            evidence = (
+                f"p={t.p_value:.3g}"
+                if t.p_value is not None
+                else (f"statistic {t.statistic:.3g} vs {t.critical_value:.3g}")
+            )
+            lines.append(
+                f"  {t.family}: {'fired' if t.rejected else 'quiet'} ({evidence}, "
+                f"level {t.level:.3g})"
             )
         return "\n".join(lines)
 
@@ -204,46 +242,59 @@ def score_shift(reference_scores: np.ndarray, batch_scores: np.ndarray) -> tuple
     return float(res.statistic), float(min(max(res.pvalue, 0.0), 1.0))
 
 
+def p_value_test(family: str, statistic: float, p_value: float, level: float) -> FamilyTest:
+    """A family that rejects when its p-value is at most its share of the level."""
+    return FamilyTest(family, float(statistic), float(p_value), level, bool(p_value <= level))
+
+
 def detect_drift(
     reference: np.ndarray,
     batch: np.ndarray,
     feature_names: Sequence[str] | None,
     reference_scores: np.ndarray,
     batch_scores: np.ndarray,
-    fdr: float,
-    score_shift_alpha: float,
+    alpha: float,
     threshold: float | None = None,
 ) -> DriftReport:
-    """Feature drift (KS + BH at `fdr`) and score shift (KS at `score_shift_alpha`) in one report.
+    """Feature drift (KS + BH) and score shift (KS), sharing `alpha` by Bonferroni.
 
-    `drifted` is true when any feature drifted or the scores shifted. With a `threshold`, the
+    `drifted` is true when any family rejects at `alpha / n_families`. With a `threshold`, the
     fraction of scores above it in each sample is reported: a rising alert rate is what users see.
     `n_reference`/`n_batch` count feature rows; the score samples may differ in size.
     """
-    alpha = _check_rate(score_shift_alpha, "score_shift_alpha")
-    features = feature_drift(reference, batch, feature_names, fdr)
+    overall = _check_rate(alpha, "alpha")
     ref_scores = _as_scores(reference_scores, "reference_scores")
     new_scores = _as_scores(batch_scores, "batch_scores")
-    score_stat, score_p = score_shift(ref_scores, new_scores)
     rate_ref = rate_new = None
     if threshold is not None:
         if not np.isfinite(threshold):
             raise ValueError(f"threshold must be finite, got {threshold!r}")
         rate_ref = float(np.mean(ref_scores > threshold))
         rate_new = float(np.mean(new_scores > threshold))
-    n_drifted = sum(f.drifted for f in features)
-    score_shifted = bool(score_p < alpha)
+    level = overall / 2
+    features = feature_drift(reference, batch, feature_names, level)
+    score_stat, score_p = score_shift(ref_scores, new_scores)
+    tests = [
+        p_value_test(
+            "features",
+            max((f.statistic for f in features), default=0.0),
+            min((f.adjusted_p_value for f in features), default=1.0),  # Simes' p-value
+            level,
+        ),
+        p_value_test("scores", score_stat, score_p, level),
+    ]
     return DriftReport(
         features=features,
-        n_features_drifted=int(n_drifted),
+        n_features_drifted=int(sum(f.drifted for f in features)),
         score_statistic=score_stat,
         score_p_value=score_p,
-        score_shifted=score_shifted,
+        score_shifted=tests[1].rejected,
         alert_rate_reference=rate_ref,
         alert_rate_batch=rate_new,
-        drifted=bool(n_drifted > 0 or score_shifted),
+        drifted=any(t.rejected for t in tests),
         n_reference=int(np.shape(reference)[0]),
         n_batch=int(np.shape(batch)[0]),
-        fdr=float(fdr),
-        score_shift_alpha=alpha,
+        alpha=overall,
+        family_level=level,
+        tests=tests,
     )

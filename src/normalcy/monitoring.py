@@ -70,7 +70,7 @@ def validate_monitor_batch(batch: np.ndarray, champion: ChampionBundle) -> Valid
 
 
 def check_drift(batch: np.ndarray, champion: ChampionBundle, params: MonitorParams) -> DriftReport:
-    """Per-feature KS tests with BH-FDR, plus a shift of the score distribution."""
+    """Per-feature KS tests (BH inside) and a shift of the score distribution, at one level."""
     batch_scores, _ = score_onnx(str(champion.onnx_path), batch)
     return detect_drift(
         champion.reference_X,
@@ -78,17 +78,22 @@ def check_drift(batch: np.ndarray, champion: ChampionBundle, params: MonitorPara
         champion.feature_names,
         champion.reference_scores,
         batch_scores,
-        params.fdr,
-        params.score_shift_alpha,
+        params.alpha,
         threshold=float(champion.metadata["threshold"]),
     )
 
 
 def drift_metrics(report: DriftReport, validation: ValidationReport) -> dict[str, float]:
-    """What a monitor run logs as MLflow metrics."""
+    """What a monitor run logs as MLflow metrics: the verdict and each family's evidence."""
+    evidence = {
+        f"{t.family}_{'p_value' if t.p_value is not None else 'statistic'}": (
+            t.p_value if t.p_value is not None else t.statistic
+        )
+        for t in report.tests
+    }
     return {
         "features_drifted": report.n_features_drifted,
-        "score_shift_p_value": report.score_p_value,
+        **evidence,
         "alert_rate_batch": report.alert_rate_batch or 0.0,
         "drifted": float(report.drifted),
         "validation_failures": len(validation.failures),
@@ -103,6 +108,7 @@ def monitor_result(
         "drifted": report.drifted,
         "features_drifted": report.n_features_drifted,
         "score_shifted": report.score_shifted,
+        "families_fired": report.fired(),
         "retrain_recommended": report.n_features_drifted > 0,
         "validation_passed": validation.success,
         "validation_failures": len(validation.failures),
