@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from sklearn.datasets import load_digits
 
 from normalcy.drift import (
     DriftReport,
+    alert_rate_test,
     benjamini_hochberg,
     detect_drift,
     feature_drift,
@@ -263,3 +265,75 @@ def test_empty_or_non_finite_batch_is_refused(digits_halves):
         detect_drift(a, b, PIXEL_NAMES, scores, np.array([1.0, np.nan]), 0.01)
     with pytest.raises(ValueError, match="batch_scores is empty"):
         detect_drift(a, b, PIXEL_NAMES, scores, np.array([]), 0.01)
+
+
+def test_alert_rate_test_matches_the_exact_binomial_both_ways():
+    # 200 rows at a 1% target expect 2 alerts: 2 is perfectly usual, 12 is far too many.
+    assert alert_rate_test(2, 200, 0.01) == (0.01, pytest.approx(1.0))
+    rate, p = alert_rate_test(12, 200, 0.01)
+    assert rate == 0.06
+    assert p == pytest.approx(stats.binomtest(12, 200, 0.01).pvalue) and p < 1e-4
+    # 2000 rows expect 20: none at all is a silent scorer, and two-sided sees it
+    _, p_silent = alert_rate_test(0, 2000, 0.01)
+    assert p_silent < 1e-6
+    # ... while 200 rows (2 expected) are too few to see it
+    assert alert_rate_test(0, 200, 0.01)[1] > 0.1
+
+
+@pytest.mark.parametrize(
+    ("n_alerts", "n_batch", "target", "message"),
+    [
+        (3, 2, 0.01, "n_alerts must be an integer in"),
+        (-1, 10, 0.01, "n_alerts must be an integer in"),
+        (0, 0, 0.01, "n_batch must be a positive integer"),
+        (1, 10, 0.0, "target_rate"),
+        (1, 10, 1.5, "target_rate"),
+    ],
+)
+def test_alert_rate_test_refuses_bad_counts_and_rates(n_alerts, n_batch, target, message):
+    with pytest.raises(ValueError, match=message):
+        alert_rate_test(n_alerts, n_batch, target)
+
+
+def test_alert_rate_family_fires_on_too_many_alerts_and_shares_the_level():
+    rng = np.random.default_rng(13)
+    ref, new = rng.normal(size=(500, 4)), rng.normal(size=(500, 4))
+    ref_scores = rng.normal(size=2000)
+    threshold = float(np.quantile(ref_scores, 0.99))
+    alerts = np.zeros(500, dtype=bool)
+    alerts[:25] = True  # 5% alerts where 1% are expected, scores themselves unchanged
+    batch_scores = rng.normal(size=500)
+    report = detect_drift(
+        ref, new, None, ref_scores, batch_scores, 0.01, threshold, 0.01, batch_alerts=alerts
+    )
+    family = report.test("alert_rate")
+    assert family.rejected and family.statistic == 0.05 and family.p_value < 1e-6
+    assert report.family_level == pytest.approx(0.01 / 3)
+    assert report.alert_rate_batch == 0.05 and report.alert_rate_target == 0.01
+    assert report.drifted and report.fired() == ["alert_rate"]
+    assert "target 1.00%" in report.summary()
+    # without the graph's alerts, the scores above the threshold are counted: about 1% here
+    quiet = detect_drift(ref, new, None, ref_scores, batch_scores, 0.01, threshold, 0.01)
+    assert not quiet.test("alert_rate").rejected
+    with pytest.raises(ValueError, match="one per batch score"):
+        detect_drift(ref, new, None, ref_scores, batch_scores, 0.01, threshold, 0.01, alerts[:5])
+    with pytest.raises(ValueError, match="needs the batch's alerts or the threshold"):
+        detect_drift(ref, new, None, ref_scores, batch_scores, 0.01, target_alert_rate=0.01)
+
+
+def _champion(metadata: dict, reference_scores: np.ndarray):
+    from normalcy.monitoring import ChampionBundle
+
+    return ChampionBundle(
+        "1", "run", Path("model.onnx"), metadata, np.zeros((3, 2)), reference_scores, ["a", "b"], {}
+    )
+
+
+def test_monitor_tests_alerts_against_the_target_stored_in_the_graph():
+    from normalcy.monitoring import target_alert_rate
+
+    scores = np.arange(100.0)
+    assert target_alert_rate(_champion({"threshold": 97.5, "target_fpr": 0.02}, scores)) == 0.02
+    # a graph without target_fpr: the rate its own calibration scores give at its threshold
+    assert target_alert_rate(_champion({"threshold": 94.5}, scores)) == 0.05
+    assert target_alert_rate(_champion({"threshold": 1000.0}, scores)) == pytest.approx(1 / 101)

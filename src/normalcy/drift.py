@@ -72,6 +72,7 @@ class DriftReport:
     alpha: float
     family_level: float
     tests: list[FamilyTest] = field(default_factory=list)
+    alert_rate_target: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types only, so `json.dumps` works and the report can be logged as-is."""
@@ -113,11 +114,18 @@ class DriftReport:
             f"score distribution: {shifted}, KS={self.score_statistic:.3f} "
             f"p={self.score_p_value:.3g}"
         )
-        if self.alert_rate_reference is not None and self.alert_rate_batch is not None:
-            lines.append(
-                f"alert rate: reference {self.alert_rate_reference:.2%}, "
-                f"batch {self.alert_rate_batch:.2%}"
+        if self.alert_rate_batch is not None:
+            reference = (
+                f"reference {self.alert_rate_reference:.2%}, "
+                if self.alert_rate_reference is not None
+                else ""
             )
+            target = (
+                f", target {self.alert_rate_target:.2%}"
+                if self.alert_rate_target is not None
+                else ""
+            )
+            lines.append(f"alert rate: {reference}batch {self.alert_rate_batch:.2%}{target}")
         for t in self.tests:
             evidence = (
                 f"p={t.p_value:.3g}"
@@ -242,6 +250,42 @@ def score_shift(reference_scores: np.ndarray, batch_scores: np.ndarray) -> tuple
     return float(res.statistic), float(min(max(res.pvalue, 0.0), 1.0))
 
 
+def alert_rate_test(n_alerts: int, n_batch: int, target_rate: float) -> tuple[float, float]:
+    """(alert rate of the batch, exact two-sided binomial p-value against `target_rate`).
+
+    Under no drift each row is an alert with probability about the champion's target FPR, so the
+    count is Binomial(n_batch, target_rate). Two-sided, because both directions are failures: too
+    many alerts is drift or an attack, and too few (down to none) is a broken scorer, a sensor
+    stuck at a normal value or scores that shrank. The price is half the level on each side. With
+    few expected alerts (n_batch * target_rate below about 5) even zero alerts is not significant:
+    the batch is too small to see a silent scorer, and only the upper side has power.
+    """
+    rate = _check_rate(target_rate, "target_rate")
+    if isinstance(n_batch, bool) or int(n_batch) != n_batch or n_batch < 1:
+        raise ValueError(f"n_batch must be a positive integer, got {n_batch!r}")
+    if int(n_alerts) != n_alerts or not 0 <= n_alerts <= n_batch:
+        raise ValueError(f"n_alerts must be an integer in [0, n_batch={n_batch}], got {n_alerts!r}")
+    p_value = stats.binomtest(int(n_alerts), int(n_batch), rate, alternative="two-sided").pvalue
+    return int(n_alerts) / int(n_batch), float(min(p_value, 1.0))
+
+
+def count_alerts(
+    batch_alerts: np.ndarray | None, batch_scores: np.ndarray, threshold: float | None
+) -> int:
+    """The batch's alerts: the graph's `is_anomaly` when given, else `score > threshold`."""
+    if batch_alerts is not None:
+        alerts = np.asarray(batch_alerts).ravel()
+        if alerts.dtype != bool or alerts.size != batch_scores.size:
+            raise ValueError(
+                f"batch_alerts must be {batch_scores.size} booleans (one per batch score), "
+                f"got {alerts.size} of dtype {alerts.dtype}"
+            )
+        return int(alerts.sum())
+    if threshold is None:
+        raise ValueError("the alert-rate test needs the batch's alerts or the threshold")
+    return int(np.count_nonzero(batch_scores > threshold))
+
+
 def p_value_test(family: str, statistic: float, p_value: float, level: float) -> FamilyTest:
     """A family that rejects when its p-value is at most its share of the level."""
     return FamilyTest(family, float(statistic), float(p_value), level, bool(p_value <= level))
@@ -255,12 +299,17 @@ def detect_drift(
     batch_scores: np.ndarray,
     alpha: float,
     threshold: float | None = None,
+    target_alert_rate: float | None = None,
+    batch_alerts: np.ndarray | None = None,
 ) -> DriftReport:
-    """Feature drift (KS + BH) and score shift (KS), sharing `alpha` by Bonferroni.
+    """Feature drift (KS + BH), score shift (KS) and, given `target_alert_rate`, the alert rate
+    (binomial), sharing `alpha` by Bonferroni.
 
     `drifted` is true when any family rejects at `alpha / n_families`. With a `threshold`, the
     fraction of scores above it in each sample is reported: a rising alert rate is what users see.
-    `n_reference`/`n_batch` count feature rows; the score samples may differ in size.
+    The alert-rate test counts `batch_alerts` (the graph's is_anomaly) or, without them, the
+    scores above `threshold`. `n_reference`/`n_batch` count feature rows; the score samples may
+    differ in size.
     """
     overall = _check_rate(alpha, "alpha")
     ref_scores = _as_scores(reference_scores, "reference_scores")
@@ -271,7 +320,8 @@ def detect_drift(
             raise ValueError(f"threshold must be finite, got {threshold!r}")
         rate_ref = float(np.mean(ref_scores > threshold))
         rate_new = float(np.mean(new_scores > threshold))
-    level = overall / 2
+    n_families = 2 + (target_alert_rate is not None)
+    level = overall / n_families
     features = feature_drift(reference, batch, feature_names, level)
     score_stat, score_p = score_shift(ref_scores, new_scores)
     tests = [
@@ -283,6 +333,10 @@ def detect_drift(
         ),
         p_value_test("scores", score_stat, score_p, level),
     ]
+    if target_alert_rate is not None:
+        n_alerts = count_alerts(batch_alerts, new_scores, threshold)
+        rate_new, rate_p = alert_rate_test(n_alerts, new_scores.size, target_alert_rate)
+        tests.append(p_value_test("alert_rate", rate_new, rate_p, level))
     return DriftReport(
         features=features,
         n_features_drifted=int(sum(f.drifted for f in features)),
@@ -297,4 +351,5 @@ def detect_drift(
         alpha=overall,
         family_level=level,
         tests=tests,
+        alert_rate_target=None if target_alert_rate is None else float(target_alert_rate),
     )

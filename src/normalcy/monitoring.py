@@ -69,9 +69,23 @@ def validate_monitor_batch(batch: np.ndarray, champion: ChampionBundle) -> Valid
     return report
 
 
+def target_alert_rate(champion: ChampionBundle) -> float:
+    """The rate of alerts the champion was calibrated for: `target_fpr` in its ONNX metadata
+    (every exported and recalibrated graph stores it); a graph without it gets the rate of its
+    own calibration scores above its threshold, which is what the threshold was set to give."""
+    if "target_fpr" in champion.metadata:
+        return float(champion.metadata["target_fpr"])
+    threshold = float(champion.metadata["threshold"])
+    return max(
+        float(np.mean(champion.reference_scores > threshold)),
+        1.0 / (1 + len(champion.reference_scores)),
+    )
+
+
 def check_drift(batch: np.ndarray, champion: ChampionBundle, params: MonitorParams) -> DriftReport:
-    """Per-feature KS tests (BH inside) and a shift of the score distribution, at one level."""
-    batch_scores, _ = score_onnx(str(champion.onnx_path), batch)
+    """Per-feature KS tests (BH inside), a shift of the score distribution and the alert rate
+    against the champion's target, at one overall level."""
+    batch_scores, batch_alerts = score_onnx(str(champion.onnx_path), batch)
     return detect_drift(
         champion.reference_X,
         batch,
@@ -80,6 +94,8 @@ def check_drift(batch: np.ndarray, champion: ChampionBundle, params: MonitorPara
         batch_scores,
         params.alpha,
         threshold=float(champion.metadata["threshold"]),
+        target_alert_rate=target_alert_rate(champion),
+        batch_alerts=batch_alerts,
     )
 
 
