@@ -128,6 +128,7 @@ class MlflowParams(_Section):
 class MonitorParams(_Section):
     batch_path: str = "data/incoming/batch.csv"
     alpha: float = Field(0.01, gt=0, lt=0.5)  # false-alarm level of the whole drift decision
+    cusum_allowance: float = Field(0.5, gt=0, le=5)  # CUSUM slack k, in standard deviations
     reference_size: int = Field(2000, ge=10)
     recalibrate_on_drift: bool = True
     mad_threshold: float = Field(3.5, gt=0)

@@ -23,12 +23,20 @@ the nominal rate, at the cost of some power.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from normalcy.drift_sequential import (
+    SequentialState,
+    batch_correlation,
+    cusum_step,
+    cusum_threshold,
+)
 
 
 @dataclass
@@ -73,6 +81,7 @@ class DriftReport:
     family_level: float
     tests: list[FamilyTest] = field(default_factory=list)
     alert_rate_target: float | None = None
+    sequential_state: SequentialState | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types only, so `json.dumps` works and the report can be logged as-is."""
@@ -250,6 +259,27 @@ def score_shift(reference_scores: np.ndarray, batch_scores: np.ndarray) -> tuple
     return float(res.statistic), float(min(max(res.pvalue, 0.0), 1.0))
 
 
+def rank_shift(reference_scores: np.ndarray, batch_scores: np.ndarray) -> float:
+    """The batch's scores against the reference as a standardized Mann-Whitney statistic: about
+    N(0, 1) when both come from one distribution, positive when the batch's scores are higher.
+
+    Ranks, not means: anomaly scores are skewed and heavy-tailed, and one extreme row must not
+    look like a shift of the whole batch. Ties get mid-ranks and the tie-corrected variance; all
+    scores tied is no evidence (0)."""
+    ref = _as_scores(reference_scores, "reference_scores")
+    new = _as_scores(batch_scores, "batch_scores")
+    n_ref, n_new = ref.size, new.size
+    n = n_ref + n_new
+    ranks = stats.rankdata(np.concatenate([new, ref]))
+    u = ranks[:n_new].sum() - n_new * (n_new + 1) / 2
+    _, tie_counts = np.unique(np.concatenate([new, ref]), return_counts=True)
+    ties = float(np.sum(tie_counts.astype(np.float64) ** 3 - tie_counts))
+    variance = n_new * n_ref / 12.0 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
+    if variance <= 0:
+        return 0.0
+    return float((u - n_new * n_ref / 2.0) / math.sqrt(variance))
+
+
 def alert_rate_test(n_alerts: int, n_batch: int, target_rate: float) -> tuple[float, float]:
     """(alert rate of the batch, exact two-sided binomial p-value against `target_rate`).
 
@@ -286,6 +316,22 @@ def count_alerts(
     return int(np.count_nonzero(batch_scores > threshold))
 
 
+def sequential_test(
+    state: SequentialState,
+    reference_scores: np.ndarray,
+    batch_scores: np.ndarray,
+    level: float,
+    allowance: float,
+) -> tuple[SequentialState, FamilyTest]:
+    """(next state, the CUSUM family's verdict) after adding this batch's `rank_shift`; its
+    threshold is calibrated for `level` at this batch's correlation with the others."""
+    correlation = batch_correlation(batch_scores.size, reference_scores.size)
+    threshold = cusum_threshold(level, round(correlation, 3), allowance)
+    z = rank_shift(reference_scores, batch_scores)
+    next_state, running, alarm = cusum_step(state, z, allowance, threshold)
+    return next_state, FamilyTest("sequential", running, None, level, alarm, threshold)
+
+
 def p_value_test(family: str, statistic: float, p_value: float, level: float) -> FamilyTest:
     """A family that rejects when its p-value is at most its share of the level."""
     return FamilyTest(family, float(statistic), float(p_value), level, bool(p_value <= level))
@@ -301,15 +347,19 @@ def detect_drift(
     threshold: float | None = None,
     target_alert_rate: float | None = None,
     batch_alerts: np.ndarray | None = None,
+    sequential_state: SequentialState | None = None,
+    cusum_allowance: float = 0.5,
 ) -> DriftReport:
-    """Feature drift (KS + BH), score shift (KS) and, given `target_alert_rate`, the alert rate
-    (binomial), sharing `alpha` by Bonferroni.
+    """Feature drift (KS + BH), score shift (KS), given `target_alert_rate` the alert rate
+    (binomial), and given `sequential_state` the CUSUM across batches, sharing `alpha` by
+    Bonferroni.
 
     `drifted` is true when any family rejects at `alpha / n_families`. With a `threshold`, the
     fraction of scores above it in each sample is reported: a rising alert rate is what users see.
     The alert-rate test counts `batch_alerts` (the graph's is_anomaly) or, without them, the
     scores above `threshold`. `n_reference`/`n_batch` count feature rows; the score samples may
-    differ in size.
+    differ in size. The CUSUM adds this batch's `rank_shift` to `sequential_state`; the report's
+    `sequential_state` is the state to keep for the next batch.
     """
     overall = _check_rate(alpha, "alpha")
     ref_scores = _as_scores(reference_scores, "reference_scores")
@@ -320,7 +370,7 @@ def detect_drift(
             raise ValueError(f"threshold must be finite, got {threshold!r}")
         rate_ref = float(np.mean(ref_scores > threshold))
         rate_new = float(np.mean(new_scores > threshold))
-    n_families = 2 + (target_alert_rate is not None)
+    n_families = 2 + (target_alert_rate is not None) + (sequential_state is not None)
     level = overall / n_families
     features = feature_drift(reference, batch, feature_names, level)
     score_stat, score_p = score_shift(ref_scores, new_scores)
@@ -337,6 +387,12 @@ def detect_drift(
         n_alerts = count_alerts(batch_alerts, new_scores, threshold)
         rate_new, rate_p = alert_rate_test(n_alerts, new_scores.size, target_alert_rate)
         tests.append(p_value_test("alert_rate", rate_new, rate_p, level))
+    next_state = None
+    if sequential_state is not None:
+        next_state, cusum_test = sequential_test(
+            sequential_state, ref_scores, new_scores, level, cusum_allowance
+        )
+        tests.append(cusum_test)
     return DriftReport(
         features=features,
         n_features_drifted=int(sum(f.drifted for f in features)),
@@ -352,4 +408,5 @@ def detect_drift(
         family_level=level,
         tests=tests,
         alert_rate_target=None if target_alert_rate is None else float(target_alert_rate),
+        sequential_state=next_state,
     )

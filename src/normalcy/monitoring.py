@@ -13,6 +13,11 @@ from normalcy import registry
 from normalcy.config import MlflowParams, MonitorParams
 from normalcy.data.sources import load_batch
 from normalcy.drift import DriftReport, detect_drift
+from normalcy.drift_sequential import (
+    SequentialState,
+    load_sequential_state,
+    save_sequential_state,
+)
 from normalcy.errors import NoChampionError
 from normalcy.pipeline import artifacts
 from normalcy.scoring import read_metadata, score_onnx
@@ -82,9 +87,14 @@ def target_alert_rate(champion: ChampionBundle) -> float:
     )
 
 
-def check_drift(batch: np.ndarray, champion: ChampionBundle, params: MonitorParams) -> DriftReport:
-    """Per-feature KS tests (BH inside), a shift of the score distribution and the alert rate
-    against the champion's target, at one overall level."""
+def check_drift(
+    batch: np.ndarray,
+    champion: ChampionBundle,
+    params: MonitorParams,
+    sequential_state: SequentialState,
+) -> DriftReport:
+    """Per-feature KS tests (BH inside), a shift of the score distribution, the alert rate
+    against the champion's target and the CUSUM across batches, at one overall level."""
     batch_scores, batch_alerts = score_onnx(str(champion.onnx_path), batch)
     return detect_drift(
         champion.reference_X,
@@ -96,7 +106,20 @@ def check_drift(batch: np.ndarray, champion: ChampionBundle, params: MonitorPara
         threshold=float(champion.metadata["threshold"]),
         target_alert_rate=target_alert_rate(champion),
         batch_alerts=batch_alerts,
+        sequential_state=sequential_state,
+        cusum_allowance=params.cusum_allowance,
     )
+
+
+def sequential_state(champion: ChampionBundle) -> SequentialState:
+    """The CUSUM state of this champion version from earlier monitor runs (fresh if none)."""
+    return load_sequential_state(artifacts.DRIFT_SEQUENTIAL_STATE, champion.version)
+
+
+def keep_sequential_state(report: DriftReport) -> None:
+    """Save the state after this batch for the next monitor run."""
+    if report.sequential_state is not None:
+        save_sequential_state(report.sequential_state, artifacts.DRIFT_SEQUENTIAL_STATE)
 
 
 def drift_metrics(report: DriftReport, validation: ValidationReport) -> dict[str, float]:
