@@ -337,3 +337,32 @@ def test_monitor_tests_alerts_against_the_target_stored_in_the_graph():
     # a graph without target_fpr: the rate its own calibration scores give at its threshold
     assert target_alert_rate(_champion({"threshold": 94.5}, scores)) == 0.05
     assert target_alert_rate(_champion({"threshold": 1000.0}, scores)) == pytest.approx(1 / 101)
+
+
+def test_alert_rate_null_widens_with_the_threshold_s_own_uncertainty():
+    """A threshold set on 300 scores has a true rate anywhere around 0.4-1.8% at a 1% target: 7
+    alerts in 200 rows is odd for an exact 1% (binomial) but not for such a champion at 0.01."""
+    _, binomial = alert_rate_test(7, 200, 0.01)
+    _, beta_binomial = alert_rate_test(7, 200, 0.01, n_calibration=300)
+    assert binomial < 0.01 < beta_binomial
+    weight = 301
+    pmf = stats.betabinom.pmf(np.arange(201), 200, 0.01 * weight, 0.99 * weight)
+    assert beta_binomial == pytest.approx(pmf[pmf <= pmf[7] * (1 + 1e-7)].sum())
+    # a huge calibration set is the binomial again
+    assert alert_rate_test(7, 200, 0.01, 10**9)[1] == pytest.approx(binomial, rel=1e-3)
+    with pytest.raises(ValueError, match="n_calibration"):
+        alert_rate_test(6, 200, 0.01, 0)
+
+
+def test_stationary_alert_counts_are_flagged_at_most_at_the_level():
+    """Champions calibrated on 500 normal scores, batches of 400 from the same distribution: the
+    alert-rate test at 0.05 flags at most about 5% of them (the plain binomial flags more)."""
+    rng = np.random.default_rng(21)
+    flagged = binomial_flagged = 0
+    for _ in range(400):
+        threshold = float(np.quantile(rng.normal(size=500), 0.99, method="higher"))
+        n_alerts = int(np.count_nonzero(rng.normal(size=400) > threshold))
+        flagged += alert_rate_test(n_alerts, 400, 0.01, 500)[1] <= 0.05
+        binomial_flagged += alert_rate_test(n_alerts, 400, 0.01)[1] <= 0.05
+    assert flagged / 400 <= 0.07
+    assert binomial_flagged > flagged

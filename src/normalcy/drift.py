@@ -280,23 +280,41 @@ def rank_shift(reference_scores: np.ndarray, batch_scores: np.ndarray) -> float:
     return float((u - n_new * n_ref / 2.0) / math.sqrt(variance))
 
 
-def alert_rate_test(n_alerts: int, n_batch: int, target_rate: float) -> tuple[float, float]:
-    """(alert rate of the batch, exact two-sided binomial p-value against `target_rate`).
+def alert_rate_test(
+    n_alerts: int, n_batch: int, target_rate: float, n_calibration: int | None = None
+) -> tuple[float, float]:
+    """(alert rate of the batch, exact two-sided p-value of its alert count at `target_rate`).
 
-    Under no drift each row is an alert with probability about the champion's target FPR, so the
-    count is Binomial(n_batch, target_rate). Two-sided, because both directions are failures: too
-    many alerts is drift or an attack, and too few (down to none) is a broken scorer, a sensor
-    stuck at a normal value or scores that shrank. The price is half the level on each side. With
-    few expected alerts (n_batch * target_rate below about 5) even zero alerts is not significant:
-    the batch is too small to see a silent scorer, and only the upper side has power.
+    Under no drift each row is an alert with probability about the champion's target FPR. That
+    probability is itself an estimate: the threshold is a quantile of `n_calibration` scores, so
+    the champion's true rate is Beta-distributed around the target (the conformal argument: the
+    chance that a new normal score exceeds the k-th largest of n is Beta(k, n + 1 - k)). The count
+    is then Beta-Binomial(n_batch, target * (n + 1), (1 - target) * (n + 1)); ignoring this makes
+    a plain binomial flag a well-calibrated champion whenever its threshold came out a little low.
+    Without `n_calibration` the count is Binomial(n_batch, target_rate).
+
+    Two-sided, because both directions are failures: too many alerts is drift or an attack, and
+    too few (down to none) is a broken scorer, a sensor stuck at a normal value or scores that
+    shrank; the price is half the level on each side. The p-value sums the probabilities of every
+    count no more likely than the observed one. With few expected alerts (n_batch * target below
+    about 5) even zero alerts is not significant: only the upper side has power.
     """
     rate = _check_rate(target_rate, "target_rate")
     if isinstance(n_batch, bool) or int(n_batch) != n_batch or n_batch < 1:
         raise ValueError(f"n_batch must be a positive integer, got {n_batch!r}")
     if int(n_alerts) != n_alerts or not 0 <= n_alerts <= n_batch:
         raise ValueError(f"n_alerts must be an integer in [0, n_batch={n_batch}], got {n_alerts!r}")
-    p_value = stats.binomtest(int(n_alerts), int(n_batch), rate, alternative="two-sided").pvalue
-    return int(n_alerts) / int(n_batch), float(min(p_value, 1.0))
+    counts = np.arange(int(n_batch) + 1)
+    if n_calibration is None:
+        pmf = stats.binom.pmf(counts, int(n_batch), rate)
+    elif int(n_calibration) != n_calibration or n_calibration < 1:
+        raise ValueError(f"n_calibration must be a positive integer, got {n_calibration!r}")
+    else:
+        weight = int(n_calibration) + 1
+        pmf = stats.betabinom.pmf(counts, int(n_batch), rate * weight, (1 - rate) * weight)
+    observed = pmf[int(n_alerts)]
+    p_value = float(pmf[pmf <= observed * (1 + 1e-7)].sum())
+    return int(n_alerts) / int(n_batch), min(p_value, 1.0)
 
 
 def count_alerts(
@@ -347,6 +365,7 @@ def detect_drift(
     threshold: float | None = None,
     target_alert_rate: float | None = None,
     batch_alerts: np.ndarray | None = None,
+    calibrated_on: int | None = None,
     sequential_state: SequentialState | None = None,
     cusum_allowance: float = 0.5,
 ) -> DriftReport:
@@ -357,9 +376,10 @@ def detect_drift(
     `drifted` is true when any family rejects at `alpha / n_families`. With a `threshold`, the
     fraction of scores above it in each sample is reported: a rising alert rate is what users see.
     The alert-rate test counts `batch_alerts` (the graph's is_anomaly) or, without them, the
-    scores above `threshold`. `n_reference`/`n_batch` count feature rows; the score samples may
-    differ in size. The CUSUM adds this batch's `rank_shift` to `sequential_state`; the report's
-    `sequential_state` is the state to keep for the next batch.
+    scores above `threshold`; `calibrated_on` is the number of scores the threshold was set on.
+    `n_reference`/`n_batch` count feature rows; the score samples may differ in size. The CUSUM
+    adds this batch's `rank_shift` to `sequential_state`; the report's `sequential_state` is the
+    state to keep for the next batch.
     """
     overall = _check_rate(alpha, "alpha")
     ref_scores = _as_scores(reference_scores, "reference_scores")
@@ -385,7 +405,9 @@ def detect_drift(
     ]
     if target_alert_rate is not None:
         n_alerts = count_alerts(batch_alerts, new_scores, threshold)
-        rate_new, rate_p = alert_rate_test(n_alerts, new_scores.size, target_alert_rate)
+        rate_new, rate_p = alert_rate_test(
+            n_alerts, new_scores.size, target_alert_rate, calibrated_on
+        )
         tests.append(p_value_test("alert_rate", rate_new, rate_p, level))
     next_state = None
     if sequential_state is not None:

@@ -106,6 +106,7 @@ def check_drift(
         threshold=float(champion.metadata["threshold"]),
         target_alert_rate=target_alert_rate(champion),
         batch_alerts=batch_alerts,
+        calibrated_on=len(champion.reference_scores),  # the scores its threshold was set on
         sequential_state=sequential_state,
         cusum_allowance=params.cusum_allowance,
     )
