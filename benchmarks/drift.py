@@ -4,7 +4,7 @@ Streams of batches are simulated on the normal rows of real tables (ADBench `*.n
 and on generated data, without training any deep model: the scorer is a fixed Mahalanobis
 distance to the reference rows, computed in numpy, and the drift decision is
 `normalcy.drift.detect_drift` with every family the monitor runs (features, scores, alert rate,
-the CUSUM across batches) at one overall level `--alpha`.
+the CUSUM across batches, MMD unless `--no-mmd`) at one overall level `--alpha`.
 
 Per dataset the normal rows are shuffled into a reference (the scorer's rows and the drift
 reference), calibration rows (the reference scores; the threshold is their `--target-fpr`
@@ -150,6 +150,7 @@ def check(
         target_alert_rate=args.target_fpr,
         calibrated_on=len(stream.reference_scores),
         sequential_state=state,
+        mmd_rows=None if args.no_mmd else args.mmd_rows,
     )
 
 
@@ -299,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reference-rows", type=int, default=1000)
     parser.add_argument("--references", type=int, default=4)
     parser.add_argument("--score-scale", type=float, default=1.2)
+    parser.add_argument("--mmd-rows", type=int, default=300, help="as monitor.mmd_max_rows")
+    parser.add_argument("--no-mmd", action="store_true", help="leave the MMD family out")
     parser.add_argument(
         "--drift-model",
         choices=["offset", "tilt"],

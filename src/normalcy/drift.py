@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from normalcy.drift_mmd import DEFAULT_PERMUTATIONS, mmd_test
 from normalcy.drift_sequential import (
     SequentialState,
     batch_correlation,
@@ -368,10 +369,12 @@ def detect_drift(
     calibrated_on: int | None = None,
     sequential_state: SequentialState | None = None,
     cusum_allowance: float = 0.5,
+    mmd_rows: int | None = None,
+    mmd_permutations: int = DEFAULT_PERMUTATIONS,
 ) -> DriftReport:
     """Feature drift (KS + BH), score shift (KS), given `target_alert_rate` the alert rate
-    (binomial), and given `sequential_state` the CUSUM across batches, sharing `alpha` by
-    Bonferroni.
+    (beta-binomial), given `sequential_state` the CUSUM across batches, and given `mmd_rows` the
+    MMD on whole rows (permutations), sharing `alpha` by Bonferroni.
 
     `drifted` is true when any family rejects at `alpha / n_families`. With a `threshold`, the
     fraction of scores above it in each sample is reported: a rising alert rate is what users see.
@@ -390,8 +393,13 @@ def detect_drift(
             raise ValueError(f"threshold must be finite, got {threshold!r}")
         rate_ref = float(np.mean(ref_scores > threshold))
         rate_new = float(np.mean(new_scores > threshold))
-    n_families = 2 + (target_alert_rate is not None) + (sequential_state is not None)
+    n_families = 2 + sum(x is not None for x in (target_alert_rate, sequential_state, mmd_rows))
     level = overall / n_families
+    if mmd_rows is not None and 1 / (1 + mmd_permutations) > level:
+        raise ValueError(
+            f"mmd_permutations={mmd_permutations} cannot reach the MMD's level {level:.3g}: "
+            f"need at least {math.ceil(1 / level) - 1}"
+        )
     features = feature_drift(reference, batch, feature_names, level)
     score_stat, score_p = score_shift(ref_scores, new_scores)
     tests = [
@@ -415,6 +423,10 @@ def detect_drift(
             sequential_state, ref_scores, new_scores, level, cusum_allowance
         )
         tests.append(cusum_test)
+    if mmd_rows is not None:
+        ref_rows, new_rows = _as_matrix(reference, "reference"), _as_matrix(batch, "batch")
+        mmd, mmd_p = mmd_test(ref_rows, new_rows, mmd_rows, mmd_permutations)
+        tests.append(p_value_test("mmd", mmd, mmd_p, level))
     return DriftReport(
         features=features,
         n_features_drifted=int(sum(f.drifted for f in features)),

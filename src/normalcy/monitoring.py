@@ -94,7 +94,8 @@ def check_drift(
     sequential_state: SequentialState,
 ) -> DriftReport:
     """Per-feature KS tests (BH inside), a shift of the score distribution, the alert rate
-    against the champion's target and the CUSUM across batches, at one overall level."""
+    against the champion's target, the CUSUM across batches and the MMD on whole rows, at one
+    overall level."""
     batch_scores, batch_alerts = score_onnx(str(champion.onnx_path), batch)
     return detect_drift(
         champion.reference_X,
@@ -109,6 +110,8 @@ def check_drift(
         calibrated_on=len(champion.reference_scores),  # the scores its threshold was set on
         sequential_state=sequential_state,
         cusum_allowance=params.cusum_allowance,
+        mmd_rows=params.mmd_max_rows if params.mmd else None,
+        mmd_permutations=params.mmd_permutations,
     )
 
 
