@@ -12,12 +12,12 @@ from sklearn.datasets import load_digits
 
 from normalcy.drift import (
     DriftReport,
-    alert_rate_test,
     benjamini_hochberg,
     detect_drift,
     feature_drift,
     score_shift,
 )
+from normalcy.drift_alerts import alert_rate_test
 
 PIXEL_NAMES = [f"pixel_{i}" for i in range(64)]
 SHIFTED = 36  # a pixel with plenty of variance in the digits data

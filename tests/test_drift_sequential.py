@@ -8,13 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from normalcy.drift import detect_drift, rank_shift, score_shift
+from normalcy.drift import detect_drift, score_shift
 from normalcy.drift_sequential import (
     SequentialState,
     batch_correlation,
     cusum_step,
     cusum_threshold,
     load_sequential_state,
+    rank_shift,
     save_sequential_state,
     siegmund_alarm_rate,
 )

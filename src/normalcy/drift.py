@@ -31,12 +31,15 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from normalcy.drift_alerts import alert_rate_test, count_alerts
+from normalcy.drift_inputs import as_matrix, as_scores, check_rate
 from normalcy.drift_mmd import DEFAULT_PERMUTATIONS, mmd_test
 from normalcy.drift_sequential import (
     SequentialState,
     batch_correlation,
     cusum_step,
     cusum_threshold,
+    rank_shift,
 )
 
 
@@ -149,14 +152,6 @@ class DriftReport:
         return "\n".join(lines)
 
 
-def _check_rate(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
-    if not (0.0 < float(value) < 1.0):
-        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
-    return float(value)
-
-
 def benjamini_hochberg(p_values: np.ndarray, fdr: float) -> tuple[np.ndarray, np.ndarray]:
     """BH step-up: (rejected, adjusted p-values), both in the input order.
 
@@ -165,7 +160,7 @@ def benjamini_hochberg(p_values: np.ndarray, fdr: float) -> tuple[np.ndarray, np
     k the largest with `p_(k) <= k * fdr / m`), so a p-value above its own line is still rejected
     when a larger one is below its line.
     """
-    q = _check_rate(fdr, "fdr")
+    q = check_rate(fdr, "fdr")
     p = np.asarray(p_values, dtype=np.float64)
     if p.ndim != 1:
         raise ValueError(f"p_values must be 1-D, got shape {p.shape}")
@@ -182,20 +177,6 @@ def benjamini_hochberg(p_values: np.ndarray, fdr: float) -> tuple[np.ndarray, np
     return adjusted <= q, adjusted
 
 
-def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
-    """`[n, ...]` -> `[n, d]` float64; images `[n, c, h, w]` become `[n, c*h*w]`."""
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim < 2:
-        raise ValueError(f"{name} must be [n, d] (or [n, c, h, w]), got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError(f"{name} has no rows")
-    arr = arr.reshape(arr.shape[0], -1)
-    n_bad = int(np.count_nonzero(~np.isfinite(arr)))
-    if n_bad:
-        raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf)")
-    return arr
-
-
 def feature_drift(
     reference: np.ndarray,
     batch: np.ndarray,
@@ -208,9 +189,9 @@ def feature_drift(
     p = 1 (constant at different values is maximal drift, statistic 1). `feature_names=None`
     names features `feature_<i>` (useful for flattened images).
     """
-    q = _check_rate(fdr, "fdr")
-    ref = _as_matrix(reference, "reference")
-    new = _as_matrix(batch, "batch")
+    q = check_rate(fdr, "fdr")
+    ref = as_matrix(reference, "reference")
+    new = as_matrix(batch, "batch")
     d = ref.shape[1]
     if new.shape[1] != d:
         raise ValueError(
@@ -243,96 +224,12 @@ def feature_drift(
     ]
 
 
-def _as_scores(scores: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(scores, dtype=np.float64).ravel()
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-    return arr
-
-
 def score_shift(reference_scores: np.ndarray, batch_scores: np.ndarray) -> tuple[float, float]:
     """(KS statistic, p-value) between the reference and batch score distributions."""
-    ref = _as_scores(reference_scores, "reference_scores")
-    new = _as_scores(batch_scores, "batch_scores")
+    ref = as_scores(reference_scores, "reference_scores")
+    new = as_scores(batch_scores, "batch_scores")
     res = stats.ks_2samp(ref, new)
     return float(res.statistic), float(min(max(res.pvalue, 0.0), 1.0))
-
-
-def rank_shift(reference_scores: np.ndarray, batch_scores: np.ndarray) -> float:
-    """The batch's scores against the reference as a standardized Mann-Whitney statistic: about
-    N(0, 1) when both come from one distribution, positive when the batch's scores are higher.
-
-    Ranks, not means: anomaly scores are skewed and heavy-tailed, and one extreme row must not
-    look like a shift of the whole batch. Ties get mid-ranks and the tie-corrected variance; all
-    scores tied is no evidence (0)."""
-    ref = _as_scores(reference_scores, "reference_scores")
-    new = _as_scores(batch_scores, "batch_scores")
-    n_ref, n_new = ref.size, new.size
-    n = n_ref + n_new
-    ranks = stats.rankdata(np.concatenate([new, ref]))
-    u = ranks[:n_new].sum() - n_new * (n_new + 1) / 2
-    _, tie_counts = np.unique(np.concatenate([new, ref]), return_counts=True)
-    ties = float(np.sum(tie_counts.astype(np.float64) ** 3 - tie_counts))
-    variance = n_new * n_ref / 12.0 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
-    if variance <= 0:
-        return 0.0
-    return float((u - n_new * n_ref / 2.0) / math.sqrt(variance))
-
-
-def alert_rate_test(
-    n_alerts: int, n_batch: int, target_rate: float, n_calibration: int | None = None
-) -> tuple[float, float]:
-    """(alert rate of the batch, exact two-sided p-value of its alert count at `target_rate`).
-
-    Under no drift each row is an alert with probability about the champion's target FPR. That
-    probability is itself an estimate: the threshold is a quantile of `n_calibration` scores, so
-    the champion's true rate is Beta-distributed around the target (the conformal argument: the
-    chance that a new normal score exceeds the k-th largest of n is Beta(k, n + 1 - k)). The count
-    is then Beta-Binomial(n_batch, target * (n + 1), (1 - target) * (n + 1)); ignoring this makes
-    a plain binomial flag a well-calibrated champion whenever its threshold came out a little low.
-    Without `n_calibration` the count is Binomial(n_batch, target_rate).
-
-    Two-sided, because both directions are failures: too many alerts is drift or an attack, and
-    too few (down to none) is a broken scorer, a sensor stuck at a normal value or scores that
-    shrank; the price is half the level on each side. The p-value sums the probabilities of every
-    count no more likely than the observed one. With few expected alerts (n_batch * target below
-    about 5) even zero alerts is not significant: only the upper side has power.
-    """
-    rate = _check_rate(target_rate, "target_rate")
-    if isinstance(n_batch, bool) or int(n_batch) != n_batch or n_batch < 1:
-        raise ValueError(f"n_batch must be a positive integer, got {n_batch!r}")
-    if int(n_alerts) != n_alerts or not 0 <= n_alerts <= n_batch:
-        raise ValueError(f"n_alerts must be an integer in [0, n_batch={n_batch}], got {n_alerts!r}")
-    counts = np.arange(int(n_batch) + 1)
-    if n_calibration is None:
-        pmf = stats.binom.pmf(counts, int(n_batch), rate)
-    elif int(n_calibration) != n_calibration or n_calibration < 1:
-        raise ValueError(f"n_calibration must be a positive integer, got {n_calibration!r}")
-    else:
-        weight = int(n_calibration) + 1
-        pmf = stats.betabinom.pmf(counts, int(n_batch), rate * weight, (1 - rate) * weight)
-    observed = pmf[int(n_alerts)]
-    p_value = float(pmf[pmf <= observed * (1 + 1e-7)].sum())
-    return int(n_alerts) / int(n_batch), min(p_value, 1.0)
-
-
-def count_alerts(
-    batch_alerts: np.ndarray | None, batch_scores: np.ndarray, threshold: float | None
-) -> int:
-    """The batch's alerts: the graph's `is_anomaly` when given, else `score > threshold`."""
-    if batch_alerts is not None:
-        alerts = np.asarray(batch_alerts).ravel()
-        if alerts.dtype != bool or alerts.size != batch_scores.size:
-            raise ValueError(
-                f"batch_alerts must be {batch_scores.size} booleans (one per batch score), "
-                f"got {alerts.size} of dtype {alerts.dtype}"
-            )
-        return int(alerts.sum())
-    if threshold is None:
-        raise ValueError("the alert-rate test needs the batch's alerts or the threshold")
-    return int(np.count_nonzero(batch_scores > threshold))
 
 
 def sequential_test(
@@ -384,9 +281,9 @@ def detect_drift(
     adds this batch's `rank_shift` to `sequential_state`; the report's `sequential_state` is the
     state to keep for the next batch.
     """
-    overall = _check_rate(alpha, "alpha")
-    ref_scores = _as_scores(reference_scores, "reference_scores")
-    new_scores = _as_scores(batch_scores, "batch_scores")
+    overall = check_rate(alpha, "alpha")
+    ref_scores = as_scores(reference_scores, "reference_scores")
+    new_scores = as_scores(batch_scores, "batch_scores")
     rate_ref = rate_new = None
     if threshold is not None:
         if not np.isfinite(threshold):
@@ -424,7 +321,7 @@ def detect_drift(
         )
         tests.append(cusum_test)
     if mmd_rows is not None:
-        ref_rows, new_rows = _as_matrix(reference, "reference"), _as_matrix(batch, "batch")
+        ref_rows, new_rows = as_matrix(reference, "reference"), as_matrix(batch, "batch")
         mmd, mmd_p = mmd_test(ref_rows, new_rows, mmd_rows, mmd_permutations)
         tests.append(p_value_test("mmd", mmd, mmd_p, level))
     return DriftReport(

@@ -28,7 +28,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
+from normalcy.drift_inputs import as_scores, check_rate
 from normalcy.jsonio import write_json
 
 # Batches per simulated stream and the fewest alarms the simulation should see at the level.
@@ -57,12 +59,6 @@ def batch_correlation(n_batch: int, n_reference: int) -> float:
     return n_batch / (n_batch + n_reference)
 
 
-def _check_level(level: float) -> float:
-    if not (0.0 < level < 1.0):
-        raise ValueError(f"level must be in the open interval (0, 1), got {level!r}")
-    return float(level)
-
-
 def cusum_alarm_rate(
     threshold: float, allowance: float, correlated: np.ndarray, horizon: int
 ) -> float:
@@ -85,7 +81,7 @@ def cusum_threshold(level: float, correlation: float, allowance: float, seed: in
 
     The batches' statistics are `sqrt(c) * shared + sqrt(1 - c) * own`, both N(0, 1), with `c`
     the `correlation`; the shared term is drawn once per simulated stream (one reference)."""
-    level = _check_level(level)
+    level = check_rate(level, "level")
     if not (0.0 <= correlation < 1.0):
         raise ValueError(f"correlation must be in [0, 1), got {correlation!r}")
     if allowance <= 0:
@@ -155,3 +151,24 @@ def load_sequential_state(path: str | Path, champion_version: str) -> Sequential
 def save_sequential_state(state: SequentialState, path: str | Path) -> Path:
     """Write the state atomically for the next monitor run."""
     return write_json(asdict(state), path)
+
+
+def rank_shift(reference_scores: np.ndarray, batch_scores: np.ndarray) -> float:
+    """The batch's scores against the reference as a standardized Mann-Whitney statistic: about
+    N(0, 1) when both come from one distribution, positive when the batch's scores are higher.
+
+    Ranks, not means: anomaly scores are skewed and heavy-tailed, and one extreme row must not
+    look like a shift of the whole batch. Ties get mid-ranks and the tie-corrected variance; all
+    scores tied is no evidence (0)."""
+    ref = as_scores(reference_scores, "reference_scores")
+    new = as_scores(batch_scores, "batch_scores")
+    n_ref, n_new = ref.size, new.size
+    n = n_ref + n_new
+    ranks = stats.rankdata(np.concatenate([new, ref]))
+    u = ranks[:n_new].sum() - n_new * (n_new + 1) / 2
+    _, tie_counts = np.unique(np.concatenate([new, ref]), return_counts=True)
+    ties = float(np.sum(tie_counts.astype(np.float64) ** 3 - tie_counts))
+    variance = n_new * n_ref / 12.0 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
+    if variance <= 0:
+        return 0.0
+    return float((u - n_new * n_ref / 2.0) / math.sqrt(variance))
