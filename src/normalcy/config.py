@@ -133,11 +133,8 @@ class MonitorParams(_Section):
     mmd: bool = True  # the MMD family on whole rows
     mmd_max_rows: int = Field(300, ge=10)  # rows of each sample the MMD uses (a seeded subsample)
     mmd_permutations: int = Field(1000, ge=1)
-    reference_size: int = Field(2000, ge=10)
-    recalibrate_on_drift: bool = True
-    mad_threshold: float = Field(3.5, gt=0)
 
-    @model_validator(mode="after")
+    @model_validator(mode="after")  # beside the keys it checks; the fields go on below
     def _check_permutations(self) -> MonitorParams:
         # five families at most share alpha; the MMD's p-value is never below 1 / (1 + B)
         needed = math.ceil(5 / self.alpha) - 1
@@ -148,6 +145,10 @@ class MonitorParams(_Section):
                 f"1 / (1 + permutations)); got {self.mmd_permutations}"
             )
         return self
+
+    reference_size: int = Field(2000, ge=10)
+    recalibrate_on_drift: bool = True
+    mad_threshold: float = Field(3.5, gt=0)
 
 
 class ScheduleParams(_Section):
