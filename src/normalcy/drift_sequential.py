@@ -11,9 +11,12 @@ what turns into alerts; falling scores show in the two-sided alert-rate and scor
 `h` is set by simulation so that the in-control probability of an alarm in a batch is the
 family's share of the overall level. The simulation keeps what a plain formula misses: every
 batch is compared with the same finite reference, so the `z_t` share a common term, with
-correlation `n_batch / (n_batch + n_reference)` between two batches. With independent `z_t`
-(correlation 0) it agrees with Siegmund's approximation of the in-control average run length,
-`ARL0 = (exp(2 k b) - 2 k b - 1) / (2 k^2)` with `b = h + 1.166`, alarm rate `1 / ARL0`.
+correlation `n_batch / (n_batch + n_reference)` between two batches. The rate holds on average
+over references; with one unlucky reference the CUSUM alarms more often, and a reference of few
+scores against large batches needs a high `h` (less power), so keep the calibration set large.
+With independent `z_t` (correlation 0) the simulation agrees with Siegmund's approximation of the
+in-control average run length, `ARL0 = (exp(2 k b) - 2 k b - 1) / (2 k^2)` with `b = h + 1.166`,
+alarm rate `1 / ARL0`.
 
 The state (running sum, batch count, alarms) lives in a small JSON file between monitor runs,
 keyed by the champion version: a new champion (retrained or recalibrated) starts from zero.
