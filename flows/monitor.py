@@ -28,8 +28,10 @@ def validate_monitor_batch(batch: np.ndarray, champion: ChampionBundle) -> Valid
 
 @task
 def check_drift(batch: np.ndarray, champion: ChampionBundle, params: Params) -> DriftReport:
-    """Per-feature KS tests with BH-FDR, plus a shift of the score distribution."""
-    report = monitoring.check_drift(batch, champion, params.monitor)
+    """Drift test families at one level (features, scores, alert rate, CUSUM across batches)."""
+    state = monitoring.sequential_state(champion)
+    report = monitoring.check_drift(batch, champion, params.monitor, state)
+    monitoring.keep_sequential_state(report)
     write_json(report.to_dict(), artifacts.DRIFT_REPORT)
     mlflow.log_artifact(str(artifacts.DRIFT_REPORT), "drift")
     return report

@@ -1,6 +1,7 @@
 """The benchmark harnesses keep the interface other tools call (arguments and JSON keys)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,61 @@ def test_run_under_load_times_both_conditions_and_parses_fit_times(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [r["fit_s"] for r in runs["idle"] + runs["loaded"]] == [{"vae": 1.5}, {"vae": 1.5}]
     assert all(r["wall_s"] > 0 for r in runs["idle"] + runs["loaded"])
+
+
+def test_drift_benchmark_writes_the_issue_s_json_on_tiny_data(tmp_path):
+    """Stationary and drifted streams on one tiny table and the generated data; no deep model."""
+    data = tmp_path / "tables"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(1200, 5)), rng.normal(6.0, size=(30, 5))])
+    np.savez(data / "1_tiny.npz", X=X, y=np.r_[np.zeros(1200), np.ones(30)])
+    out = tmp_path / "drift.json"
+    common = ["--stationary-batches", "12", "--drift-streams", "2", "--max-batches", "8"]
+    common += ["--batch-rows", "100", "--reference-rows", "250", "--generated-rows", "1500"]
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "drift.py"), "--data-dir", str(data)]
+        + common
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert {"false_alarm_rate", "n_stationary_batches", "alpha", "detection_delay"} <= set(payload)
+    assert payload["recalibration"] is None and payload["invalid_batch_promoted"] is None
+    assert set(payload["datasets"]) == {"1_tiny", "generated_gaussian", "generated_skewed"}
+    assert payload["n_stationary_batches"] == 36 and payload["alpha"] == 0.01
+    low, high = payload["false_alarm_interval"]
+    assert 0 <= low <= payload["false_alarm_rate"] <= high <= 1
+    assert set(payload["detection_delay"]) == {"gradual", "abrupt", "slow", "scale"}
+    assert payload["detection_delay"]["abrupt"] is not None  # 0.5 sd shifts are seen
+    assert "| 1_tiny | 5 | 12 |" in run.stdout and "overall:" in run.stdout
+    assert "1_tiny: 1200 normal rows x 5 features" in run.stderr  # progress on stderr
+
+
+def test_drift_benchmark_skips_absent_real_data_and_refuses_unknown_tables(tmp_path):
+    script = str(REPO / "benchmarks" / "drift.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    tiny = ["--stationary-batches", "4", "--drift-streams", "1", "--max-batches", "2"]
+    tiny += ["--batch-rows", "50", "--reference-rows", "100", "--generated-rows", "600"]
+    run = subprocess.run(
+        [sys.executable, script, "--data-dir", str(tmp_path / "absent"), *tiny],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "absent not found: real tables skipped" in run.stderr
+    assert "| generated_gaussian |" in run.stdout
+    refused = subprocess.run(
+        [sys.executable, script, "--data-dir", str(tmp_path), "--datasets", "nope", *tiny],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert refused.returncode != 0 and "['nope'] not found" in refused.stderr

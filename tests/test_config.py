@@ -36,6 +36,9 @@ def test_set_overrides_any_key_with_yaml_values():
         ("data.source=excel", "data.source"),
         ("data.source=csv", "data.path is required"),
         ("prepare.val_fraction=0.75", "prepare.val_fraction + prepare.test_fraction"),
+        ("monitor.alpha=0", "monitor.alpha: Input should be greater than 0"),
+        ("monitor.alpha=0.5", "monitor.alpha: Input should be less than 0.5"),
+        ("monitor.fdr=0.05", "monitor.fdr: unknown key"),
     ],
 )
 def test_bad_params_name_the_key_path(override, fragment):

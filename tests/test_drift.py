@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from normalcy.drift import (
     feature_drift,
     score_shift,
 )
+from normalcy.drift_alerts import alert_rate_test
 
 PIXEL_NAMES = [f"pixel_{i}" for i in range(64)]
 SHIFTED = 36  # a pixel with plenty of variance in the digits data
@@ -178,8 +180,7 @@ def test_detect_drift_end_to_end(digits_halves):
         PIXEL_NAMES,
         ref_scores,
         batch_scores,
-        fdr=0.05,
-        score_shift_alpha=0.01,
+        alpha=0.01,
         threshold=threshold,
     )
     assert isinstance(report, DriftReport)
@@ -200,16 +201,168 @@ def test_detect_drift_end_to_end(digits_halves):
     assert "DRIFT" in summary
     assert f"{report.n_features_drifted}/64" in summary
     assert "score distribution: shifted" in summary
+    assert report.family_level == pytest.approx(0.005)  # two families share alpha
+    assert report.fired() == ["features", "scores"]
+    assert payload["tests"][1]["p_value"] == report.score_p_value
 
 
 def test_detect_drift_quiet_when_nothing_changed(digits_halves):
     a, b = digits_halves
     rng = np.random.default_rng(9)
-    report = detect_drift(
-        a, b, PIXEL_NAMES, rng.normal(size=len(a)), rng.normal(size=len(b)), 0.05, 0.01
-    )
+    report = detect_drift(a, b, PIXEL_NAMES, rng.normal(size=len(a)), rng.normal(size=len(b)), 0.01)
     assert not report.score_shifted
     assert report.alert_rate_reference is None and report.alert_rate_batch is None
     assert report.n_features_drifted <= 1
     json.dumps(report.to_dict())
     assert "not shifted" in report.summary()
+
+
+def test_each_family_is_tested_at_its_bonferroni_share():
+    """A score shift whose p-value lies between alpha / 2 and alpha is not drift at alpha: the
+    two families share the level (testing each at alpha would add up their false alarms)."""
+    rng = np.random.default_rng(12)
+    ref, new = rng.normal(size=(400, 3)), rng.normal(size=(400, 3))
+    ref_scores = rng.normal(size=1000)
+    for shift in np.linspace(0.0, 0.5, 101):
+        batch_scores = rng.normal(loc=shift, size=300)
+        p = score_shift(ref_scores, batch_scores)[1]
+        if 0.005 < p <= 0.01:
+            break
+    else:
+        pytest.fail("no batch with a score p-value in (0.005, 0.01]")
+    report = detect_drift(ref, new, None, ref_scores, batch_scores, alpha=0.01)
+    scores = report.test("scores")
+    assert scores.p_value == pytest.approx(p) and scores.level == pytest.approx(0.005)
+    assert not scores.rejected and not report.score_shifted
+    assert report.test("features").p_value == min(f.adjusted_p_value for f in report.features)
+    assert detect_drift(ref, new, None, ref_scores, batch_scores, alpha=0.03).score_shifted
+
+
+def test_features_family_p_value_is_the_smallest_bh_adjusted_one(digits_halves):
+    a, b = digits_halves
+    b = b.copy()
+    b[:, SHIFTED] += 2.0 * a[:, SHIFTED].std()
+    rng = np.random.default_rng(2)
+    report = detect_drift(a, b, PIXEL_NAMES, rng.normal(size=500), rng.normal(size=500), 0.01)
+    family = report.test("features")
+    assert family.rejected and family.p_value == report.features[SHIFTED].adjusted_p_value
+    assert family.statistic == max(f.statistic for f in report.features)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, float("nan"), "0.01", True])
+def test_overall_alpha_out_of_range_is_refused(digits_halves, alpha):
+    a, b = digits_halves
+    with pytest.raises(ValueError, match="alpha"):
+        detect_drift(a, b, PIXEL_NAMES, np.ones(5), np.ones(5), alpha)
+
+
+def test_empty_or_non_finite_batch_is_refused(digits_halves):
+    a, b = digits_halves
+    scores = np.arange(5.0)
+    with pytest.raises(ValueError, match="batch has no rows"):
+        detect_drift(a, b[:0], PIXEL_NAMES, scores, scores, 0.01)
+    with pytest.raises(ValueError, match="batch_scores contains non-finite"):
+        detect_drift(a, b, PIXEL_NAMES, scores, np.array([1.0, np.nan]), 0.01)
+    with pytest.raises(ValueError, match="batch_scores is empty"):
+        detect_drift(a, b, PIXEL_NAMES, scores, np.array([]), 0.01)
+
+
+def test_alert_rate_test_matches_the_exact_binomial_both_ways():
+    # 200 rows at a 1% target expect 2 alerts: 2 is perfectly usual, 12 is far too many.
+    assert alert_rate_test(2, 200, 0.01) == (0.01, pytest.approx(1.0))
+    rate, p = alert_rate_test(12, 200, 0.01)
+    assert rate == 0.06
+    assert p == pytest.approx(stats.binomtest(12, 200, 0.01).pvalue) and p < 1e-4
+    # 2000 rows expect 20: none at all is a silent scorer, and two-sided sees it
+    _, p_silent = alert_rate_test(0, 2000, 0.01)
+    assert p_silent < 1e-6
+    # ... while 200 rows (2 expected) are too few to see it
+    assert alert_rate_test(0, 200, 0.01)[1] > 0.1
+
+
+@pytest.mark.parametrize(
+    ("n_alerts", "n_batch", "target", "message"),
+    [
+        (3, 2, 0.01, "n_alerts must be an integer in"),
+        (-1, 10, 0.01, "n_alerts must be an integer in"),
+        (0, 0, 0.01, "n_batch must be a positive integer"),
+        (1, 10, 0.0, "target_rate"),
+        (1, 10, 1.5, "target_rate"),
+    ],
+)
+def test_alert_rate_test_refuses_bad_counts_and_rates(n_alerts, n_batch, target, message):
+    with pytest.raises(ValueError, match=message):
+        alert_rate_test(n_alerts, n_batch, target)
+
+
+def test_alert_rate_family_fires_on_too_many_alerts_and_shares_the_level():
+    rng = np.random.default_rng(13)
+    ref, new = rng.normal(size=(500, 4)), rng.normal(size=(500, 4))
+    ref_scores = rng.normal(size=2000)
+    threshold = float(np.quantile(ref_scores, 0.99))
+    alerts = np.zeros(500, dtype=bool)
+    alerts[:25] = True  # 5% alerts where 1% are expected, scores themselves unchanged
+    batch_scores = rng.normal(size=500)
+    report = detect_drift(
+        ref, new, None, ref_scores, batch_scores, 0.01, threshold, 0.01, batch_alerts=alerts
+    )
+    family = report.test("alert_rate")
+    assert family.rejected and family.statistic == 0.05 and family.p_value < 1e-6
+    assert report.family_level == pytest.approx(0.01 / 3)
+    assert report.alert_rate_batch == 0.05 and report.alert_rate_target == 0.01
+    assert report.drifted and report.fired() == ["alert_rate"]
+    assert "target 1.00%" in report.summary()
+    # without the graph's alerts, the scores above the threshold are counted: about 1% here
+    quiet = detect_drift(ref, new, None, ref_scores, batch_scores, 0.01, threshold, 0.01)
+    assert not quiet.test("alert_rate").rejected
+    with pytest.raises(ValueError, match="one per batch score"):
+        detect_drift(ref, new, None, ref_scores, batch_scores, 0.01, threshold, 0.01, alerts[:5])
+    with pytest.raises(ValueError, match="needs the batch's alerts or the threshold"):
+        detect_drift(ref, new, None, ref_scores, batch_scores, 0.01, target_alert_rate=0.01)
+
+
+def _champion(metadata: dict, reference_scores: np.ndarray):
+    from normalcy.monitoring import ChampionBundle
+
+    return ChampionBundle(
+        "1", "run", Path("model.onnx"), metadata, np.zeros((3, 2)), reference_scores, ["a", "b"], {}
+    )
+
+
+def test_monitor_tests_alerts_against_the_target_stored_in_the_graph():
+    from normalcy.monitoring import target_alert_rate
+
+    scores = np.arange(100.0)
+    assert target_alert_rate(_champion({"threshold": 97.5, "target_fpr": 0.02}, scores)) == 0.02
+    # a graph without target_fpr: the rate its own calibration scores give at its threshold
+    assert target_alert_rate(_champion({"threshold": 94.5}, scores)) == 0.05
+    assert target_alert_rate(_champion({"threshold": 1000.0}, scores)) == pytest.approx(1 / 101)
+
+
+def test_alert_rate_null_widens_with_the_threshold_s_own_uncertainty():
+    """A threshold set on 300 scores has a true rate anywhere around 0.4-1.8% at a 1% target: 7
+    alerts in 200 rows is odd for an exact 1% (binomial) but not for such a champion at 0.01."""
+    _, binomial = alert_rate_test(7, 200, 0.01)
+    _, beta_binomial = alert_rate_test(7, 200, 0.01, n_calibration=300)
+    assert binomial < 0.01 < beta_binomial
+    weight = 301
+    pmf = stats.betabinom.pmf(np.arange(201), 200, 0.01 * weight, 0.99 * weight)
+    assert beta_binomial == pytest.approx(pmf[pmf <= pmf[7] * (1 + 1e-7)].sum())
+    # a huge calibration set is the binomial again
+    assert alert_rate_test(7, 200, 0.01, 10**9)[1] == pytest.approx(binomial, rel=1e-3)
+    with pytest.raises(ValueError, match="n_calibration"):
+        alert_rate_test(6, 200, 0.01, 0)
+
+
+def test_stationary_alert_counts_are_flagged_at_most_at_the_level():
+    """Champions calibrated on 500 normal scores, batches of 400 from the same distribution: the
+    alert-rate test at 0.05 flags at most about 5% of them (the plain binomial flags more)."""
+    rng = np.random.default_rng(21)
+    flagged = binomial_flagged = 0
+    for _ in range(400):
+        threshold = float(np.quantile(rng.normal(size=500), 0.99, method="higher"))
+        n_alerts = int(np.count_nonzero(rng.normal(size=400) > threshold))
+        flagged += alert_rate_test(n_alerts, 400, 0.01, 500)[1] <= 0.05
+        binomial_flagged += alert_rate_test(n_alerts, 400, 0.01)[1] <= 0.05
+    assert flagged / 400 <= 0.07
+    assert binomial_flagged > flagged

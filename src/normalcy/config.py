@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,8 +161,24 @@ class MlflowParams(_Section):
 
 class MonitorParams(_Section):
     batch_path: str = "data/incoming/batch.csv"
-    fdr: float = Field(0.05, gt=0, lt=1)
-    score_shift_alpha: float = Field(0.01, gt=0, lt=1)
+    alpha: float = Field(0.01, gt=0, lt=0.5)  # false-alarm level of the whole drift decision
+    cusum_allowance: float = Field(0.5, gt=0, le=5)  # CUSUM slack k, in standard deviations
+    mmd: bool = True  # the MMD family on whole rows
+    mmd_max_rows: int = Field(300, ge=10)  # rows of each sample the MMD uses (a seeded subsample)
+    mmd_permutations: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")  # beside the keys it checks; the fields go on below
+    def _check_permutations(self) -> MonitorParams:
+        # five families at most share alpha; the MMD's p-value is never below 1 / (1 + B)
+        needed = math.ceil(5 / self.alpha) - 1
+        if self.mmd and self.mmd_permutations < needed:
+            raise ValueError(
+                f"monitor.mmd_permutations must be at least {needed} at monitor.alpha "
+                f"{self.alpha:g} (the MMD's share is alpha / 5 and its smallest p-value "
+                f"1 / (1 + permutations)); got {self.mmd_permutations}"
+            )
+        return self
+
     reference_size: int = Field(2000, ge=10)
     recalibrate_on_drift: bool = True
 

@@ -13,6 +13,11 @@ from normalcy import registry
 from normalcy.config import MlflowParams, MonitorParams
 from normalcy.data.sources import load_batch
 from normalcy.drift import DriftReport, detect_drift
+from normalcy.drift_sequential import (
+    SequentialState,
+    load_sequential_state,
+    save_sequential_state,
+)
 from normalcy.errors import NoChampionError
 from normalcy.pipeline import artifacts
 from normalcy.scoring import read_metadata, score_onnx
@@ -69,26 +74,69 @@ def validate_monitor_batch(batch: np.ndarray, champion: ChampionBundle) -> Valid
     return report
 
 
-def check_drift(batch: np.ndarray, champion: ChampionBundle, params: MonitorParams) -> DriftReport:
-    """Per-feature KS tests with BH-FDR, plus a shift of the score distribution."""
-    batch_scores, _ = score_onnx(str(champion.onnx_path), batch)
+def target_alert_rate(champion: ChampionBundle) -> float:
+    """The rate of alerts the champion was calibrated for: `target_fpr` in its ONNX metadata
+    (every exported and recalibrated graph stores it); a graph without it gets the rate of its
+    own calibration scores above its threshold, which is what the threshold was set to give."""
+    if "target_fpr" in champion.metadata:
+        return float(champion.metadata["target_fpr"])
+    threshold = float(champion.metadata["threshold"])
+    return max(
+        float(np.mean(champion.reference_scores > threshold)),
+        1.0 / (1 + len(champion.reference_scores)),
+    )
+
+
+def check_drift(
+    batch: np.ndarray,
+    champion: ChampionBundle,
+    params: MonitorParams,
+    sequential_state: SequentialState,
+) -> DriftReport:
+    """Per-feature KS tests (BH inside), a shift of the score distribution, the alert rate
+    against the champion's target, the CUSUM across batches and the MMD on whole rows, at one
+    overall level."""
+    batch_scores, batch_alerts = score_onnx(str(champion.onnx_path), batch)
     return detect_drift(
         champion.reference_X,
         batch,
         champion.feature_names,
         champion.reference_scores,
         batch_scores,
-        params.fdr,
-        params.score_shift_alpha,
+        params.alpha,
         threshold=float(champion.metadata["threshold"]),
+        target_alert_rate=target_alert_rate(champion),
+        batch_alerts=batch_alerts,
+        calibrated_on=len(champion.reference_scores),  # the scores its threshold was set on
+        sequential_state=sequential_state,
+        cusum_allowance=params.cusum_allowance,
+        mmd_rows=params.mmd_max_rows if params.mmd else None,
+        mmd_permutations=params.mmd_permutations,
     )
 
 
+def sequential_state(champion: ChampionBundle) -> SequentialState:
+    """The CUSUM state of this champion version from earlier monitor runs (fresh if none)."""
+    return load_sequential_state(artifacts.DRIFT_SEQUENTIAL_STATE, champion.version)
+
+
+def keep_sequential_state(report: DriftReport) -> None:
+    """Save the state after this batch for the next monitor run."""
+    if report.sequential_state is not None:
+        save_sequential_state(report.sequential_state, artifacts.DRIFT_SEQUENTIAL_STATE)
+
+
 def drift_metrics(report: DriftReport, validation: ValidationReport) -> dict[str, float]:
-    """What a monitor run logs as MLflow metrics."""
+    """What a monitor run logs as MLflow metrics: the verdict and each family's evidence."""
+    evidence = {
+        f"{t.family}_{'p_value' if t.p_value is not None else 'statistic'}": (
+            t.p_value if t.p_value is not None else t.statistic
+        )
+        for t in report.tests
+    }
     return {
         "features_drifted": report.n_features_drifted,
-        "score_shift_p_value": report.score_p_value,
+        **evidence,
         "alert_rate_batch": report.alert_rate_batch or 0.0,
         "drifted": float(report.drifted),
         "validation_failures": len(validation.failures),
@@ -103,6 +151,7 @@ def monitor_result(
         "drifted": report.drifted,
         "features_drifted": report.n_features_drifted,
         "score_shifted": report.score_shifted,
+        "families_fired": report.fired(),
         "retrain_recommended": report.n_features_drifted > 0,
         "validation_passed": validation.success,
         "validation_failures": len(validation.failures),

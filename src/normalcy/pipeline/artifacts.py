@@ -28,6 +28,7 @@ DRIFT_REFERENCE = ARTIFACTS / "drift_reference.npz"
 # the monitor flow
 DRIFT_REPORT = ARTIFACTS / "drift_report.json"
 MONITOR_VALIDATION = ARTIFACTS / "monitor_validation.json"
+DRIFT_SEQUENTIAL_STATE = ARTIFACTS / "drift_sequential_state.json"  # the CUSUM between runs
 # the recalibrate flow
 RECALIBRATION_LOCK = ARTIFACTS / "recalibrate.lock"
 RECALIBRATED = ARTIFACTS / "model.recalibrated.onnx"
