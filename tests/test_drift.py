@@ -261,7 +261,7 @@ def test_empty_or_non_finite_batch_is_refused(digits_halves):
     scores = np.arange(5.0)
     with pytest.raises(ValueError, match="batch has no rows"):
         detect_drift(a, b[:0], PIXEL_NAMES, scores, scores, 0.01)
-    with pytest.raises(ValueError, match="batch_scores contains non-finite"):
+    with pytest.raises(ValueError, match="batch_scores contains 1 non-finite"):
         detect_drift(a, b, PIXEL_NAMES, scores, np.array([1.0, np.nan]), 0.01)
     with pytest.raises(ValueError, match="batch_scores is empty"):
         detect_drift(a, b, PIXEL_NAMES, scores, np.array([]), 0.01)

@@ -15,30 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from normalcy.checks import as_scores, check_rate
+
 # 1 / Phi^-1(3/4): makes the MAD a consistent estimator of the standard deviation for a normal.
 MAD_TO_SIGMA = 1.4826
 # sqrt(pi / 2): the same for the mean absolute deviation around the median (fallback when MAD = 0).
 MEANAD_TO_SIGMA = 1.2533
-
-
-def _as_scores(scores: np.ndarray, name: str = "scores") -> np.ndarray:
-    """Scores as a flat float64 array; empty or non-finite input is an error, not a silent NaN."""
-    arr = np.asarray(scores, dtype=np.float64).ravel()
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty: need at least one score")
-    n_bad = int(np.count_nonzero(~np.isfinite(arr)))
-    if n_bad:
-        raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf) of {arr.size}")
-    return arr
-
-
-def _check_fpr(target_fpr: float) -> float:
-    if isinstance(target_fpr, bool) or not isinstance(target_fpr, (int, float, np.floating)):
-        raise ValueError(f"target_fpr must be a number in (0, 1), got {target_fpr!r}")
-    fpr = float(target_fpr)
-    if not (0.0 < fpr < 1.0):
-        raise ValueError(f"target_fpr must be in the open interval (0, 1), got {target_fpr!r}")
-    return fpr
 
 
 def threshold_at_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
@@ -49,8 +31,8 @@ def threshold_at_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
     lower it. With fewer than `ceil(1 / target_fpr)` scores not even one false positive fits in the
     budget, so the threshold is the maximum score and a warning says the target is unresolvable.
     """
-    scores = _as_scores(normal_scores, "normal_scores")
-    fpr = _check_fpr(target_fpr)
+    scores = as_scores(normal_scores, "normal_scores")
+    fpr = check_rate(target_fpr, "target_fpr")
     n = scores.size
     # The small epsilon keeps e.g. 1 / 0.1 = 10.000000000000002 from rounding up to 11.
     n_needed = math.ceil(1.0 / fpr - 1e-9)
@@ -75,7 +57,7 @@ def robust_cutoff(scores: np.ndarray, mad_threshold: float) -> float:
     equal; if it too is 0 every score is equal and the cutoff is that score. The median is always
     at or below the cutoff, so at least half of the scores are kept.
     """
-    arr = _as_scores(scores)
+    arr = as_scores(scores)
     if isinstance(mad_threshold, bool) or not np.isfinite(mad_threshold) or mad_threshold <= 0:
         raise ValueError(f"mad_threshold must be a positive finite number, got {mad_threshold!r}")
     median = float(np.median(arr))
@@ -111,8 +93,8 @@ def fit_score_shift(
     never more)."""
     if not 0 <= contamination < 1:
         raise ValueError(f"contamination must be in [0, 1), got {contamination!r}")
-    reference = _as_scores(calibration_scores, "calibration_scores")
-    batch = _as_scores(batch_scores, "batch_scores")
+    reference = as_scores(calibration_scores, "calibration_scores")
+    batch = as_scores(batch_scores, "batch_scores")
     levels = np.array([0.25, 0.5, 0.75])
     ref_q1, ref_median, ref_q3 = np.quantile(reference, levels)
     q1, median, q3 = np.quantile(batch, levels * (1 - contamination))
@@ -128,7 +110,7 @@ def fit_score_shift(
 
 def realised_fpr(normal_scores: np.ndarray, threshold: float) -> float:
     """Fraction of `normal_scores` strictly above `threshold`, the rule `is_anomaly` uses."""
-    scores = _as_scores(normal_scores, "normal_scores")
+    scores = as_scores(normal_scores, "normal_scores")
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold!r}")
     return float(np.mean(scores > float(threshold)))

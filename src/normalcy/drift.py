@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from normalcy.checks import as_matrix, as_scores, check_rate
 from normalcy.drift_alerts import alert_rate_test, count_alerts
-from normalcy.drift_inputs import as_matrix, as_scores, check_rate
 from normalcy.drift_mmd import DEFAULT_PERMUTATIONS, mmd_test
 from normalcy.drift_sequential import (
     SequentialState,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from normalcy.drift_inputs import check_rate
+from normalcy.checks import check_rate
 
 
 def alert_rate_test(

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from normalcy.drift_inputs import as_scores, check_rate
+from normalcy.checks import as_scores, check_rate
 from normalcy.jsonio import write_json
 
 # Batches per simulated stream and the fewest alarms the simulation should see at the level.

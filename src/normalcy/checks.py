@@ -1,5 +1,5 @@
-"""Input checks shared by the drift tests: levels, row matrices and score vectors, each refused
-early with a message that names the argument."""
+"""Input checks shared by calibration and the drift tests: levels, row matrices and score
+vectors, each refused early with a message that names the argument."""
 
 from __future__ import annotations
 
@@ -29,11 +29,13 @@ def as_matrix(x: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
-def as_scores(scores: np.ndarray, name: str) -> np.ndarray:
-    """Scores as a flat float64 array; empty or non-finite input is refused by name."""
+def as_scores(scores: np.ndarray, name: str = "scores") -> np.ndarray:
+    """Scores as a flat float64 array; empty or non-finite input is refused by name (not
+    carried on as a silent NaN)."""
     arr = np.asarray(scores, dtype=np.float64).ravel()
     if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        raise ValueError(f"{name} is empty: need at least one score")
+    n_bad = int(np.count_nonzero(~np.isfinite(arr)))
+    if n_bad:
+        raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf) of {arr.size}")
     return arr
