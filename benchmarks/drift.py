@@ -36,11 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 from normalcy.calibration import threshold_at_fpr
+from normalcy.config import RecalibrateParams, ValidateParams
 from normalcy.drift import DriftReport, detect_drift
 from normalcy.drift_sequential import SequentialState
+from normalcy.recalibration import refusals, shift_with_contamination
+from normalcy.validation.suite import build_suite_spec, validate_batch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "tabular"
@@ -50,6 +54,12 @@ DRIFT_SCENARIOS = {  # name: (sd per batch, largest offset in sd)
     "slow": (0.02, 0.5),
 }
 SCALE = "scale"
+
+
+def feature_names(rows: np.ndarray) -> list[str]:
+    return [f"f{j}" for j in range(rows.shape[1])]
+
+
 DRIFTED_FEATURE_SHARE = 0.1
 WITHIN = 5  # the goal: gradual drift flagged within 5 batches
 
@@ -246,6 +256,67 @@ def drifted(normal: np.ndarray, args: Namespace, rng: np.random.Generator, name:
     return result
 
 
+def recalibration_trials(
+    normal: np.ndarray, args: Namespace, rng: np.random.Generator, name: str
+) -> dict:
+    """The recalibration guard rails and estimate, with the monitor's own functions
+    (`normalcy.recalibration`), on this table:
+    - scale: every score times `--recal-scale`; the alert rate on held-out normal rows at the
+      old threshold, then at the threshold recalibrated on one clean batch;
+    - invalid batches, which must be refused: values far out of the training range (the
+      reference's Great Expectations suite fails) and half anomalies (+5 sd on every feature)."""
+    stream = make_stream(normal, args.reference_rows, args.target_fpr, args.seed)
+    rows = min(args.recal_rows, len(stream.pool) // 4)  # four disjoint batches from the pool
+    params = RecalibrateParams(min_rows=min(200, rows))
+    names = feature_names(normal)
+    spec = build_suite_spec(stream.reference, names, ValidateParams())
+
+    def guard_problems(batch: np.ndarray, scores: np.ndarray) -> tuple[list[str], float]:
+        shift, threshold, contamination = shift_with_contamination(
+            stream.reference_scores, scores, stream.threshold, args.target_fpr
+        )
+        report = validate_batch(pd.DataFrame(batch, columns=names), spec, "batch")
+        return refusals(len(batch), report, shift, contamination, params), threshold
+
+    batch, held_out = stream.draw(rng, rows), stream.draw(rng, rows)
+    scale = args.recal_scale
+    problems, threshold = guard_problems(batch, scale * stream.score(batch))
+    held_scores = scale * stream.score(held_out)
+    sd = stream.reference.std(axis=0) + 1e-12
+    far = stream.draw(rng, rows) + 50 * sd
+    half = stream.draw(rng, rows)
+    half[: len(half) // 2] += 5 * sd
+    invalid = {
+        "out_of_range": guard_problems(far, stream.score(far))[0],
+        "half_anomalies": guard_problems(half, stream.score(half))[0],
+    }
+    print(f"  {name}: recalibration trials done", file=sys.stderr)
+    return {
+        "rows": rows,
+        "alert_rate_before": float(np.mean(held_scores > stream.threshold)),
+        "alert_rate_after": float(np.mean(held_scores > threshold)),
+        "clean_batch_refused": problems,
+        "invalid_refused": {kind: bool(reasons) for kind, reasons in invalid.items()},
+        "invalid_reasons": invalid,
+    }
+
+
+def pooled_recalibration(recals: list[dict], args: Namespace) -> dict:
+    """Alert rates over every table's held-out rows together: one table's few hundred rows
+    cannot resolve +-30% of a 1% rate (its binomial error alone is about that), the pool can."""
+    rows = sum(r["rows"] for r in recals)
+    before = sum(round(r["alert_rate_before"] * r["rows"]) for r in recals)
+    after = sum(round(r["alert_rate_after"] * r["rows"]) for r in recals)
+    return {
+        "alert_rate_before": before / rows,
+        "alert_rate_after": after / rows,
+        "alert_rate_after_interval": wilson(after, rows),
+        "held_out_rows": rows,
+        "target": args.target_fpr,
+        "score_scale": args.recal_scale,
+    }
+
+
 def generated_normals(rows: int, seed: int) -> dict[str, np.ndarray]:
     """Correlated Gaussian rows (bell-shaped scores) and their exponential (skewed features)."""
     rng = np.random.default_rng(seed)
@@ -308,6 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
         default="offset",
         help="offset: add the sd offset to the drifted features; tilt: reweight real rows",
     )
+    parser.add_argument("--recal-scale", type=float, default=1.5, help="recalibration trial")
+    parser.add_argument("--recal-rows", type=int, default=1000, help="rows per recalibration batch")
     parser.add_argument("--generated-rows", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -326,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
         rng = np.random.default_rng(args.seed)
         results[name] = {"d": normal.shape[1], **stationary(normal, args, rng, name)}
         results[name]["detection_delay"] = drifted(normal, args, rng, name)
+        results[name]["recalibration"] = recalibration_trials(normal, args, rng, name)
     n = sum(r["n_stationary_batches"] for r in results.values())
     alarms = sum(r["false_alarms"] for r in results.values())
     delays = {
@@ -335,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     medians = {
         s: float(np.median([x if x is not None else np.inf for x in v])) for s, v in delays.items()
     }
+    recals = [r["recalibration"] for r in results.values()]
     payload = {
         "false_alarm_rate": alarms / n,
         "false_alarm_interval": wilson(alarms, n),
@@ -344,8 +419,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"detected_within_{WITHIN}": {
             s: sum(x is not None and x <= WITHIN for x in v) / len(v) for s, v in delays.items()
         },
-        "recalibration": None,  # the recalibration guard rails are another change (issue 10 item 4)
-        "invalid_batch_promoted": None,
+        "recalibration": pooled_recalibration(recals, args),
+        "invalid_batch_promoted": not all(
+            refused for r in recals for refused in r["invalid_refused"].values()
+        ),
         "datasets": results,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }

@@ -1,4 +1,5 @@
-"""The monitor flow: compare a new batch with the champion's reference; recalibrate on drift."""
+"""The monitor flow: compare a new batch with the champion's reference; on drift, retrain on
+the training window or recalibrate."""
 
 from __future__ import annotations
 
@@ -37,13 +38,38 @@ def check_drift(batch: np.ndarray, champion: ChampionBundle, params: Params) -> 
     return report
 
 
+def retrain_on_window(
+    batch: np.ndarray,
+    champion: ChampionBundle,
+    validation: ValidationReport,
+    params: Params,
+    params_path: str,
+    overrides: list[str] | None,
+) -> dict:
+    """Fold the batch's vetted rows into the training window and run the train flow on it;
+    a batch already folded (or not vetted) retrains nothing."""
+    from normalcy.flows.train import train_flow
+
+    folded, why = monitoring.fold_vetted_rows(batch, champion, validation, params.data.window_dir)
+    print(why)
+    if folded is None:
+        return {"skipped": why}
+    summary = train_flow(params_path, overrides)
+    return {"folded": str(folded), **{k: summary[k] for k in RETRAIN_KEYS}}
+
+
+RETRAIN_KEYS = ("model_version", "promoted", "promotion_reason", "data_version")
+
+
 @flow(name="normalcy-monitor", log_prints=True)
 def monitor_flow(
     batch_path: str | None = None,
     params_path: str = "params.yaml",
     overrides: list[str] | None = None,
 ) -> dict:
-    """Check a batch for drift against the champion; on drift, run the recalibrate flow."""
+    """Check a batch for drift against the champion. On feature drift with
+    `monitor.retrain_on_drift`, retrain on the window with the batch folded in; on other drift
+    (or without it), run the recalibrate flow."""
     from normalcy.flows.recalibrate import recalibrate_flow
 
     params = load_params(params_path, overrides)
@@ -57,10 +83,15 @@ def monitor_flow(
             validation = validate_monitor_batch(batch, champion)
             report = check_drift(batch, champion, params)
             mlflow.log_metrics(monitoring.drift_metrics(report, validation))
-    print(validation.summary())
-    print(report.summary())
-    result = monitoring.monitor_result(report, validation, champion)
-    if report.drifted and params.monitor.recalibrate_on_drift:
+        print(validation.summary())
+        print(report.summary())
+        result = monitoring.monitor_result(report, validation, champion)
+        retrain = report.n_features_drifted and params.monitor.retrain_on_drift  # normality moved
+        if retrain:  # while the champion's graph is still here, to vet the batch's rows
+            result["retraining"] = retrain_on_window(
+                batch, champion, validation, params, params_path, overrides
+            )
+    if not retrain and report.drifted and params.monitor.recalibrate_on_drift:
         try:
             result["recalibration"] = recalibrate_flow(str(batch_path), params_path, overrides)
         except RecalibrationRefused as refused:  # the batch must not become the new normal

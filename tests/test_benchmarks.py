@@ -138,7 +138,15 @@ def test_drift_benchmark_writes_the_issue_s_json_on_tiny_data(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     payload = json.loads(out.read_text())
     assert {"false_alarm_rate", "n_stationary_batches", "alpha", "detection_delay"} <= set(payload)
-    assert payload["recalibration"] is None and payload["invalid_batch_promoted"] is None
+    recalibration = payload["recalibration"]
+    assert recalibration["target"] == 0.01 and recalibration["score_scale"] == 1.5
+    assert 0 <= recalibration["alert_rate_after"] <= 1
+    assert payload["invalid_batch_promoted"] is False  # both invalid batches refused, each table
+    for table in payload["datasets"].values():
+        assert table["recalibration"]["invalid_refused"] == {
+            "out_of_range": True,
+            "half_anomalies": True,
+        }
     assert set(payload["datasets"]) == {"1_tiny", "generated_gaussian", "generated_skewed"}
     assert payload["n_stationary_batches"] == 36 and payload["alpha"] == 0.01
     low, high = payload["false_alarm_interval"]

@@ -3,6 +3,7 @@ MLflow sqlite store, a temp git+DVC repo with a local remote, real GX and real o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -223,6 +224,41 @@ def test_second_run_goes_through_the_promotion_gate(tmp_path, prefect_harness, m
     assert ".." in version.tags["promotion_metric_delta_interval"]
     assert "## Promotion" in version.description
     assert version.tags["promotion_metric_delta_interval"] in version.description
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_feature_drift_folds_the_batch_into_the_window_and_retrains_once(
+    tmp_path, prefect_harness, monkeypatch
+):
+    from normalcy.flows.monitor import monitor_flow
+
+    root, _ = train_project(tmp_path, monkeypatch)
+    rows_before = prepared_rows(root)
+    names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
+    rows = [np.load(root / "data" / "prepared" / f"{split}.npz") for split in ("val", "test")]
+    normal = np.concatenate([r["X"][r["y"] == 0] for r in rows])
+    pd.DataFrame(normal * 0.8, columns=names).to_csv(root / "dimmed.csv", index=False)
+    retrain = ["monitor.retrain_on_drift=true", "data.window_dir=data/window"]
+    result = monitor_flow("dimmed.csv", "params.yaml", retrain)
+    assert result["features_drifted"] > 0 and result["recalibration"] is None
+    retraining = result["retraining"]
+    assert retraining["model_version"] == "2" and retraining["folded"].startswith("data/window")
+    (folded,) = (root / "data" / "window").glob("batch-*.npz")
+    with np.load(folded) as window:
+        n_folded = len(window["X"])
+    assert 0 < n_folded <= len(normal)  # the vetted rows only
+    assert prepared_rows(root) == rows_before + n_folded  # the retraining learnt from them
+    again = monitor_flow("dimmed.csv", "params.yaml", retrain)
+    assert "already in the training window" in again["retraining"]["skipped"]
+    client = client_for(root)
+    assert len(client.search_model_versions("name='normalcy'")) == 2  # one retraining, not two
+
+
+def prepared_rows(root: Path) -> int:
+    """Rows in the prepared data of the project's last run, every split, before capping."""
+    meta = json.loads((root / "data" / "prepared" / "meta.json").read_text())
+    return sum(meta["rows"].values()) + meta["dropped_train_anomalies"] + meta["dropped_duplicates"]
 
 
 @pytest.mark.slow

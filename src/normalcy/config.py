@@ -26,6 +26,7 @@ class DataParams(_Section):
     id_column: str | None = None
     time_column: str | None = None
     group_column: str | None = None
+    window_dir: str | None = None
     normal_digits: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     anomaly_fraction: float = Field(0.1, gt=0, lt=1)
     as_images: bool = False
@@ -181,6 +182,7 @@ class MonitorParams(_Section):
 
     reference_size: int = Field(2000, ge=10)
     recalibrate_on_drift: bool = True
+    retrain_on_drift: bool = False
 
 
 class RecalibrateParams(_Section):
@@ -226,6 +228,15 @@ class Params(_Section):
     scoring: ScoringParams = Field(default_factory=ScoringParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_window(self) -> Params:
+        if self.monitor.retrain_on_drift and self.data.window_dir is None:
+            raise ValueError(
+                "monitor.retrain_on_drift needs data.window_dir, the folder that vetted batches "
+                "are folded into before retraining"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_split_columns(self) -> Params:

@@ -12,6 +12,7 @@ import numpy as np
 from normalcy import registry
 from normalcy.config import MlflowParams, MonitorParams
 from normalcy.data.sources import load_batch
+from normalcy.data.window import fold_batch
 from normalcy.drift import DriftReport, detect_drift
 from normalcy.drift_sequential import (
     SequentialState,
@@ -158,4 +159,20 @@ def monitor_result(
         "champion_version": champion.version,
         "report_path": str(artifacts.DRIFT_REPORT),
         "recalibration": None,
+        "retraining": None,
     }
+
+
+def fold_vetted_rows(
+    batch: np.ndarray, champion: ChampionBundle, validation: ValidationReport, window_dir: str
+) -> tuple[Path | None, str]:
+    """Fold the batch's vetted rows into the training window: (the new window file or None,
+    why). Only a batch that passed the champion's suite is folded, and only the rows the
+    champion does not flag: a retraining must learn the new normal, not its anomalies."""
+    if not validation.success:
+        return None, "the batch failed the champion's Great Expectations suite; it is not folded"
+    _, flagged = score_onnx(str(champion.onnx_path), batch)
+    folded = fold_batch(batch[~flagged], window_dir)
+    if folded is None:
+        return None, "this batch is already in the training window; nothing to retrain on"
+    return folded, f"{int((~flagged).sum())} of {len(batch)} rows folded into {folded}"

@@ -1,15 +1,17 @@
-"""Step 1, prepare: load the source, split it (stratified, seeded, leakage-checked), write it."""
+"""Step 1, prepare: load the source (and the training window's folded batches), split it
+(seeded, leakage-checked), write it."""
 
 from __future__ import annotations
 
 from normalcy.config import DataParams, PrepareParams
 from normalcy.data.sources import load_dataset
 from normalcy.data.splits import Splits, load_splits, save_splits, split_dataset
+from normalcy.data.window import with_window
 
 
 def prepare(data: DataParams, params: PrepareParams) -> Splits:
     """The splits of the configured source, written to `prepare.output_dir` for the next steps."""
-    splits = split_dataset(load_dataset(data), params)
+    splits = split_dataset(with_window(load_dataset(data), data.window_dir), params)
     save_splits(splits, params.output_dir, {"source": data.source, "path": data.path})
     return splits
 
