@@ -154,3 +154,29 @@ def test_post_score_explain_refuses_with_422(models, model, k, message):
         response = client.post("/score", json=body)
     assert response.status_code == 422
     assert message in response.json()["detail"]
+
+
+def test_score_file_bounds_the_rows_of_one_onnxruntime_run(models, tmp_path, monkeypatch):
+    """A leave-feature-out graph runs d + 1 copies of each row, so activations follow the rows
+    of one run, not the (larger) reading chunk."""
+    import onnxruntime as ort
+
+    from normalcy.scoring import load_session, score_file
+    from normalcy.scoring.session import ROWS_PER_RUN
+
+    rows_per_run: list[int] = []
+    run = ort.InferenceSession.run
+
+    def counting_run(self, names, feeds, *args, **kwargs):
+        rows_per_run.append(len(next(iter(feeds.values()))))
+        return run(self, names, feeds, *args, **kwargs)
+
+    session = load_session(models["paths"][FEATURE_CONTRIBUTIONS_NAME])
+    X = np.random.default_rng(1).normal(size=(2 * ROWS_PER_RUN + 5, len(FEATURES)))
+    np.savez(tmp_path / "big.npz", X=X.astype(np.float32))
+    monkeypatch.setattr(ort.InferenceSession, "run", counting_run)
+    result = score_file(
+        session, tmp_path / "big.npz", tmp_path / "out.parquet", chunk_rows=len(X), explain=1
+    )
+    assert result.n_rows == len(X)
+    assert max(rows_per_run) == ROWS_PER_RUN and sum(rows_per_run) == len(X)

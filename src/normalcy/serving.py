@@ -350,7 +350,7 @@ def score_request(model: LoadedModel, body: bytes, max_rows: int) -> dict[str, A
     except InputError as exc:
         raise _unprocessable(str(exc)) from None
     names = per_row_outputs(model.outputs) + ([ANOMALY_MAP_NAME] if want_map else [])
-    outputs = score_outputs(model.session, X, chunk_rows=max(len(X), 1), names=names)
+    outputs = score_outputs(model.session, X, names=names)  # in runs of ROWS_PER_RUN
     response = {name: _json_values(values) for name, values in outputs.items()}
     if explained is not None:
         top = top_features(outputs[explained], feature_labels(model.spec), k)

@@ -156,7 +156,7 @@ def score_file(
     )
     with bar, _table_writer(output) as write:
         for ids, X in opened.chunks:
-            outputs = score_outputs(session, X, chunk_rows=len(X), names=names)
+            outputs = score_outputs(session, X, names=names)  # in runs of ROWS_PER_RUN
             columns_of_chunk = {opened.id_name: ids, **table_columns(outputs)}
             if explained is not None:
                 columns_of_chunk |= top_features(outputs[explained], labels, explain)
