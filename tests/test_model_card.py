@@ -129,4 +129,6 @@ def test_card_says_how_to_read_the_explanations_when_the_graph_has_them() -> Non
     assert "set to its training mean" in svdd.split("## Explanations")[1]
     older = model_card(with_outputs("memae", "feature_errors", "nearest_row"), METRICS, DATA)
     assert "`feature_errors` [N, d]" in older and "nearest stored normal row" in older
+    goad = model_card(with_outputs("goad", "transformation_log_probs"), METRICS, DATA)
+    assert "log p(m | T_m x) for each random transformation" in goad
     assert "## Explanations" not in model_card(META, METRICS, DATA)

@@ -10,7 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from normalcy.artifact.names import ANOMALY_MAP_NAME, CONTRIBUTIONS_NAMES, ROW_OUTPUTS
+from normalcy.artifact.names import (
+    ANOMALY_MAP_NAME,
+    CONTRIBUTIONS_NAMES,
+    ROW_OUTPUTS,
+    TRANSFORMATION_LOG_PROBS_NAME,
+)
 
 UNKNOWN = "unknown"
 # What one feature's contribution measures, by detector (README, "Explanations").
@@ -29,6 +34,9 @@ LEAVE_FEATURE_OUT_MEANING = (
 OTHER_EXPLANATIONS = {
     "nearest_row": "index of the nearest stored normal row (kNN: its position in the memory "
     "bank), the normal example this row is closest to",
+    TRANSFORMATION_LOG_PROBS_NAME: "log p(m | T_m x) for each random transformation m (GOAD): "
+    "how surely the network recognizes the transformation it was given; the score is minus "
+    "their sum, so the most negative ones are the transformations the row fails under",
 }
 _SHOWN_FEATURES = 8
 
