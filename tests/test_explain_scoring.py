@@ -180,3 +180,9 @@ def test_score_file_bounds_the_rows_of_one_onnxruntime_run(models, tmp_path, mon
     )
     assert result.n_rows == len(X)
     assert max(rows_per_run) == ROWS_PER_RUN and sum(rows_per_run) == len(X)
+
+
+def test_inspect_says_which_output_explain_ranks(models, capsys):
+    assert main(["inspect", str(models["paths"]["feature_errors"])]) == 0
+    printed = capsys.readouterr().out
+    assert "feature_errors float32 [N, 4] (per-feature contributions; score --explain K" in printed
