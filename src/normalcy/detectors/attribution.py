@@ -16,8 +16,9 @@ from normalcy.artifact.names import FEATURE_CONTRIBUTIONS_NAME
 from normalcy.detectors.base import Prediction, as_prediction
 
 # Above this many features the d perturbed copies per row cost too much, and the graph has no
-# contributions. Measured with onnxruntime on one thread: 8 features cost deep_svdd, flow and
-# dagmm 8-11x their rows/s, 64 features 100-150x (flow: 371k -> 2.5k rows/s).
+# contributions. onnxruntime, one thread (benchmarks/speed_explanations.py): 8 features cost
+# deep_svdd, flow and dagmm 9-10x their rows/s, 32 features 39-62x (flow: 597k -> 9.6k rows/s),
+# 64 features 100-150x.
 MAX_LEAVE_OUT_FEATURES = 32
 
 
