@@ -147,7 +147,7 @@ def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained, monke
         "feature_names": [f"pixel_{r}_{c}" for r in range(8) for c in range(8)],
     }
     # the autoencoder explains each score with its per-feature reconstruction errors
-    assert [o["name"] for o in metadata["outputs"]] == [*HEAD_OUTPUTS, "feature_errors"]
+    assert [o["name"] for o in metadata["outputs"]] == [*HEAD_OUTPUTS, "feature_contributions"]
     assert metadata["outputs"][-1]["shape"] == ["N", 64]
     assert metadata["threshold"] == pytest.approx(summary["threshold"])
     assert metadata["target_fpr"] == summary["target_fpr"] == 0.01
@@ -176,7 +176,8 @@ def test_training_flow_registers_champion_with_dvc_tag_and_parity(trained, monke
     assert card.startswith("# Model card: normalcy v1") and "## How to score it" in card
     assert client.get_model_version("normalcy", "1").description == card
     parity = mlflow.artifacts.load_dict(f"runs:/{run_id}/parity/parity.json")
-    assert parity["passed"] and parity["outputs_compared"] == [*HEAD_OUTPUTS, "feature_errors"]
+    assert parity["passed"]
+    assert parity["outputs_compared"] == [*HEAD_OUTPUTS, "feature_contributions"]
     assert summary["int8_onnx_path"] is None and summary["int8_passed"] is None  # quantize: false
     plots = {Path(a.path).name for a in client.list_artifacts(summary["mlflow_run_id"], "plots")}
     assert {"roc_pr_test.png", "scores_test.png"} <= plots
@@ -300,7 +301,7 @@ def test_monitor_detects_drift_and_recalibrates(tmp_path, prefect_harness, monke
     assert meta["recalibrated_from_version"] == str(before.version)
     _, calibration = graph_calibration(recalibrated)
     assert len(calibration) == meta["n_p_value_scores"] == meta["n_calibration_scores"]
-    assert [o["name"] for o in meta["outputs"]] == [*HEAD_OUTPUTS, "feature_errors"]
+    assert [o["name"] for o in meta["outputs"]] == [*HEAD_OUTPUTS, "feature_contributions"]
     card = client.get_model_version("normalcy", after.version).description
     assert card.startswith(f"# Model card: normalcy v{after.version}")
     assert f"Recalibrated from version {before.version}" in card

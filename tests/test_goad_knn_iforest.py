@@ -70,8 +70,11 @@ def test_goad_score_is_minus_sum_of_log_probabilities_of_the_true_transform():
         features = torch.stack([goad.network.extractor(z[m]) for m in range(3)], dim=1)
         distances = ((features[:, :, None, :] - goad.centers) ** 2).sum(-1)  # [N, M, M']
         log_p = torch.log_softmax(-distances, dim=-1)
-        expected = -torch.stack([log_p[:, m, m] for m in range(3)], dim=1).sum(1)
+        expected_log_p = torch.stack([log_p[:, m, m] for m in range(3)], dim=1)
+        expected = -expected_log_p.sum(1)
     np.testing.assert_allclose(goad.score(x), expected.numpy(), rtol=1e-4, atol=1e-5)
+    explained = goad.predict(x)["transformation_log_probs"]
+    np.testing.assert_allclose(explained, expected_log_p.numpy(), rtol=1e-4, atol=1e-5)
 
 
 # --- knn ---------------------------------------------------------------------------------------

@@ -114,3 +114,21 @@ def test_card_shows_the_promotion_decision_and_its_evidence() -> None:
     assert "| metric_delta_interval | -0.01..0.02 |" in card
     assert "does not beat the champion version 2" in card
     assert "## Promotion" not in model_card(META, METRICS, DATA)
+
+
+def test_card_says_how_to_read_the_explanations_when_the_graph_has_them() -> None:
+    def with_outputs(detector: str, *names: str) -> dict:
+        extra = [{"name": name, "dtype": "float32", "shape": ["N", 10]} for name in names]
+        return {**META, "detector": detector, "outputs": [*META["outputs"], *extra]}
+
+    card = model_card(with_outputs("autoencoder", "feature_contributions"), METRICS, DATA)
+    explained = card.split("## Explanations")[1]
+    assert "`feature_contributions` [N, d]" in explained
+    assert "squared reconstruction error" in explained and "--explain K" in explained
+    svdd = model_card(with_outputs("deep_svdd", "feature_contributions"), METRICS, DATA)
+    assert "set to its training mean" in svdd.split("## Explanations")[1]
+    older = model_card(with_outputs("memae", "feature_errors", "nearest_row"), METRICS, DATA)
+    assert "`feature_errors` [N, d]" in older and "nearest stored normal row" in older
+    goad = model_card(with_outputs("goad", "transformation_log_probs"), METRICS, DATA)
+    assert "log p(m | T_m x) for each random transformation" in goad
+    assert "## Explanations" not in model_card(META, METRICS, DATA)

@@ -247,7 +247,12 @@ def cmd_score(args: argparse.Namespace) -> None:
         model = resolve_model(args.model, model_dir, tracking_uri_for(args, mlflow_params))
         session = load_session(model.path, settings=session_settings(scoring))
         result = score_file(
-            session, args.input, args.output, scoring.chunk_rows, progress=not args.quiet
+            session,
+            args.input,
+            args.output,
+            scoring.chunk_rows,
+            progress=not args.quiet,
+            explain=args.explain,
         )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -378,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows read, scored and written at a time (default scoring.chunk_rows)",
     )
     score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.add_argument(
+        "--explain",
+        type=int,
+        default=None,
+        metavar="K",
+        help="add each row's K features with the largest contributions (top1_feature, "
+        "top1_contribution, ...); for models with per-feature contributions",
+    )
 
     serve = add("serve", cmd_serve, "serve POST /score, GET /health and GET /metadata over HTTP")
     add_scoring(serve)

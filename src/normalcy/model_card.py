@@ -10,7 +10,34 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from normalcy.artifact.names import (
+    ANOMALY_MAP_NAME,
+    CONTRIBUTIONS_NAMES,
+    ROW_OUTPUTS,
+    TRANSFORMATION_LOG_PROBS_NAME,
+)
+
 UNKNOWN = "unknown"
+# What one feature's contribution measures, by detector (README, "Explanations").
+CONTRIBUTION_MEANINGS = {
+    "autoencoder": "its squared reconstruction error in standardized units (the score is "
+    "their mean)",
+    "memae": "its squared reconstruction error through the memory, in standardized units (the "
+    "score is their mean)",
+    "vae": "its reconstruction term of the negative ELBO, squared residual / (2 variance) "
+    "(for the likelihood ratio: the model's term minus the background model's)",
+}
+LEAVE_FEATURE_OUT_MEANING = (
+    "how much the score drops when this feature alone is set to its training mean, in score "
+    "units (negative: the feature's value makes the row look more normal)"
+)
+OTHER_EXPLANATIONS = {
+    "nearest_row": "index of the nearest stored normal row (kNN: its position in the memory "
+    "bank), the normal example this row is closest to",
+    TRANSFORMATION_LOG_PROBS_NAME: "log p(m | T_m x) for each random transformation m (GOAD): "
+    "how surely the network recognizes the transformation it was given; the score is minus "
+    "their sum, so the most negative ones are the transformations the row fails under",
+}
 _SHOWN_FEATURES = 8
 
 
@@ -185,6 +212,30 @@ def _how_to_score(meta: dict) -> list[str]:
     ]
 
 
+def _explanations_section(meta: dict) -> list[str]:
+    """How to read each explanation output the graph has; empty when it has none."""
+    explanations = [
+        name for name in _output_names(meta) if name not in (*ROW_OUTPUTS, ANOMALY_MAP_NAME)
+    ]
+    if not explanations:
+        return []
+    lines = ["## Explanations", ""]
+    for name in explanations:
+        if name in CONTRIBUTIONS_NAMES:
+            meaning = CONTRIBUTION_MEANINGS.get(meta.get("detector"), LEAVE_FEATURE_OUT_MEANING)
+            lines.append(
+                f"- `{name}` [N, d]: one value per input feature, in the feature order above; "
+                f"larger = more responsible for the row's score. Each is {meaning}. Read the "
+                "largest first: they are the features to check for a flagged row. "
+                '`normalcy score --explain K` (or `"explain": K` in `POST /score`) adds each '
+                "row's top K as `top1_feature, top1_contribution, ...`."
+            )
+        else:
+            meaning = OTHER_EXPLANATIONS.get(name, "an explanation the detector gives per row")
+            lines.append(f"- `{name}`: {meaning}.")
+    return lines
+
+
 def model_card(
     meta: dict, metrics: dict | None = None, data: dict | None = None, promotion: dict | None = None
 ) -> str:
@@ -229,6 +280,7 @@ def model_card(
     params = _params(meta.get("detector_params"))
     if params:
         intro += ["", f"Detector parameters: {params}."]
+    explanations = _explanations_section(meta)
     sections = [
         intro,
         _data_section(meta, data),
@@ -236,5 +288,6 @@ def model_card(
         *([_promotion_section(promotion)] if promotion else []),
         _limits_section(meta),
         _how_to_score(meta),
+        *([explanations] if explanations else []),
     ]
     return "\n\n".join("\n".join(section) for section in sections) + "\n"

@@ -50,11 +50,13 @@ from normalcy.scoring import (
     read_metadata,
     score_outputs,
 )
+from normalcy.scoring.explanations import explained_output, feature_labels, top_features
 
 log = logging.getLogger(__name__)
 
 _NUMBER_TYPES = (int, float)  # exact types: JSON true/false (bool) is not a number here
 _REQUEST_KEYS = ("records", "instances")
+_EXPLAIN_KEY = "explain"  # optional: K, for each row's top-K features
 _VERSION_KEY = "model_version"  # beside the outputs in every /score response
 
 
@@ -292,12 +294,14 @@ def parse_request(payload: Any, spec: InputSpec, max_rows: int) -> tuple[np.ndar
             '{"instances": [[value, ...], ...]}'
         )
     given = [key for key in _REQUEST_KEYS if key in payload]
-    unknown = [key for key in payload if key not in (*_REQUEST_KEYS, ANOMALY_MAP_NAME)]
+    optional = (ANOMALY_MAP_NAME, _EXPLAIN_KEY)
+    unknown = [key for key in payload if key not in (*_REQUEST_KEYS, *optional)]
     if len(given) != 1 or unknown:
         problem = f"unknown field(s) {unknown}" if unknown else f"got {given or 'neither'}"
         raise _unprocessable(
             f"send exactly one of 'records' (a list of {{feature: value}} objects) or "
-            f"'instances' (a list of arrays), optionally with '{ANOMALY_MAP_NAME}': true; {problem}"
+            f"'instances' (a list of arrays), optionally with '{ANOMALY_MAP_NAME}': true and "
+            f"'{_EXPLAIN_KEY}': K; {problem}"
         )
     key = given[0]
     rows = payload[key]
@@ -330,7 +334,9 @@ def score_request(model: LoadedModel, body: bytes, max_rows: int) -> dict[str, A
     """The response for one POST /score body, scored by `model` (the caller's snapshot):
     every output of the graph by name, whatever it is called (score, is_anomaly, p_value and
     each named explanation), a `[N]` output as a list and an `[N, ...]` output as nested lists
-    (one entry per row); `anomaly_map` only when the body asks for it; and `model_version`."""
+    (one entry per row); `anomaly_map` only when the body asks for it; with `"explain": K`,
+    `top1_feature, top1_contribution, ..., topK_contribution` (422 when the model has no
+    per-feature contributions or K is outside 1..d); and `model_version`."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -338,12 +344,18 @@ def score_request(model: LoadedModel, body: bytes, max_rows: int) -> dict[str, A
     X, _, want_map = parse_request(payload, model.spec, max_rows)
     if want_map and ANOMALY_MAP_NAME not in model.outputs:
         raise _unprocessable(f"this model has no '{ANOMALY_MAP_NAME}' output ({model.outputs})")
+    k = payload.get(_EXPLAIN_KEY)
+    try:
+        explained = None if k is None else explained_output(k, model.outputs, model.spec)
+    except InputError as exc:
+        raise _unprocessable(str(exc)) from None
     names = per_row_outputs(model.outputs) + ([ANOMALY_MAP_NAME] if want_map else [])
-    outputs = score_outputs(model.session, X, chunk_rows=max(len(X), 1), names=names)
-    return {
-        **{name: _json_values(values) for name, values in outputs.items()},
-        _VERSION_KEY: model.version,
-    }
+    outputs = score_outputs(model.session, X, names=names)  # in runs of ROWS_PER_RUN
+    response = {name: _json_values(values) for name, values in outputs.items()}
+    if explained is not None:
+        top = top_features(outputs[explained], feature_labels(model.spec), k)
+        response |= {name: _json_values(values) for name, values in top.items()}
+    return {**response, _VERSION_KEY: model.version}
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -391,7 +403,13 @@ def create_app(
 
     @app.post("/score")
     async def score(request: Request) -> JSONResponse:
-        """Scores for `records` or `instances`; 422 names the field that is wrong."""
+        """Scores for `records` or `instances`; 422 names the field that is wrong.
+
+        Body: `{"records": [{feature: value, ...}, ...]}` or `{"instances": [[value, ...],
+        ...]}`, optionally `"anomaly_map": true` (image models that have one) and `"explain":
+        K` (models with per-feature contributions: adds `top1_feature, top1_contribution, ...,
+        topK_feature, topK_contribution`, largest contribution first; 422 when the model has
+        none or K is outside 1..d)."""
         model = store.current  # one snapshot per request: a reload never changes it midway
         body = await request.body()
         return JSONResponse(await run_in_threadpool(score_request, model, body, max_batch))

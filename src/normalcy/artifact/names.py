@@ -10,6 +10,14 @@ SCORE_NAME = "score"
 DECISION_NAME = "is_anomaly"
 P_VALUE_NAME = "p_value"
 ANOMALY_MAP_NAME = "anomaly_map"
+# Per-feature contributions `[N, d]` (input-feature order, larger = more responsible for the
+# score): the one explanation that `normalcy score --explain K` and `POST /score` rank. Files
+# exported before the name existed call the reconstruction errors `feature_errors`.
+FEATURE_CONTRIBUTIONS_NAME = "feature_contributions"
+LEGACY_CONTRIBUTIONS_NAMES = ("feature_errors",)
+CONTRIBUTIONS_NAMES = (FEATURE_CONTRIBUTIONS_NAME, *LEGACY_CONTRIBUTIONS_NAMES)
+# GOAD's log p(m | T_m x) per random transformation `[N, M]`: the score is minus their sum.
+TRANSFORMATION_LOG_PROBS_NAME = "transformation_log_probs"
 HEAD_OUTPUTS = (DECISION_NAME, P_VALUE_NAME)  # written by the calibration head, not by torch
 
 THRESHOLD_NAME = "threshold"

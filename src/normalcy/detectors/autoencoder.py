@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from normalcy.artifact.names import FEATURE_CONTRIBUTIONS_NAME
 from normalcy.detectors.base import Prediction, check_input
 from normalcy.detectors.networks import mlp
 from normalcy.detectors.registry import register
@@ -24,7 +25,8 @@ def squared_error(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.T
 
 class ReconstructionError(nn.Module):
     """Mean squared reconstruction error per sample (in preprocessed units) as the score, with
-    each feature's squared error `feature_errors` `[N, d]` (flattened input order) beside it."""
+    each feature's squared error as `feature_contributions` `[N, d]` (flattened input order)
+    beside it: the score is their mean, so the largest is the worst-reconstructed feature."""
 
     def __init__(self, autoencoder: nn.Module) -> None:
         super().__init__()
@@ -33,7 +35,8 @@ class ReconstructionError(nn.Module):
     def forward(self, x: torch.Tensor) -> Prediction:
         feature_errors = (self.autoencoder(x).flatten(1) - x.flatten(1)) ** 2
         return Prediction(
-            feature_errors.mean(dim=1), explanations={"feature_errors": feature_errors}
+            feature_errors.mean(dim=1),
+            explanations={FEATURE_CONTRIBUTIONS_NAME: feature_errors},
         )
 
 
@@ -83,8 +86,9 @@ class Autoencoder(TorchDetector):
     the training manifold. Unlike Rifai et al. the weights are untied and the code is linear, so
     only `weight_decay` stops the encoder trading code scale against the decoder.
 
-    Outputs: `score` and the explanation `feature_errors` `[N, d]`, each input feature's squared
-    reconstruction error in preprocessed units (input-feature order; `score` is their mean).
+    Outputs: `score` and the explanation `feature_contributions` `[N, d]`, each input feature's
+    squared reconstruction error in preprocessed units (input-feature order; `score` is their
+    mean).
     """
 
     name = "autoencoder"

@@ -289,7 +289,7 @@ class Detector(ABC):
     def _score(self, x: np.ndarray) -> np.ndarray:
         """Scoring of checked, non-empty input: the scoring module's score, in batches. A
         method whose scores do not come from its graph (a per-input search) overrides this."""
-        return score_in_batches(self.scoring_module(), x, self.scoring_batch_size)
+        return score_in_batches(self.score_only_module(), x, self.scoring_batch_size)
 
     def _predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Named outputs of checked input; a method without a graph has only its score."""
@@ -300,6 +300,11 @@ class Detector(ABC):
     @abstractmethod
     def scoring_module(self) -> nn.Module:
         """Raw input `[N, ...]` (float32, data units) -> `Prediction`, ready for export."""
+
+    def score_only_module(self) -> nn.Module:
+        """The same score without explanations that cost extra passes (leave-feature-out), for
+        callers that want only the score: `score`, cleaning, an ensemble's members."""
+        return self.scoring_module()
 
 
 def with_prefix(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

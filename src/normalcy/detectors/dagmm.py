@@ -157,6 +157,7 @@ class DAGMM(TorchDetector):
     """
 
     name = "dagmm"
+    explains_by_leaving_features_out = True  # the score does not split over features
 
     def __init__(
         self,

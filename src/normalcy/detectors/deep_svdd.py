@@ -131,6 +131,7 @@ class DeepSVDD(TorchDetector):
     """
 
     name = "deep_svdd"
+    explains_by_leaving_features_out = True  # the score does not split over features
 
     def __init__(
         self,

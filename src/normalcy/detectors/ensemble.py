@@ -158,5 +158,5 @@ class Ensemble(Detector):
         if not self.exportable:
             blocked = [m.name for m in self.fitted if not m.exportable]
             raise NotImplementedError(f"ensemble: members {blocked} are not exportable")
-        modules = [member.scoring_module() for member in self.fitted]
+        modules = [member.score_only_module() for member in self.fitted]
         return MeanOfNormalizedScores(modules, self.location, self.scale).eval()

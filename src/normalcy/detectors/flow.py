@@ -142,6 +142,7 @@ class Flow(TorchDetector):
     """
 
     name = "flow"
+    explains_by_leaving_features_out = True  # the score does not split over features
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional
 from torch.utils.data import Dataset
 
+from normalcy.artifact.names import TRANSFORMATION_LOG_PROBS_NAME
 from normalcy.detectors.base import Prediction
 from normalcy.detectors.knn import bank_constants, squared_distances, squared_distances_to
 from normalcy.detectors.networks import mlp
@@ -46,8 +47,10 @@ def transform_log_probs(distances: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class GoadScore(nn.Module):
-    """Standardized rows -> -sum_m log p(m | T_m x); the transforms (inside `network`) and the
-    centers (as -2 c^T and ||c||^2, the operands of the distance matmul) are constants."""
+    """Standardized rows -> -sum_m log p(m | T_m x), with each log p(m | T_m x) as
+    `transformation_log_probs` `[N, M]` (the transformations the row fails to be recognized
+    under); the transforms (inside `network`) and the centers (as -2 c^T and ||c||^2, the
+    operands of the distance matmul) are constants."""
 
     def __init__(self, network: TransformedFeatures, centers: torch.Tensor, eps: float) -> None:
         super().__init__()
@@ -61,8 +64,9 @@ class GoadScore(nn.Module):
     def forward(self, x: torch.Tensor) -> Prediction:
         features = self.network(x)
         distances = squared_distances_to(features, self.minus_two_centers_t, self.centers_sq)
+        log_probs = (transform_log_probs(distances, self.eps) * self.diagonal).sum(dim=2)
         return Prediction(
-            -(transform_log_probs(distances, self.eps) * self.diagonal).sum(dim=(1, 2))
+            -log_probs.sum(dim=1), explanations={TRANSFORMATION_LOG_PROBS_NAME: log_probs}
         )
 
 
@@ -84,6 +88,9 @@ class GOAD(TorchDetector):
     distance-based softmax of the paper's eq. 3 (the score never used that head), and the final
     centers are one exact pass over the training rows in eval mode rather than the running mean of
     the last epoch's batches.
+
+    Outputs: `score` and `transformation_log_probs` `[N, M]`, log p(m | T_m x) per
+    transformation (the score is minus their sum).
     """
 
     name = "goad"

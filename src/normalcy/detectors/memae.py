@@ -87,8 +87,8 @@ class MemAE(TorchDetector):
     factor e^2 of uniform and any lambda above ~2/N zeroes whole rows (the authors' code escapes
     this by using an unbounded dot product). 0.1 makes the addressing genuinely sparse.
 
-    Outputs: `score` and `feature_errors` `[N, d]`, each feature's squared reconstruction error
-    (preprocessed units, input-feature order), as for the autoencoder.
+    Outputs: `score` and `feature_contributions` `[N, d]`, each feature's squared reconstruction
+    error (preprocessed units, input-feature order), as for the autoencoder.
     """
 
     name = "memae"

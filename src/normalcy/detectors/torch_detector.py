@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from normalcy.detectors.attribution import explained_by_leaving_features_out
 from normalcy.detectors.base import Detector, FitData, under_prefix, with_prefix
 from normalcy.detectors.networks import ScoringModule
 from normalcy.detectors.preprocessing import (
@@ -22,6 +23,7 @@ from normalcy.detectors.specs import parse_preprocessing
 from normalcy.detectors.training import (
     Rows,
     TrainingHistory,
+    epoch_batches,
     forward_data,
     seed_everything,
     train_network,
@@ -39,6 +41,10 @@ class TorchDetector(Detector):
 
     # Attributes set by fit besides `preprocess` and `network`: saved and restored by name.
     fitted_attributes: ClassVar[tuple[str, ...]] = ()
+    # A method whose score does not split over input features sets this: its graph then adds
+    # `feature_contributions` by leave-feature-out (see `detectors.attribution`), replacing a
+    # feature by `feature_baseline`, the preprocessed training mean that `fit` keeps.
+    explains_by_leaving_features_out: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -71,6 +77,7 @@ class TorchDetector(Detector):
         self.generator: torch.Generator | None = None
         self.train_labels: np.ndarray | None = None  # only for `uses_labels` methods
         self.val_labels: np.ndarray | None = None
+        self.feature_baseline: torch.Tensor | None = None
 
     @abstractmethod
     def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
@@ -144,6 +151,8 @@ class TorchDetector(Detector):
         self.network_input_shape = output_shape(self.preprocess, data.train.shape[1:])
         self.network = self.build_network(self.network_input_shape)
         train_rows = self.rows(data.train)
+        if self.explains_by_leaving_features_out:
+            self.feature_baseline = mean_row(train_rows)
         n_threads = training_threads(count_parameters(self.network), self.threads)
         with torch_threads(n_threads):
             self.before_training(train_rows)
@@ -151,6 +160,12 @@ class TorchDetector(Detector):
             self.history = self.train_network(train_rows, val_rows)
 
     def scoring_module(self) -> ScoringModule:
+        head = self.score_only_module().head
+        if self.explains_by_leaving_features_out:
+            head = explained_by_leaving_features_out(head, self.feature_baseline)
+        return ScoringModule(self.preprocess, head).eval()
+
+    def score_only_module(self) -> ScoringModule:
         if self.preprocess is None or self.network is None:
             raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
         return ScoringModule(self.preprocess, self.score_head()).eval()
@@ -166,7 +181,7 @@ class TorchDetector(Detector):
             **with_prefix("preprocess", self.preprocess.state_dict()),
             **with_prefix("network", self.network.state_dict()),
         }
-        for name in self.fitted_attributes:
+        for name in (*self.fitted_attributes, "feature_baseline"):
             value = getattr(self, name)
             if isinstance(value, nn.Module):
                 state.update(with_prefix(name, value.state_dict()))
@@ -185,7 +200,7 @@ class TorchDetector(Detector):
         self.network = self.build_network(self.network_input_shape)
         self.network.load_state_dict(under_prefix("network", state))
         self.network.eval()
-        for name in self.fitted_attributes:
+        for name in (*self.fitted_attributes, "feature_baseline"):
             if name in state:
                 value = state[name]
                 setattr(self, name, value.item() if value.dim() == 0 else value)
@@ -194,3 +209,13 @@ class TorchDetector(Detector):
                 module.load_state_dict(under_prefix(name, state))
                 setattr(self, name, module.eval())
         self.input_shape = tuple(input_shape)
+
+
+def mean_row(rows: Rows, batch_size: int = 4096) -> torch.Tensor:
+    """The mean preprocessed row, flattened `[d]` (float64 sums, batch by batch)."""
+    total, count = None, 0
+    for batch in epoch_batches(rows, batch_size):
+        flat = batch.flatten(1).double()
+        total = flat.sum(dim=0) if total is None else total + flat.sum(dim=0)
+        count += len(flat)
+    return (total / count).to(torch.float32)

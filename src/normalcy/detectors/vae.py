@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from normalcy.artifact.names import FEATURE_CONTRIBUTIONS_NAME
 from normalcy.detectors.autoencoder import mirrored_mlps
+from normalcy.detectors.base import Prediction
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
 from normalcy.detectors.training import Rows, TrainingHistory
@@ -47,14 +49,23 @@ class GaussianVAE(nn.Module):
         form. `noise` ~ N(0, I) `[N, latent]` draws z = mu + sigma * noise (reparameterization,
         training); without it z = mu, a deterministic estimate (scoring, export).
         `batch_variance` uses the batch's maximum-likelihood variance instead of the fitted one."""
+        return self.scored_terms(x, noise, batch_variance)[0]
+
+    def scored_terms(
+        self, x: torch.Tensor, noise: torch.Tensor | None = None, batch_variance: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(-ELBO `[N]`, each feature's residual term `[N, d]`): the part of the Gaussian NLL
+        that depends on the feature's reconstruction, `residual^2 / (2 variance)`. The rest of
+        the -ELBO is a constant per feature plus the KL of the code, which no feature owns."""
         flat = x.flatten(1)
         mu, logvar = self.encoder(flat).chunk(2, dim=1)
         z = mu if noise is None else mu + torch.exp(0.5 * logvar) * noise
         residual = (flat - self.decoder(z)) ** 2
         log_variance = self._ml_log_variance(residual) if batch_variance else self.log_variance
-        nll = 0.5 * (residual * torch.exp(-log_variance) + log_variance + LOG_2PI)
+        residual_terms = 0.5 * residual * torch.exp(-log_variance)
+        nll = residual_terms + 0.5 * (log_variance + LOG_2PI)
         kl = 0.5 * (mu**2 + torch.exp(logvar) - 1.0 - logvar)
-        return nll.sum(dim=1) + kl.sum(dim=1)
+        return nll.sum(dim=1) + kl.sum(dim=1), residual_terms
 
     @staticmethod
     def _ml_log_variance(residual: torch.Tensor) -> torch.Tensor:
@@ -77,16 +88,35 @@ class GaussianVAE(nn.Module):
         return self.negative_elbo(x)
 
 
+class NegativeELBO(nn.Module):
+    """The VAE's -ELBO at z = mu as the score, each feature's residual term as its
+    `feature_contributions` `[N, d]` (`GaussianVAE.scored_terms`)."""
+
+    def __init__(self, model: GaussianVAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Prediction:
+        score, contributions = self.model.scored_terms(x)
+        return Prediction(score, explanations={FEATURE_CONTRIBUTIONS_NAME: contributions})
+
+
 class LikelihoodRatio(nn.Module):
-    """-(log p_theta(x) - log p_background(x)), each log-likelihood estimated by its -ELBO."""
+    """-(log p_theta(x) - log p_background(x)), each log-likelihood estimated by its -ELBO;
+    a feature's contribution is its residual term under the model minus under the background."""
 
     def __init__(self, model: GaussianVAE, background: GaussianVAE) -> None:
         super().__init__()
         self.model = model
         self.background = background
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) - self.background(x)
+    def forward(self, x: torch.Tensor) -> Prediction:
+        score, contributions = self.model.scored_terms(x)
+        background_score, background_contributions = self.background.scored_terms(x)
+        return Prediction(
+            score - background_score,
+            explanations={FEATURE_CONTRIBUTIONS_NAME: contributions - background_contributions},
+        )
 
 
 @register("vae")
@@ -101,6 +131,10 @@ class VAE(TorchDetector):
     `background_perturbation` fraction of (standardized) features replaced by N(0, 1) noise, and
     the score is -ELBO(model) - (-ELBO(background)); both VAEs are in the one scoring graph.
     The parameter is `scoring`, not `score`, because `score` is the Detector's scoring method.
+
+    Outputs: `score` and `feature_contributions` `[N, d]`, each feature's reconstruction term
+    of the -ELBO, squared residual / (2 variance) (for the likelihood ratio: the model's term
+    minus the background's).
     """
 
     name = "vae"
@@ -183,4 +217,4 @@ class VAE(TorchDetector):
     def score_head(self) -> nn.Module:
         if self.scoring == "likelihood_ratio":
             return LikelihoodRatio(self.network, self.background)
-        return self.network
+        return NegativeELBO(self.network)

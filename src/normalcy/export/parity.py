@@ -3,7 +3,8 @@
 One comparison (`compare`) measures each output by its role: score by absolute/relative
 difference and rank, is_anomaly by agreement, p_value by count mismatches that the score
 difference cannot explain, every other float output (anomaly_map, explanations) by its max
-absolute/relative difference, integer and bool outputs for equality. A policy then decides what
+absolute/relative difference (per-feature contributions relative to their row's largest one),
+integer and bool outputs for equality. A policy then decides what
 passes: `FloatTolerance` is the gate an exported graph must pass to be registered;
 `Int8Tolerance` is the looser gate of its INT8 twin, on ranking, decisions and score scale.
 """
@@ -19,7 +20,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from normalcy.artifact.calibration_head import calibration_array
-from normalcy.artifact.names import DECISION_NAME, P_VALUE_NAME, SCORE_NAME
+from normalcy.artifact.names import CONTRIBUTIONS_NAMES, DECISION_NAME, P_VALUE_NAME, SCORE_NAME
 from normalcy.detectors.base import inference
 from normalcy.export.graph import ScoringGraph, device_of
 from normalcy.export.report import HEAD_ROLES, OutputParity, ParityReport
@@ -109,15 +110,27 @@ def _ort_outputs(onnx_path: str | Path, X: np.ndarray, batch_size: int) -> dict[
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
+def _row_scale(values: np.ndarray) -> np.ndarray:
+    """Each row's largest finite |value| `[N, 1]`, at least REL_EPS."""
+    finite = np.where(np.isfinite(values), np.abs(values.astype(np.float64)), 0.0)
+    return np.maximum(finite.reshape(len(values), -1).max(axis=1, initial=0.0), REL_EPS)[:, None]
+
+
 def _compare_values(
     name: str, reference: np.ndarray, exported: np.ndarray, policy: TolerancePolicy
 ) -> OutputParity:
-    """A non-head output: float values by abs/rel difference, integer and bool ones exactly."""
+    """A non-head output: float values by abs/rel difference, integer and bool ones exactly.
+
+    Per-feature contributions are relative to their row's largest contribution: a leave-feature-
+    out contribution is a difference of two scores, exact only to the scores' own rounding, so
+    a small contribution beside a large one cannot meet a tolerance relative to itself."""
     role = "float" if np.issubdtype(reference.dtype, np.floating) else "exact"
     gated = policy.gates_other_outputs
     if reference.shape != exported.shape:
         return OutputParity(name, role, reference.size, reference.size, math.inf, math.inf, gated)
     abs_diff, rel_diff = _diffs(reference, exported)
+    if name in CONTRIBUTIONS_NAMES and role == "float" and reference.ndim == 2:
+        rel_diff = relative_diff(abs_diff, reference, _row_scale(reference))
     bad = abs_diff > 0 if role == "exact" else policy.value_mismatches(abs_diff, rel_diff)
     return OutputParity(
         name,

@@ -8,7 +8,13 @@ from collections.abc import Iterator
 
 import onnxruntime as ort
 
-from normalcy.artifact.names import ANOMALY_MAP_NAME, DECISION_NAME, P_VALUE_NAME, SCORE_NAME
+from normalcy.artifact.names import (
+    ANOMALY_MAP_NAME,
+    CONTRIBUTIONS_NAMES,
+    DECISION_NAME,
+    P_VALUE_NAME,
+    SCORE_NAME,
+)
 from normalcy.scoring.inputs import input_spec
 from normalcy.scoring.session import onnx_type_name
 
@@ -22,6 +28,9 @@ def output_descriptions(metadata: dict, session: ort.InferenceSession) -> list[s
         DECISION_NAME: "score > threshold",
         P_VALUE_NAME: "conformal p-value",
         ANOMALY_MAP_NAME: "per-pixel scores, not written to tables",
+        **dict.fromkeys(
+            CONTRIBUTIONS_NAMES, "per-feature contributions; score --explain K ranks them"
+        ),
     }
     graph = {
         o.name: (onnx_type_name(o.type), ["N" if not isinstance(d, int) else d for d in o.shape])

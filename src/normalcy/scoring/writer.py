@@ -5,7 +5,9 @@ Columns: the id column, then score, is_anomaly and p_value (those the graph has)
 other per-row output (named explanations) in graph order. An output of shape `[N]` is one
 column named like the output; an output of shape `[N, d]` becomes `d` columns `name[0]` ...
 `name[d-1]`, and `[N, d1, d2, ...]` becomes one column per element, `name[i,j,...]` in C order.
-`anomaly_map` (an image per row) is not written to tables."""
+`anomaly_map` (an image per row) is not written to tables. With `explain=K`, the columns
+`top1_feature, top1_contribution, ..., topK_feature, topK_contribution` follow (see
+`scoring.explanations`)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import pandas as pd
 
 from normalcy.artifact.names import ANOMALY_MAP_NAME, DECISION_NAME
 from normalcy.atomic import atomic_path
+from normalcy.scoring.explanations import explained_output, feature_labels, top_features
 from normalcy.scoring.inputs import InputError, input_spec
 from normalcy.scoring.readers import open_input
 from normalcy.scoring.session import output_names, per_row_outputs, read_metadata, score_outputs
@@ -112,6 +115,7 @@ def score_file(
     output_path: str | Path,
     chunk_rows: int = 65536,
     progress: bool = True,
+    explain: int | None = None,
 ) -> ScoreFileResult:
     """Score a csv/parquet/npz file or an image folder into a csv/parquet file (by extension):
     the id column (the model's id column when the data has it, else the row number, or the file
@@ -119,14 +123,17 @@ def score_file(
 
     Input is read, scored and written `chunk_rows` rows at a time, so memory stays bounded;
     the output appears only when every row is scored (temp file + rename), so a bad row late in
-    a big file leaves no half-written output behind."""
+    a big file leaves no half-written output behind. `explain=K` adds each row's top-K
+    features; a model without per-feature contributions, or K outside 1..d, is refused first."""
     from tqdm import tqdm
 
     output = check_output_path(output_path)
     metadata = read_metadata(session)
     spec = input_spec(session, metadata)
-    opened = open_input(input_path, spec, chunk_rows)
     available = output_names(session)
+    explained = None if explain is None else explained_output(explain, available, spec)
+    labels = feature_labels(spec)
+    opened = open_input(input_path, spec, chunk_rows)
     names = per_row_outputs(available)
     if opened.id_name in names:
         raise InputError(
@@ -149,8 +156,11 @@ def score_file(
     )
     with bar, _table_writer(output) as write:
         for ids, X in opened.chunks:
-            outputs = score_outputs(session, X, chunk_rows=len(X), names=names)
-            frame = pd.DataFrame({opened.id_name: ids, **table_columns(outputs)})
+            outputs = score_outputs(session, X, names=names)  # in runs of ROWS_PER_RUN
+            columns_of_chunk = {opened.id_name: ids, **table_columns(outputs)}
+            if explained is not None:
+                columns_of_chunk |= top_features(outputs[explained], labels, explain)
+            frame = pd.DataFrame(columns_of_chunk)
             write(frame)
             columns = list(frame.columns)
             n_rows += len(X)
