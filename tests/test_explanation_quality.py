@@ -23,9 +23,9 @@ EXPLAINED = {
     "autoencoder": CODE,
     "memae": CODE,
     "vae": CODE,
-    "deep_svdd": {},
-    "flow": {},
-    "dagmm": {},
+    "deep_svdd": {"leave_feature_out": True},  # opt-in: it costs d + 1 score passes a row
+    "flow": {"leave_feature_out": True},
+    "dagmm": {"leave_feature_out": True},
 }
 
 

@@ -147,6 +147,7 @@ class TorchSpec(TrainingSpec, PreprocessedSpec):
     """A `TorchDetector`: network, loss, score head."""
 
     threads: PositiveInt | None = None  # null: normalcy.threads' rule
+    leave_feature_out: bool = False  # deep_svdd/flow/dagmm: feature_contributions, d+1x the cost
 
 
 class EncoderSpec(TorchSpec):

@@ -41,9 +41,10 @@ class TorchDetector(Detector):
 
     # Attributes set by fit besides `preprocess` and `network`: saved and restored by name.
     fitted_attributes: ClassVar[tuple[str, ...]] = ()
-    # A method whose score does not split over input features sets this: its graph then adds
-    # `feature_contributions` by leave-feature-out (see `detectors.attribution`), replacing a
-    # feature by `feature_baseline`, the preprocessed training mean that `fit` keeps.
+    # A method whose score does not split over input features sets this: with the
+    # `leave_feature_out` param its graph then adds `feature_contributions` by leave-feature-out
+    # (see `detectors.attribution`), replacing a feature by `feature_baseline`, the preprocessed
+    # training mean that `fit` keeps. Opt-in: it costs d + 1 score passes per row.
     explains_by_leaving_features_out: ClassVar[bool] = False
 
     def __init__(
@@ -56,6 +57,7 @@ class TorchDetector(Detector):
         seed: int = 0,
         preprocessing: str | Mapping[str, Any] = "standardize",
         threads: int | None = None,
+        leave_feature_out: bool = False,
     ) -> None:
         parse_preprocessing(preprocessing)  # an unknown kind fails here, before any work
         if threads is not None and threads < 1:
@@ -63,6 +65,7 @@ class TorchDetector(Detector):
                 f"{self.name}: threads must be >= 1 or null (automatic), got {threads}"
             )
         self.threads = threads
+        self.leave_feature_out = leave_feature_out
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -161,7 +164,7 @@ class TorchDetector(Detector):
 
     def scoring_module(self) -> ScoringModule:
         head = self.score_only_module().head
-        if self.explains_by_leaving_features_out:
+        if self.explains_by_leaving_features_out and self.leave_feature_out:
             head = explained_by_leaving_features_out(head, self.feature_baseline)
         return ScoringModule(self.preprocess, head).eval()
 
