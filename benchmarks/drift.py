@@ -262,7 +262,9 @@ def recalibration_trials(
     """The recalibration guard rails and estimate, with the monitor's own functions
     (`normalcy.recalibration`), on this table:
     - scale: every score times `--recal-scale`; the alert rate on held-out normal rows at the
-      old threshold, then at the threshold recalibrated on one clean batch;
+      old threshold before and after the change, then at the threshold recalibrated on one
+      clean batch (the champion's own rate before the change is what recalibration can
+      restore: its threshold came from a finite calibration set);
     - invalid batches, which must be refused: values far out of the training range (the
       reference's Great Expectations suite fails) and half anomalies (+5 sd on every feature)."""
     stream = make_stream(normal, args.reference_rows, args.target_fpr, args.seed)
@@ -281,7 +283,8 @@ def recalibration_trials(
     batch, held_out = stream.draw(rng, rows), stream.draw(rng, rows)
     scale = args.recal_scale
     problems, threshold = guard_problems(batch, scale * stream.score(batch))
-    held_scores = scale * stream.score(held_out)
+    unscaled = stream.score(held_out)
+    held_scores = scale * unscaled
     sd = stream.reference.std(axis=0) + 1e-12
     far = stream.draw(rng, rows) + 50 * sd
     half = stream.draw(rng, rows)
@@ -293,6 +296,7 @@ def recalibration_trials(
     print(f"  {name}: recalibration trials done", file=sys.stderr)
     return {
         "rows": rows,
+        "alert_rate_before_change": float(np.mean(unscaled > stream.threshold)),
         "alert_rate_before": float(np.mean(held_scores > stream.threshold)),
         "alert_rate_after": float(np.mean(held_scores > threshold)),
         "clean_batch_refused": problems,
@@ -305,9 +309,15 @@ def pooled_recalibration(recals: list[dict], args: Namespace) -> dict:
     """Alert rates over every table's held-out rows together: one table's few hundred rows
     cannot resolve +-30% of a 1% rate (its binomial error alone is about that), the pool can."""
     rows = sum(r["rows"] for r in recals)
-    before = sum(round(r["alert_rate_before"] * r["rows"]) for r in recals)
-    after = sum(round(r["alert_rate_after"] * r["rows"]) for r in recals)
+
+    def alerts(key: str) -> int:
+        return sum(round(r[key] * r["rows"]) for r in recals)
+
+    unchanged, before, after = (
+        alerts(k) for k in ("alert_rate_before_change", "alert_rate_before", "alert_rate_after")
+    )
     return {
+        "alert_rate_before_change": unchanged / rows,  # the champion's own rate, unscaled
         "alert_rate_before": before / rows,
         "alert_rate_after": after / rows,
         "alert_rate_after_interval": wilson(after, rows),

@@ -489,3 +489,42 @@ sys.exit(code)
     np.testing.assert_array_equal(
         pd.read_csv(out)[SCORE_NAME].to_numpy(np.float32), table_model["expected"][SCORE_NAME][:50]
     )
+
+
+def test_score_appends_every_row_to_the_prediction_log(table_model, tmp_path, capsys):
+    from normalcy.cli import main
+    from normalcy.scoring.prediction_log import read_prediction_log
+
+    data = tmp_path / "rows.csv"
+    frame_of(table_model["X"][:120]).to_csv(data, index=False)
+    for round_ in range(2):  # a second file appends, it does not replace
+        code = main(
+            [
+                "score",
+                "--model",
+                str(table_model["path"]),
+                "--input",
+                str(data),
+                "--output",
+                str(tmp_path / f"out{round_}.csv"),
+                "--log",
+                str(tmp_path / "log"),
+            ]
+        )
+        assert code == 0
+    logged = read_prediction_log(tmp_path / "log")
+    expected = table_model["expected"]
+    assert len(logged) == 240
+    assert logged["score"][:120].tolist() == pytest.approx(expected[SCORE_NAME][:120].tolist())
+    assert logged["row_id"][:3].tolist() == ["r00000", "r00001", "r00002"]
+    assert logged["model_version"].str.startswith("sha256:").all()  # a file has no version
+
+
+def test_monitor_refuses_a_missing_prediction_log_before_any_work(tmp_path, capsys):
+    from normalcy.cli import main
+
+    batch = tmp_path / "batch.csv"
+    frame_of(np.zeros((3, 64), dtype=np.float32), ids=False).to_csv(batch, index=False)
+    code = main(["monitor", "--batch", str(batch), "--log", str(tmp_path / "none.db")])
+    assert code == 2
+    assert "no prediction log" in capsys.readouterr().err

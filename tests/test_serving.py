@@ -284,3 +284,24 @@ def test_image_instances_are_nested_arrays_checked_by_position() -> None:
     with pytest.raises(HTTPException) as raised:
         parse_request({"records": [{"x0": 1.0}]}, spec, 10)
     assert "names no features" in raised.value.detail
+
+
+@pytest.mark.integration
+def test_served_rows_go_to_the_prediction_log(model, tmp_path) -> None:
+    from normalcy.scoring.prediction_log import PredictionLog, read_prediction_log
+
+    log_path = tmp_path / "served.sqlite"
+    app = create_app(model["path"], max_batch=MAX_BATCH, prediction_log=PredictionLog(log_path))
+    rows = model["X"][:30]
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        answers = [
+            client.post("/score", json={"records": records(part)})
+            for part in (rows[:10], rows[10:])
+        ]
+    assert all(answer.status_code == 200 for answer in answers)
+    logged = read_prediction_log(log_path)  # flushed when the app stopped
+    served = [value for answer in answers for value in answer.json()[SCORE_NAME]]
+    assert logged["score"].tolist() == pytest.approx(served)
+    flagged = [value for answer in answers for value in answer.json()[DECISION_NAME]]
+    assert logged["is_anomaly"].astype(bool).tolist() == flagged
+    assert set(logged["model_version"]) == {answers[0].json()["model_version"]}

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 # Commands that score with onnxruntime alone: they must run where torch is not installed, so
@@ -134,7 +135,14 @@ def cmd_monitor(args: argparse.Namespace) -> None:
 
     params = check_params(args)
     check_batch_file(args.batch or params.monitor.batch_path)
+    if args.log and not Path(args.log).exists():  # before the flow runs
+        raise FileNotFoundError(f"{args.log}: no prediction log here (nothing logged yet?)")
     result = run_flow("monitor", "monitor_flow", args.batch, args.params, args.set)
+    if args.log:
+        from normalcy.scoring.prediction_log import read_prediction_log, realised_alert_rates
+
+        rates = realised_alert_rates(read_prediction_log(args.log, args.since))
+        result["realised_alert_rates"] = [vars(rate) for rate in rates]
     print(json.dumps(result, indent=2, default=str))
 
 
@@ -200,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument(
         "--batch", default=None, help="npz/csv/parquet batch (default monitor.batch_path)"
     )
+    monitor.add_argument(
+        "--log",
+        default=None,
+        help="also report each version's realised alert rate from this "
+        "prediction log (what score/serve --log write)",
+    )
+    monitor.add_argument("--since", default=None, help="with --log: rows logged from this ISO time")
     recalibrate = add(
         "recalibrate", cmd_recalibrate, "re-estimate the champion's threshold on a batch"
     )

@@ -78,7 +78,13 @@ def _columns_text(columns: list[str]) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from normalcy.scoring import check_output_path, load_session, resolve_model, score_file
+    from normalcy.scoring import (
+        check_output_path,
+        file_digest,
+        load_session,
+        resolve_model,
+        score_file,
+    )
 
     scoring, mlflow_params = scoring_sections(args)
     check_output_path(args.output)  # before a download or any reading
@@ -92,6 +98,8 @@ def cmd_score(args: argparse.Namespace) -> None:
             scoring.chunk_rows,
             progress=not args.quiet,
             explain=args.explain,
+            prediction_log=prediction_log(args),
+            model_version=model.version or f"sha256:{file_digest(model.path)[:12]}",
         )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -102,6 +110,13 @@ def cmd_score(args: argparse.Namespace) -> None:
         f"{result.n_anomalies} flagged as anomalies ({share:.2%}); wrote {result.output} "
         f"(columns {_columns_text(result.columns)})"
     )
+
+
+def prediction_log(args: argparse.Namespace) -> Any:
+    """The `--log` prediction log, or None."""
+    from normalcy.scoring.prediction_log import PredictionLog
+
+    return None if args.log is None else PredictionLog(args.log)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -116,6 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch=scoring.max_request_rows,
         reload_interval=scoring.reload_interval_s,
         settings=session_settings(scoring),
+        prediction_log=prediction_log(args),
     )
 
 
@@ -143,6 +159,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     width = max(len(label) for label, _ in lines)
     for label, text in lines:
         print(f"{label:>{width}}  {text}")
+
+
+LOG_HELP = (
+    "append each row's time, model version, score and decision to this prediction log: a "
+    ".sqlite/.db file or a folder of Parquet parts (what `normalcy monitor --log` reads)"
+)
 
 
 def add_scoring_commands(add: AddCommand) -> None:
@@ -173,6 +195,7 @@ def add_scoring_commands(add: AddCommand) -> None:
         "score", cmd_score, "score a csv/parquet/npz file or an image folder with onnxruntime"
     )
     add_scoring(score)
+    score.add_argument("--log", default=None, metavar="PATH", help=LOG_HELP)
     score.add_argument(
         "--input", required=True, help="csv, parquet or npz file, or a folder of PNG/JPG images"
     )
@@ -197,6 +220,7 @@ def add_scoring_commands(add: AddCommand) -> None:
 
     serve = add("serve", cmd_serve, "serve POST /score, GET /health and GET /metadata over HTTP")
     add_scoring(serve)
+    serve.add_argument("--log", default=None, metavar="PATH", help=LOG_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument(

@@ -31,6 +31,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from normalcy.artifact.names import DECISION_NAME, SCORE_NAME
 from normalcy.scoring import (
     ANOMALY_MAP_NAME,
     InputError,
@@ -51,6 +52,7 @@ from normalcy.scoring import (
     score_outputs,
 )
 from normalcy.scoring.explanations import explained_output, feature_labels, top_features
+from normalcy.scoring.prediction_log import PredictionLog
 
 log = logging.getLogger(__name__)
 
@@ -330,13 +332,16 @@ def _json_values(values: np.ndarray) -> list:
     return values.tolist()
 
 
-def score_request(model: LoadedModel, body: bytes, max_rows: int) -> dict[str, Any]:
+def score_request(
+    model: LoadedModel, body: bytes, max_rows: int, prediction_log: PredictionLog | None = None
+) -> dict[str, Any]:
     """The response for one POST /score body, scored by `model` (the caller's snapshot):
     every output of the graph by name, whatever it is called (score, is_anomaly, p_value and
     each named explanation), a `[N]` output as a list and an `[N, ...]` output as nested lists
     (one entry per row); `anomaly_map` only when the body asks for it; with `"explain": K`,
     `top1_feature, top1_contribution, ..., topK_contribution` (422 when the model has no
-    per-feature contributions or K is outside 1..d); and `model_version`."""
+    per-feature contributions or K is outside 1..d); and `model_version`. With a
+    `prediction_log`, each row's score and decision are appended to it."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -351,6 +356,8 @@ def score_request(model: LoadedModel, body: bytes, max_rows: int) -> dict[str, A
         raise _unprocessable(str(exc)) from None
     names = per_row_outputs(model.outputs) + ([ANOMALY_MAP_NAME] if want_map else [])
     outputs = score_outputs(model.session, X, names=names)  # in runs of ROWS_PER_RUN
+    if prediction_log is not None:
+        prediction_log.append(model.version, outputs[SCORE_NAME], outputs[DECISION_NAME])
     response = {name: _json_values(values) for name, values in outputs.items()}
     if explained is not None:
         top = top_features(outputs[explained], feature_labels(model.spec), k)
@@ -378,10 +385,12 @@ def create_app(
     max_batch: int = 10000,
     reload_interval: float = 30.0,
     settings: SessionSettings | None = None,
+    prediction_log: PredictionLog | None = None,
 ) -> FastAPI:
     """The scoring service for `model_source` (an .onnx path, `models:/NAME@ALIAS` or
     `models:/NAME/VERSION`). The model is loaded now, so a bad source fails before serving;
-    an alias is polled every `reload_interval` seconds while the app runs."""
+    an alias is polled every `reload_interval` seconds while the app runs. Scored rows go to
+    `prediction_log` when given (flushed when the app stops)."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     store = ModelStore(model_source, tracking_uri, settings, reload_interval)
@@ -393,6 +402,8 @@ def create_app(
             yield
         finally:
             store.stop()
+            if prediction_log is not None:
+                prediction_log.flush()
 
     app = FastAPI(
         title="normalcy scoring service",
@@ -412,7 +423,8 @@ def create_app(
         none or K is outside 1..d)."""
         model = store.current  # one snapshot per request: a reload never changes it midway
         body = await request.body()
-        return JSONResponse(await run_in_threadpool(score_request, model, body, max_batch))
+        answer = await run_in_threadpool(score_request, model, body, max_batch, prediction_log)
+        return JSONResponse(answer)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -455,6 +467,7 @@ def serve(
     reload_interval: float = 30.0,
     settings: SessionSettings | None = None,
     log_level: str = "info",
+    prediction_log: PredictionLog | None = None,
 ) -> None:
     """Run the service under uvicorn until interrupted."""
     import uvicorn
@@ -465,6 +478,7 @@ def serve(
         max_batch=max_batch,
         reload_interval=reload_interval,
         settings=settings,
+        prediction_log=prediction_log,
     )
     model = app.state.store.current
     log.info("serving %s version %s on http://%s:%d", model.source, model.version, host, port)

@@ -22,10 +22,11 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 
-from normalcy.artifact.names import ANOMALY_MAP_NAME, DECISION_NAME
+from normalcy.artifact.names import ANOMALY_MAP_NAME, DECISION_NAME, SCORE_NAME
 from normalcy.atomic import atomic_path
 from normalcy.scoring.explanations import explained_output, feature_labels, top_features
 from normalcy.scoring.inputs import InputError, input_spec
+from normalcy.scoring.prediction_log import PredictionLog
 from normalcy.scoring.readers import open_input
 from normalcy.scoring.session import output_names, per_row_outputs, read_metadata, score_outputs
 
@@ -116,6 +117,8 @@ def score_file(
     chunk_rows: int = 65536,
     progress: bool = True,
     explain: int | None = None,
+    prediction_log: PredictionLog | None = None,
+    model_version: str = "",
 ) -> ScoreFileResult:
     """Score a csv/parquet/npz file or an image folder into a csv/parquet file (by extension):
     the id column (the model's id column when the data has it, else the row number, or the file
@@ -165,6 +168,12 @@ def score_file(
             columns = list(frame.columns)
             n_rows += len(X)
             n_anomalies += int(outputs[DECISION_NAME].sum())
+            if prediction_log is not None:
+                prediction_log.append(
+                    model_version, outputs[SCORE_NAME], outputs[DECISION_NAME], ids
+                )
             bar.update(len(X))
+    if prediction_log is not None:
+        prediction_log.flush()
     columns = columns or [opened.id_name, *names]
     return ScoreFileResult(n_rows, n_anomalies, output, columns, opened.notes)
