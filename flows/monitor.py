@@ -35,6 +35,8 @@ def check_drift(batch: np.ndarray, champion: ChampionBundle, params: Params) -> 
     monitoring.keep_sequential_state(report)
     write_json(report.to_dict(), artifacts.DRIFT_REPORT)
     mlflow.log_artifact(str(artifacts.DRIFT_REPORT), "drift")
+    plot = monitoring.plot_drift_report(batch, champion, report, artifacts.DRIFT_PLOT)
+    mlflow.log_artifact(str(plot), "drift")
     return report
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from normalcy.evaluation.metrics import ranking_metrics
-from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
+from normalcy.evaluation.plots import plot_drift, plot_roc_pr, plot_score_histogram
 from normalcy.evaluation.selection import (
     LABEL_FREE_METRIC,
     LABELLED_METRIC,
@@ -90,6 +90,14 @@ def test_plots_are_written_as_png(tmp_path):
         plot_roc_pr(labels, scores, "t", tmp_path / "roc.png"),
         plot_score_histogram(scores, labels, 1.5, "t", tmp_path / "a" / "hist.png"),
         plot_score_histogram(scores, None, 1.5, "t", tmp_path / "hist_unlabelled.png"),
+        plot_drift(
+            scores,
+            scores * 1.5,
+            1.5,
+            [(f"f{j}", j / 30, j > 25) for j in range(30)],
+            "t",
+            tmp_path / "drift.png",
+        ),
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

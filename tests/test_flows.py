@@ -314,6 +314,7 @@ def test_monitor_detects_drift_and_recalibrates(tmp_path, prefect_harness, monke
     assert twin_meta["threshold"] == pytest.approx(recalibration["threshold"])
     assert twin_meta["model_version"] == int(after.version)
     assert (root / "artifacts" / "drift_report.json").exists()
+    assert (root / "artifacts" / "drift_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["validation_passed"] is True
     # the recalibrated champion carries the batch as its new reference: the same batch is normal now
     again = monitor_flow("shifted.csv", "params.yaml", ["monitor.recalibrate_on_drift=false"])

@@ -176,3 +176,17 @@ def fold_vetted_rows(
     if folded is None:
         return None, "this batch is already in the training window; nothing to retrain on"
     return folded, f"{int((~flagged).sum())} of {len(batch)} rows folded into {folded}"
+
+
+def plot_drift_report(
+    batch: np.ndarray, champion: ChampionBundle, report: DriftReport, path: str | Path
+) -> Path:
+    """The drift report as a picture for MLflow: scores against the reference, and the
+    features that moved most."""
+    from normalcy.evaluation.plots import plot_drift
+
+    batch_scores, _ = score_onnx(str(champion.onnx_path), batch)
+    features = [(f.feature, f.statistic, f.drifted) for f in report.features]
+    title = f"champion v{champion.version}, {'drift' if report.drifted else 'no drift'}"
+    threshold = float(champion.metadata["threshold"])
+    return plot_drift(champion.reference_scores, batch_scores, threshold, features, title, path)

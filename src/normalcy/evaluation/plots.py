@@ -1,4 +1,4 @@
-"""PNG plots for MLflow: ROC and PR curves, score histograms with the threshold."""
+"""PNG plots for MLflow: ROC and PR curves, score histograms with the threshold, drift."""
 
 from __future__ import annotations
 
@@ -32,15 +32,7 @@ def plot_score_histogram(
 ) -> Path:
     """Score distributions of normals and anomalies, with the calibrated threshold."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    # Reconstruction errors and distances are heavy-tailed: a log axis keeps the bulk visible.
-    log_axis = scores.min() > 0 and scores.max() / scores.min() > 100
-    bins = (
-        np.geomspace(scores.min(), scores.max(), 41)
-        if log_axis
-        else np.histogram_bin_edges(scores, bins=40)
-    )
-    if log_axis:
-        ax.set_xscale("log")
+    bins = _score_bins(ax, scores)
     if labels is None:
         ax.hist(scores, bins=bins, alpha=0.7, label="all")
     else:
@@ -49,6 +41,45 @@ def plot_score_histogram(
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.3g}")
     ax.set(xlabel="anomaly score", ylabel="density", title=title)
     ax.legend()
+    return _save(fig, path)
+
+
+def _score_bins(ax: plt.Axes, scores: np.ndarray) -> np.ndarray:
+    """40 bins over the scores; a log axis when they are positive and span over 100x:
+    reconstruction errors and distances are heavy-tailed, and a log axis keeps the bulk
+    visible."""
+    log_axis = scores.min() > 0 and scores.max() / scores.min() > 100
+    if log_axis:
+        ax.set_xscale("log")
+        return np.geomspace(scores.min(), scores.max(), 41)
+    return np.histogram_bin_edges(scores, bins=40)
+
+
+def plot_drift(
+    reference_scores: np.ndarray,
+    batch_scores: np.ndarray,
+    threshold: float,
+    features: list[tuple[str, float, bool]],
+    title: str,
+    path: str | Path,
+    most: int = 20,
+) -> Path:
+    """A drift report at a glance: the batch's scores over the reference's, with the
+    threshold, and the `most` features with the largest KS statistic (drifted ones in red)."""
+    fig, (scores_ax, features_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
+    bins = _score_bins(scores_ax, np.concatenate([reference_scores, batch_scores]))
+    scores_ax.hist(reference_scores, bins=bins, alpha=0.6, density=True, label="reference")
+    scores_ax.hist(batch_scores, bins=bins, alpha=0.6, density=True, label="batch")
+    scores_ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.3g}")
+    scores_ax.set(xlabel="anomaly score", ylabel="density", title=f"scores - {title}")
+    scores_ax.legend()
+    top = sorted(features, key=lambda f: -f[1])[:most][::-1]
+    features_ax.barh(
+        [name for name, _, _ in top],
+        [statistic for _, statistic, _ in top],
+        color=["tab:red" if drifted else "tab:grey" for _, _, drifted in top],
+    )
+    features_ax.set(xlabel="KS statistic (red: drifted)", title=f"features - {title}")
     return _save(fig, path)
 
 

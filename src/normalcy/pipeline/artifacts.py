@@ -27,6 +27,7 @@ SUMMARY = ARTIFACTS / "summary.json"
 DRIFT_REFERENCE = ARTIFACTS / "drift_reference.npz"
 # the monitor flow
 DRIFT_REPORT = ARTIFACTS / "drift_report.json"
+DRIFT_PLOT = ARTIFACTS / "drift_report.png"
 MONITOR_VALIDATION = ARTIFACTS / "monitor_validation.json"
 DRIFT_SEQUENTIAL_STATE = ARTIFACTS / "drift_sequential_state.json"  # the CUSUM between runs
 # the recalibrate flow
