@@ -62,9 +62,11 @@ def train_and_select(
 
 
 @task
-def evaluate_winner(detector: Detector, splits: Splits, params: Params) -> Evaluation:
+def evaluate_winner(
+    detector: Detector, splits: Splits, cleaned: Split, params: Params
+) -> Evaluation:
     """Calibrate the threshold on validation normals; test metrics for the report."""
-    evaluation = evaluate.evaluate(detector, splits, params.evaluate, params.calibration)
+    evaluation = evaluate.evaluate(detector, splits, params.evaluate, params.calibration, cleaned)
     tracking.log_evaluation(evaluation, params.evaluate)
     return evaluation
 
@@ -134,7 +136,7 @@ def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = N
         mlflow.set_tag("data_version", data_version)
         cleaned = clean_data(splits, params)
         detector, winner = train_and_select(cleaned, splits, params)
-        evaluation = evaluate_winner(detector, splits, params)
+        evaluation = evaluate_winner(detector, splits, cleaned, params)
         run = {
             "data_version": data_version,
             "mlflow_run_id": active.info.run_id,

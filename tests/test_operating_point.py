@@ -93,3 +93,24 @@ def test_operating_report_gives_rates_with_intervals():
     assert report["precision_at_expected_rate"] == pytest.approx(0.005 / (0.005 + 0.99 / 3))
     unlabelled = operating_report(None, scores, 0.55, CalibrationParams())
     assert set(unlabelled) == {"alert_rate", "alert_rate_low", "alert_rate_high"}
+
+
+def test_unlabelled_validation_leaves_out_the_share_cleaning_removed():
+    from normalcy.data.splits import Split
+    from normalcy.pipeline.evaluate import estimated_contamination, without_top
+
+    train = Split(np.zeros((200, 2), np.float32), None, np.arange(200))
+    cleaned = Split(train.X[:190], None, train.ids[:190])
+    assert estimated_contamination(train, cleaned) == pytest.approx(0.05)
+    assert estimated_contamination(train, train) == 0.0
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=950)
+    scores = np.r_[normal, 8 + rng.random(50)]  # 5% anomalies above every normal score
+    kept = without_top(scores, 0.05)
+    assert len(kept) == 950 and kept.max() == normal.max()
+    # the threshold then holds the target on normal rows; untrimmed, it sits in the anomalies
+    trimmed = choose_threshold(kept, None, CalibrationParams())
+    untrimmed = choose_threshold(scores, None, CalibrationParams())
+    assert realised_fpr(normal, trimmed.value) == pytest.approx(0.01, abs=0.003)
+    assert realised_fpr(normal, untrimmed.value) == 0.0
+    assert len(without_top(scores[:3], 0.9)) == 1  # never empty

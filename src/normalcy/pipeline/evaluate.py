@@ -12,7 +12,7 @@ import numpy as np
 
 from normalcy.calibration import OperatingPoint
 from normalcy.config import CalibrationParams, EvaluateParams
-from normalcy.data.splits import Splits
+from normalcy.data.splits import Split, Splits
 from normalcy.detectors import Detector
 from normalcy.evaluation.metrics import ranking_metrics
 from normalcy.evaluation.operating_point import choose_threshold, operating_report
@@ -77,17 +77,41 @@ def _plots(
     return [str(path) for path in plots]
 
 
+def estimated_contamination(train: Split, cleaned: Split) -> float:
+    """The share of the training split that cleaning removed: the best estimate of the anomaly
+    share of unlabelled data drawn like it (the validation split)."""
+    return 1.0 - len(cleaned) / len(train) if len(train) else 0.0
+
+
+def without_top(scores: np.ndarray, share: float) -> np.ndarray:
+    """`scores` less their highest `share`: where an unlabelled split's anomalies sit."""
+    keep = len(scores) - int(round(share * len(scores)))
+    return np.sort(scores)[: max(keep, 1)]
+
+
 def evaluate(
     detector: Detector,
     splits: Splits,
     params: EvaluateParams,
     calibration: CalibrationParams,
+    cleaned_train: Split | None = None,
 ) -> Evaluation:
     """The winner's threshold, test metrics and plots; writes the metrics and the calibration
-    scores for the export step."""
+    scores for the export step.
+
+    Without validation labels, the highest share of validation scores that cleaning removed
+    from `cleaned_train` (see `estimated_contamination`) is left out of the threshold and the
+    calibration scores, as recalibration corrects its quantiles for a batch's estimated
+    anomalies: both assume the anomalies sit in the upper tail."""
     val_scores = detector.score(splits.val.X)
-    calibration_scores = val_scores if splits.val.y is None else val_scores[splits.val.y == 0]
-    chosen = choose_threshold(val_scores, splits.val.y, calibration)
+    if splits.val.y is None:
+        cleaned = cleaned_train if cleaned_train is not None else splits.train
+        calibration_scores = without_top(val_scores, estimated_contamination(splits.train, cleaned))
+    else:
+        calibration_scores = val_scores[splits.val.y == 0]
+    chosen = choose_threshold(
+        calibration_scores if splits.val.y is None else val_scores, splits.val.y, calibration
+    )
     threshold = chosen.value
     test_scores = detector.score(splits.test.X)
     test = operating_report(splits.test.y, test_scores, threshold, calibration)

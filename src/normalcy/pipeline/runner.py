@@ -28,7 +28,8 @@ def _train(params: Params) -> None:
 
 def _evaluate(params: Params) -> None:
     splits = prepare.load_prepared(params.prepare)
-    evaluate.evaluate(train.load_winner(), splits, params.evaluate, params.calibration)
+    cleaned = clean.load_cleaned_train()
+    evaluate.evaluate(train.load_winner(), splits, params.evaluate, params.calibration, cleaned)
 
 
 def _export(params: Params) -> None:
