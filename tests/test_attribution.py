@@ -70,8 +70,16 @@ def test_no_contributions_without_a_baseline_or_for_too_many_features():
 def svdd_and_rows():
     rng = np.random.default_rng(0)
     train = (rng.normal(size=(300, 5)) * [1, 2, 3, 4, 5] + 10).astype(np.float32)
-    detector = create_detector("deep_svdd", epochs=3, seed=0, threads=1).fit(train)
-    return detector, train
+    detector = create_detector("deep_svdd", epochs=3, seed=0, threads=1, leave_feature_out=True)
+    return detector.fit(train), train
+
+
+def test_leave_feature_out_is_off_unless_asked_for():
+    """d + 1 score passes a row: the default graph must not pay for them."""
+    train = np.random.default_rng(1).normal(size=(100, 4)).astype(np.float32)
+    detector = create_detector("deep_svdd", epochs=1, seed=0, threads=1).fit(train)
+    assert not isinstance(detector.scoring_module().head, LeaveFeatureOut)
+    assert FEATURE_CONTRIBUTIONS_NAME not in detector.predict(train[:5])
 
 
 def test_the_baseline_is_the_preprocessed_training_mean_and_is_saved(svdd_and_rows, tmp_path):
