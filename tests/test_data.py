@@ -46,11 +46,13 @@ def test_holdout_is_the_same_rows_whatever_else_the_data_holds():
     assert len(expected) > 0
 
 
-def test_an_empty_holdout_is_refused():
+def test_tiny_data_still_holds_out_a_row():
     dataset = load_dataset(DataParams())
-    tiny = replace(dataset, X=dataset.X[:3], y=dataset.y[:3], ids=dataset.ids[:3])
-    with pytest.raises(DataError, match="holdout"):
-        split_dataset(tiny, PrepareParams(holdout_fraction=0.01))
+    tiny = replace(dataset, X=dataset.X[:40], y=dataset.y[:40], ids=dataset.ids[:40])
+    splits = split_dataset(tiny, PrepareParams(holdout_fraction=0.001, train_contamination=None))
+    assert len(splits.holdout) == 1
+    again = split_dataset(tiny, PrepareParams(holdout_fraction=0.001, seed=5))
+    assert np.array_equal(again.holdout.ids, splits.holdout.ids)  # by hash, not by seed
 
 
 def test_train_contamination_is_capped():
@@ -228,7 +230,7 @@ def test_time_split_trains_on_the_past_and_tests_on_the_latest(tmp_path):
 
     assert times(splits.train).max() < times(splits.val).min()  # ties kept on one side
     assert times(splits.val).max() < times(splits.test).min()
-    assert len(splits.test) == pytest.approx(0.2 * len(frame), rel=0.25)
+    assert len(splits.test) == pytest.approx(PrepareParams().test_fraction * len(frame), rel=0.25)
     random = split_dataset(dataset, PrepareParams(train_contamination=None))
     assert np.array_equal(np.sort(random.holdout.ids), np.sort(splits.holdout.ids))
 

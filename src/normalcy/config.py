@@ -45,9 +45,9 @@ class DataParams(_Section):
 class PrepareParams(_Section):
     split: Literal["random", "time", "group"] = "random"
     seed: int = 0
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    holdout_fraction: float = Field(0.15, gt=0, lt=1)
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)
     train_contamination: float | None = Field(0.03, ge=0, lt=1)
     output_dir: str = "data/prepared"
 

@@ -84,9 +84,12 @@ def in_holdout(hashes: np.ndarray, fraction: float) -> np.ndarray:
     By hash, not by a seeded draw: a row held out now was held out in every earlier run with
     the same fraction, whatever else the data holds. So the champion, trained on an earlier
     version of the data, never trained on or was chosen with a row that now decides whether
-    it stays."""
+    it stays. At least one row is held out (tiny data sets), the one with the lowest hash."""
     position = np.array([int(h[:8], 16) for h in hashes], dtype=np.float64) / 16**8
-    return position < fraction
+    held = position < fraction
+    if len(held) and not held.any():  # tiny data: the row nearest to joining, still by hash
+        held[np.argmin(position)] = True
+    return held
 
 
 def _split_indices(
@@ -171,12 +174,6 @@ def split_dataset(dataset: Dataset, params: PrepareParams) -> Splits:
     # A group is held out whole (a group split must never straddle two splits).
     keys = hashes[unique] if dataset.groups is None else row_hashes(dataset.groups[unique])
     held = in_holdout(keys, params.holdout_fraction)
-    if not held.any():
-        raise DataError(
-            f"{dataset.source}: none of its {len(unique)} distinct rows fell in the promotion "
-            f"holdout (prepare.holdout_fraction={params.holdout_fraction}); expected more rows "
-            "or a larger fraction"
-        )
     holdout_idx, unique = unique[held], unique[~held]
     remaining = 1 - params.holdout_fraction
     test_share, val_share = params.test_fraction / remaining, params.val_fraction / remaining
