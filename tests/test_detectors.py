@@ -18,7 +18,9 @@ from normalcy.evaluation.metrics import ranking_metrics
 
 @pytest.fixture(scope="module")
 def digits_splits():
-    return split_dataset(load_dataset(DataParams()), PrepareParams())
+    """A fixed split (not the params defaults, which may change): 20% test, 20% validation."""
+    fixed = PrepareParams(val_fraction=0.2, test_fraction=0.2, holdout_fraction=0.01)
+    return split_dataset(load_dataset(DataParams()), fixed)
 
 
 def test_registry_lists_and_rejects_by_name():

@@ -17,6 +17,8 @@ def test_a_batch_is_folded_once_and_read_back_as_normal_rows(tmp_path):
     assert first is not None and first.name == batch_name(rows)
     assert fold_batch(rows, window) is None  # the same batch again: nothing new
     assert fold_batch(rows[:10], window) is not None  # another batch
+    # the same batch vetted differently (by a new champion) is still the same batch
+    assert fold_batch(rows[:15], window, batch=rows) is None
     base = load_dataset(DataParams())
     grown = with_window(base, window)
     assert len(grown.X) == len(base.X) + 30

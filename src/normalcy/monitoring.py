@@ -172,7 +172,7 @@ def fold_vetted_rows(
     if not validation.success:
         return None, "the batch failed the champion's Great Expectations suite; it is not folded"
     _, flagged = score_onnx(str(champion.onnx_path), batch)
-    folded = fold_batch(batch[~flagged], window_dir)
+    folded = fold_batch(batch[~flagged], window_dir, batch)
     if folded is None:
         return None, "this batch is already in the training window; nothing to retrain on"
     return folded, f"{int((~flagged).sum())} of {len(batch)} rows folded into {folded}"

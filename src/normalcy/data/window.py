@@ -3,7 +3,7 @@
 When normality itself moves (feature drift), recalibrating the threshold is not enough: the
 model must learn the new normal. The monitor folds the batch's vetted rows (it passed the
 champion's suite; rows the champion does not flag) into `data.window_dir`, one `.npz` per batch
-named by the hash of its rows, and retrains. Training then reads the source plus every window
+named by the hash of the whole batch, and retrains. Training then reads the source plus every window
 file, so the prepared data, and its DVC version, include them. Folding the same batch twice
 changes nothing (same name), so it yields one data version and one retraining, not two.
 """
@@ -26,14 +26,19 @@ def batch_name(rows: np.ndarray) -> str:
     return f"batch-{digest[:16]}.npz"
 
 
-def fold_batch(rows: np.ndarray, window_dir: str | Path) -> Path | None:
-    """Add vetted rows to the window; the new file, or None when this batch is already in it.
-    Written under a temporary name and renamed, so a reader never sees half a batch."""
+def fold_batch(
+    rows: np.ndarray, window_dir: str | Path, batch: np.ndarray | None = None
+) -> Path | None:
+    """Add vetted `rows` of `batch` (default: the rows themselves) to the window; the new file,
+    or None when this batch is already in it. The file is named after the whole batch, not
+    the rows vetted from it: a new champion vets differently, and the same batch must still
+    be folded once. Written under a temporary name and renamed, so a reader never sees half
+    a batch."""
     if len(rows) == 0:
         raise DataError("no vetted rows to fold into the training window")
     folder = Path(window_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / batch_name(rows)
+    path = folder / batch_name(rows if batch is None else batch)
     if path.exists():
         return None
     partial = folder / f".{path.name}.tmp.npz"
