@@ -111,6 +111,8 @@ def evidence(**changes) -> Evidence:
         ({"recall_delta_interval": (-0.4, -0.1)}, PARAMS, False, "recall"),
         ({"challenger_metric": math.nan}, PARAMS, False, "NaN"),
         ({"same_input": False}, PARAMS, False, "another input schema"),
+        # a champion whose scores are not finite is replaced (it must not block its successor)
+        ({"champion_metric": math.nan, "metric_delta_interval": None}, PARAMS, True, "non-finite"),
     ],
 )
 def test_decide_promotion(changes, params, promoted, says):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -332,6 +333,27 @@ def test_promotion_sequence(store: Store, tmp_path: Path) -> None:
     rolled = load_champion(name, tmp_path / "serve")
     assert rolled is not None and rolled.version == "1"
     np.testing.assert_allclose(run_onnx(rolled.onnx_path, x), [6.0, 1.0])  # x @ [1, 1, 1]
+
+
+def test_non_finite_scores_never_win_and_never_block(store: Store, tmp_path: Path) -> None:
+    """A challenger scoring NaN is not promoted; a champion scoring NaN (set by hand) is
+    replaced by the next sound challenger instead of failing the run."""
+    name, holdout = fresh_name(), holdout_rows()
+    params = PromotionParams(n_bootstrap=100)
+
+    def register_and_decide(weights: list[float]):
+        path = weighted_scorer(tmp_path / f"{uuid.uuid4().hex[:6]}.onnx", weights, 2.5)
+        evidence = gather_evidence(path, holdout, name, 0.01, params, seed=0)
+        with mlflow.start_run():
+            registered = register_challenger(path, name, {"detector": "autoencoder"})
+            return apply_promotion(registered, decide_promotion(evidence, params))
+
+    broken = register_and_decide([float("nan"), 1.0, 1.0])
+    assert not broken.promoted and "NaN" in broken.reason
+    set_champion(name, "1")  # a person serves it anyway
+    sound = register_and_decide([1.0, 0.0, 0.0])
+    assert math.isnan(sound.evidence.champion_metric)
+    assert sound.promoted and "non-finite" in sound.reason
 
 
 def test_promote_by_hand_and_roll_back(store: Store, tmp_path: Path) -> None:

@@ -127,20 +127,24 @@ def measure(
     metric = METRICS[data.metric_name]
     scores, alerts = score_onnx(challenger, data.X)
     normal_alerts = alerts[data.normal]
+    usable = bool(np.isfinite(scores).all())  # NaN scores: no metric, never promoted
     found = {
         "metric_name": data.metric_name,
         "n_rows": data.n_real_rows,
         "n_normal_rows": int(data.normal.sum()),
-        "challenger_metric": float(metric(data.y, scores)),
+        "challenger_metric": float(metric(data.y, scores)) if usable else float("nan"),
         "target_rate": target_rate,
         "alert_rate": float(normal_alerts.mean()),
         "alert_rate_interval": wilson_interval(
             int(normal_alerts.sum()), len(normal_alerts), params.confidence
         ),
     }
-    if champion is None:
+    if champion is None or not usable:
         return found
     champion_scores, champion_alerts = score_onnx(champion, data.X)
+    if not np.isfinite(champion_scores).all():  # a broken champion must not block its successor
+        found["champion_metric"] = float("nan")
+        return found
     found["champion_metric"] = float(metric(data.y, champion_scores))
     deltas = paired_bootstrap_deltas(
         metric, data.y, scores, champion_scores, params.n_bootstrap, seed
@@ -252,6 +256,10 @@ def decide_promotion(
             False,
             f"The {cv} reads another input schema, so the two cannot be compared; it is kept "
             "(use another mlflow.model_name for a new data schema).",
+        )
+    if evidence.champion_metric is None or math.isnan(evidence.champion_metric):
+        return decide(
+            True, f"The {cv} scores the holdout with non-finite values, so the {ch} replaces it."
         )
     delta = evidence.metric_delta_interval
     versus = (
