@@ -14,7 +14,7 @@ from normalcy.config import Params, load_params
 from normalcy.drift import DriftReport
 from normalcy.errors import RecalibrationRefused
 from normalcy.jsonio import write_json
-from normalcy.monitoring import ChampionBundle
+from normalcy.monitoring import ChampionBundle, ScoredBatch
 from normalcy.pipeline import artifacts
 from normalcy.validation.suite import ValidationReport
 
@@ -28,7 +28,7 @@ def validate_monitor_batch(batch: np.ndarray, champion: ChampionBundle) -> Valid
 
 
 @task
-def check_drift(batch: np.ndarray, champion: ChampionBundle, params: Params) -> DriftReport:
+def check_drift(batch: ScoredBatch, champion: ChampionBundle, params: Params) -> DriftReport:
     """Drift test families at one level (features, scores, alert rate, CUSUM across batches)."""
     state = monitoring.sequential_state(champion)
     report = monitoring.check_drift(batch, champion, params.monitor, state)
@@ -41,8 +41,7 @@ def check_drift(batch: np.ndarray, champion: ChampionBundle, params: Params) -> 
 
 
 def retrain_on_window(
-    batch: np.ndarray,
-    champion: ChampionBundle,
+    batch: ScoredBatch,
     validation: ValidationReport,
     params: Params,
     params_path: str,
@@ -52,7 +51,7 @@ def retrain_on_window(
     a batch already folded (or not vetted) retrains nothing."""
     from normalcy.flows.train import train_flow
 
-    folded, why = monitoring.fold_vetted_rows(batch, champion, validation, params.data.window_dir)
+    folded, why = monitoring.fold_vetted_rows(batch, validation, params.data.window_dir)
     print(why)
     if folded is None:
         return {"skipped": why}
@@ -79,21 +78,18 @@ def monitor_flow(
     registry.setup_tracking(params.mlflow)
     with tempfile.TemporaryDirectory() as workdir:
         champion = monitoring.fetch_champion(params.mlflow, workdir)
-        batch = monitoring.read_batch(batch_path, champion)
+        batch = monitoring.score_batch(monitoring.read_batch(batch_path, champion), champion)
         with mlflow.start_run(run_name="monitor", tags={"normalcy.run_type": "monitor"}):
             mlflow.set_tags({"champion_version": champion.version, "batch_path": str(batch_path)})
-            validation = validate_monitor_batch(batch, champion)
+            validation = validate_monitor_batch(batch.rows, champion)
             report = check_drift(batch, champion, params)
             mlflow.log_metrics(monitoring.drift_metrics(report, validation))
-        print(validation.summary())
-        print(report.summary())
-        result = monitoring.monitor_result(report, validation, champion)
-        retrain = report.n_features_drifted and params.monitor.retrain_on_drift  # normality moved
-        if retrain:  # while the champion's graph is still here, to vet the batch's rows
-            result["retraining"] = retrain_on_window(
-                batch, champion, validation, params, params_path, overrides
-            )
-    if not retrain and report.drifted and params.monitor.recalibrate_on_drift:
+    print(validation.summary())
+    print(report.summary())
+    result = monitoring.monitor_result(report, validation, champion)
+    if report.n_features_drifted and params.monitor.retrain_on_drift:  # normality moved
+        result["retraining"] = retrain_on_window(batch, validation, params, params_path, overrides)
+    elif report.drifted and params.monitor.recalibrate_on_drift:
         try:
             result["recalibration"] = recalibrate_flow(str(batch_path), params_path, overrides)
         except RecalibrationRefused as refused:  # the batch must not become the new normal

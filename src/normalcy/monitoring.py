@@ -67,6 +67,20 @@ def read_batch(batch_path: str | Path, champion: ChampionBundle) -> np.ndarray:
     return load_batch(batch_path, champion.feature_names, list(champion.reference_X.shape[1:]))
 
 
+@dataclass
+class ScoredBatch:
+    """A batch with the champion's scores and decisions: scored once, read by every check."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    alerts: np.ndarray
+
+
+def score_batch(rows: np.ndarray, champion: ChampionBundle) -> ScoredBatch:
+    scores, alerts = score_onnx(str(champion.onnx_path), rows)
+    return ScoredBatch(rows, scores, alerts)
+
+
 def validate_monitor_batch(batch: np.ndarray, champion: ChampionBundle) -> ValidationReport:
     """The champion's Great Expectations suite on the batch, written to the monitor report;
     reported, not blocking: values out of the training range are themselves a sign of drift."""
@@ -89,7 +103,7 @@ def target_alert_rate(champion: ChampionBundle) -> float:
 
 
 def check_drift(
-    batch: np.ndarray,
+    batch: ScoredBatch,
     champion: ChampionBundle,
     params: MonitorParams,
     sequential_state: SequentialState,
@@ -97,17 +111,16 @@ def check_drift(
     """Per-feature KS tests (BH inside), a shift of the score distribution, the alert rate
     against the champion's target, the CUSUM across batches and the MMD on whole rows, at one
     overall level."""
-    batch_scores, batch_alerts = score_onnx(str(champion.onnx_path), batch)
     return detect_drift(
         champion.reference_X,
-        batch,
+        batch.rows,
         champion.feature_names,
         champion.reference_scores,
-        batch_scores,
+        batch.scores,
         params.alpha,
         threshold=float(champion.metadata["threshold"]),
         target_alert_rate=target_alert_rate(champion),
-        batch_alerts=batch_alerts,
+        batch_alerts=batch.alerts,
         calibrated_on=len(champion.reference_scores),  # the scores its threshold was set on
         sequential_state=sequential_state,
         cusum_allowance=params.cusum_allowance,
@@ -164,29 +177,28 @@ def monitor_result(
 
 
 def fold_vetted_rows(
-    batch: np.ndarray, champion: ChampionBundle, validation: ValidationReport, window_dir: str
+    batch: ScoredBatch, validation: ValidationReport, window_dir: str
 ) -> tuple[Path | None, str]:
     """Fold the batch's vetted rows into the training window: (the new window file or None,
     why). Only a batch that passed the champion's suite is folded, and only the rows the
     champion does not flag: a retraining must learn the new normal, not its anomalies."""
     if not validation.success:
         return None, "the batch failed the champion's Great Expectations suite; it is not folded"
-    _, flagged = score_onnx(str(champion.onnx_path), batch)
-    folded = fold_batch(batch[~flagged], window_dir, batch)
+    vetted = batch.rows[~batch.alerts]
+    folded = fold_batch(vetted, window_dir, batch.rows)
     if folded is None:
         return None, "this batch is already in the training window; nothing to retrain on"
-    return folded, f"{int((~flagged).sum())} of {len(batch)} rows folded into {folded}"
+    return folded, f"{len(vetted)} of {len(batch.rows)} rows folded into {folded}"
 
 
 def plot_drift_report(
-    batch: np.ndarray, champion: ChampionBundle, report: DriftReport, path: str | Path
+    batch: ScoredBatch, champion: ChampionBundle, report: DriftReport, path: str | Path
 ) -> Path:
     """The drift report as a picture for MLflow: scores against the reference, and the
     features that moved most."""
     from normalcy.evaluation.plots import plot_drift
 
-    batch_scores, _ = score_onnx(str(champion.onnx_path), batch)
     features = [(f.feature, f.statistic, f.drifted) for f in report.features]
     title = f"champion v{champion.version}, {'drift' if report.drifted else 'no drift'}"
     threshold = float(champion.metadata["threshold"])
-    return plot_drift(champion.reference_scores, batch_scores, threshold, features, title, path)
+    return plot_drift(champion.reference_scores, batch.scores, threshold, features, title, path)
