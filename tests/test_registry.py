@@ -335,6 +335,22 @@ def test_promotion_sequence(store: Store, tmp_path: Path) -> None:
     np.testing.assert_allclose(run_onnx(rolled.onnx_path, x), [6.0, 1.0])  # x @ [1, 1, 1]
 
 
+def test_the_alert_rate_is_checked_against_the_graphs_own_target(
+    store: Store, tmp_path: Path
+) -> None:
+    """A threshold set for 20% alerts (say by an alert budget) is judged against 20%, not
+    against the configured default."""
+    path = weighted_scorer(tmp_path / "budget.onnx", [1.0, 0.0, 0.0], 0.5)
+    update_metadata(path, {"target_fpr": 0.2}, path)
+    evidence = gather_evidence(path, holdout_rows(), fresh_name(), 0.01, PromotionParams(), 0)
+    assert evidence.target_rate == 0.2
+    plain = weighted_scorer(tmp_path / "plain.onnx", [1.0, 0.0, 0.0], 0.5)
+    assert (
+        gather_evidence(plain, holdout_rows(), fresh_name(), 0.01, PromotionParams(), 0).target_rate
+        == 0.01
+    )
+
+
 def test_non_finite_scores_never_win_and_never_block(store: Store, tmp_path: Path) -> None:
     """A challenger scoring NaN is not promoted; a champion scoring NaN (set by hand) is
     replaced by the next sound challenger instead of failing the run."""

@@ -162,13 +162,17 @@ def gather_evidence(
     onnx_path: str | Path,
     holdout: Split,
     model_name: str,
-    target_rate: float,
+    default_target_rate: float,
     params: PromotionParams,
     seed: int,
 ) -> Evidence:
-    """Score the challenger graph and, when one is registered, the champion on the holdout."""
+    """Score the challenger graph and, when one is registered, the champion on the holdout.
+    The alert rate is checked against the false-positive rate the challenger's threshold was
+    set for (its `target_fpr` metadata, whatever `calibration.mode` chose it by), else
+    `default_target_rate`."""
     data = holdout_set(holdout, seed)
     challenger = load_session(onnx_path)
+    target_rate = float(read_metadata(challenger).get("target_fpr", default_target_rate))
     with tempfile.TemporaryDirectory() as tmp:
         champion = registry.load_champion(model_name, tmp)
         if champion is None:
@@ -200,15 +204,12 @@ class PromotionDecision:
 
 
 def plan_promotion(onnx_path: str | Path, holdout: Split, params: Params) -> PromotionDecision:
-    """The decision for a challenger graph before it is registered: evidence, then the rule.
-    The alert rate is checked against the false-positive rate the graph's threshold was set for
-    (whatever `calibration.mode` chose it by)."""
-    target = read_metadata(load_session(onnx_path)).get("target_fpr", params.calibration.target_fpr)
+    """The decision for a challenger graph before it is registered: evidence, then the rule."""
     evidence = gather_evidence(
         onnx_path,
         holdout,
         params.mlflow.model_name,
-        float(target),
+        params.calibration.target_fpr,
         params.promotion,
         params.prepare.seed,
     )
