@@ -240,10 +240,9 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _check_split_columns(self) -> Params:
-        needs = {"time": ("time_column", self.data.time_column)}
-        needs["group"] = ("group_column", self.data.group_column)
-        if self.prepare.split in needs:
-            key, column = needs[self.prepare.split]
+        key = {"time": "time_column", "group": "group_column"}.get(self.prepare.split)
+        if key is not None:
+            column = getattr(self.data, key)
             if column is None or self.data.source not in ("csv", "parquet"):
                 raise ValueError(
                     f"prepare.split {self.prepare.split!r} needs data.{key}, a column of a csv "

@@ -167,9 +167,10 @@ def rank_shift(reference_scores: np.ndarray, batch_scores: np.ndarray) -> float:
     new = as_scores(batch_scores, "batch_scores")
     n_ref, n_new = ref.size, new.size
     n = n_ref + n_new
-    ranks = stats.rankdata(np.concatenate([new, ref]))
+    pooled = np.concatenate([new, ref])
+    ranks = stats.rankdata(pooled)
     u = ranks[:n_new].sum() - n_new * (n_new + 1) / 2
-    _, tie_counts = np.unique(np.concatenate([new, ref]), return_counts=True)
+    _, tie_counts = np.unique(pooled, return_counts=True)
     ties = float(np.sum(tie_counts.astype(np.float64) ** 3 - tie_counts))
     variance = n_new * n_ref / 12.0 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
     if variance <= 0:

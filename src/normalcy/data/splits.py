@@ -103,9 +103,9 @@ def _split_indices(
 
 def _cut_after_ties(sorted_times: np.ndarray, cut: int) -> int:
     """Move a cut forward past rows with the same time, so no time is on both sides."""
-    while 0 < cut < len(sorted_times) and sorted_times[cut] == sorted_times[cut - 1]:
-        cut += 1
-    return cut
+    if cut <= 0 or cut >= len(sorted_times):
+        return cut
+    return int(np.searchsorted(sorted_times, sorted_times[cut - 1], side="right"))
 
 
 def time_split(

@@ -107,11 +107,10 @@ def evaluate(
     if splits.val.y is None:
         cleaned = cleaned_train if cleaned_train is not None else splits.train
         calibration_scores = without_top(val_scores, estimated_contamination(splits.train, cleaned))
+        chosen = choose_threshold(calibration_scores, None, calibration)
     else:
         calibration_scores = val_scores[splits.val.y == 0]
-    chosen = choose_threshold(
-        calibration_scores if splits.val.y is None else val_scores, splits.val.y, calibration
-    )
+        chosen = choose_threshold(val_scores, splits.val.y, calibration)
     threshold = chosen.value
     test_scores = detector.score(splits.test.X)
     test = operating_report(splits.test.y, test_scores, threshold, calibration)
