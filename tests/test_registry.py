@@ -384,6 +384,7 @@ def test_promote_by_hand_and_roll_back(store: Store, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nothing to roll back to"):
         rollback(name)
     assert promote_version(name, "2", "a person looked") == "1"
+    assert promote_version(name, "2", "promoted twice") == "2"  # a no-op: history kept
     assert promote_version(name, "3", "and again") == "2"
     assert client.get_model_version(name, "3").tags["promotion_reason"] == "and again"
     assert rollback(name) == "2"

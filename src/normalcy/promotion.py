@@ -327,6 +327,9 @@ def promote_version(model_name: str, version: str, reason: str) -> str | None:
     except MlflowException as error:
         raise ValueError(f"model {model_name!r} has no version {version!r}") from error
     previous = registry._alias_version(client, model_name, registry.CHAMPION)
+    if previous == str(version):  # already served: its record of what it replaced stays
+        log.info("%s: v%s already is the champion", model_name, version)
+        return previous
     client.set_registered_model_alias(model_name, registry.CHAMPION, str(version))
     tags = {
         "promotion_decision": "promoted",
