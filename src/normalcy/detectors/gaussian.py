@@ -8,6 +8,7 @@ ignores the contaminating minority by construction instead of relying on cleanin
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -142,7 +143,9 @@ def robust_precision(
     else:
         estimator = EmpiricalCovariance()
     spread = rows.std(axis=0) > 0
-    fitted = estimator.fit(rows[:, spread]) if spread.any() else None
+    with warnings.catch_warnings():  # a singular support is expected (discrete features): the
+        warnings.filterwarnings("ignore", message=".*not full rank")  # ridge below handles it
+        fitted = estimator.fit(rows[:, spread]) if spread.any() else None
     d = rows.shape[1]
     location, cov = rows.mean(axis=0), np.zeros((d, d))
     if fitted is not None:
