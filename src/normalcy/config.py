@@ -301,8 +301,35 @@ def detector_problems(params: Params) -> list[str]:
     sections.append(("clean.detector_params", params.clean.detector, params.clean.detector_params))
     for where, name, given in sections:
         if name in known:
-            problems += [f"{where}.{p.path}: {p.text}" for p in param_problems(name, given)]
-    return problems
+            choice_problems = preprocessing_choice_problems(where, given)
+            if choice_problems:  # said once; the other params are still checked
+                problems += choice_problems
+                given = {key: value for key, value in given.items() if key != "preprocessing"}
+            for variant in preprocessing_variants(given):
+                problems += [f"{where}.{p.path}: {p.text}" for p in param_problems(name, variant)]
+    return list(dict.fromkeys(problems))  # a problem shared by every variant is said once
+
+
+def preprocessing_variants(given: dict[str, Any]) -> list[dict[str, Any]]:
+    """A detector's params once per `preprocessing` choice when that key is a list (the train
+    step picks one on validation data), else as given."""
+    choices = given.get("preprocessing")
+    if not isinstance(choices, list) or not choices:
+        return [given]
+    return [{**given, "preprocessing": choice} for choice in choices]
+
+
+def preprocessing_choice_problems(where: str, given: dict[str, Any]) -> list[str]:
+    """A list of preprocessing choices must be non-empty, for a candidate (only the train step
+    chooses), and for a detector that has the param at all."""
+    choices = given.get("preprocessing")
+    if not isinstance(choices, list):
+        return []
+    if not choices:
+        return [f"{where}.preprocessing: an empty list; expected a preprocessing or a list of them"]
+    if not where.startswith("train.detectors."):
+        return [f"{where}.preprocessing: a list of choices is only for train.detectors.NAME"]
+    return []
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
