@@ -9,6 +9,7 @@ from normalcy.config import CleanParams, ConfigError, PrepareParams, ValidatePar
 from normalcy.data.image_splits import VALIDATION_PREFIX, split_image_folder
 from normalcy.data.sources import DataError, check_source
 from normalcy.data.splits import load_splits, save_splits
+from normalcy.evaluation.localization import localization, overlay_picks
 from normalcy.pipeline import clean
 from normalcy.pipeline.validate import DataValidationFailed, validate
 from tests.image_folders import make_mvtec_folder
@@ -120,3 +121,29 @@ def test_validation_checks_per_image_statistics(tmp_path, monkeypatch):
     assert spec["image"]["per_pixel"] is True  # 16 x 16: small enough to check each pixel too
     names = [entry["name"] for entry in spec["image"]["statistics"]]
     assert "mean_brightness" in names and "std_brightness" in names
+
+
+def test_overlay_picks_take_both_ends_of_each_defect_type():
+    scores = np.array([0.1, 0.9, 0.5, 0.3, 0.7, 0.2])
+    defects = np.array(["good", "cut", "good", "good", "cut", "hole"])
+    picks = overlay_picks(scores, defects, per_end=1)
+    assert picks == [
+        (1, "cut", "highest"),
+        (4, "cut", "lowest"),
+        (2, "good", "highest"),
+        (0, "good", "lowest"),
+        (5, "hole", "highest"),  # one image: shown once
+    ]
+
+
+def test_localization_without_maps_gives_the_per_defect_table(folder, tmp_path):
+    params = image_params(folder)
+    test = split_image_folder(params.data, params.prepare).test
+    scores = test.X.std(axis=(1, 2, 3))
+    located = localization(test, scores, None, tmp_path / "overlays")
+    assert set(located.per_defect) == {"cut"} and located.metrics == {}
+    assert located.overlays == [] and not (tmp_path / "overlays").exists()
+    maps = np.abs(test.X[:, 0] - test.X[:, 0].mean())
+    located = localization(test, scores, maps, tmp_path / "overlays")
+    assert set(located.metrics) == {"pixel_auroc", "aupro"}
+    assert len(located.overlays) == len(list((tmp_path / "overlays").glob("*.png"))) > 0
