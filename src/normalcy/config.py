@@ -18,9 +18,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+DEFAULT_IMAGE_SIZE = 256
+
+
 class DataParams(_Section):
-    source: Literal["sklearn_digits", "npz", "csv", "parquet"] = "sklearn_digits"
+    source: Literal["sklearn_digits", "npz", "csv", "parquet", "mvtec"] = "sklearn_digits"
     path: str | None = None
+    # mvtec: `path` is one category folder in the MVTec-AD layout (see normalcy.data.mvtec)
+    image_size: int | None = Field(None, ge=8, le=4096)  # pixels a side; mvtec default 256
+    channels: Literal[1, 3] | None = None  # mvtec: None keeps what is stored
+    validation_path: str | None = None  # mvtec: a folder of labelled images for validation
     feature_columns: list[str] | None = None
     label_column: str | None = None
     id_column: str | None = None
@@ -39,7 +46,24 @@ class DataParams(_Section):
             raise ValueError("data.normal_digits must be a non-empty list of digits 0-9")
         if len(set(self.normal_digits)) == 10:
             raise ValueError("data.normal_digits lists all ten digits: nothing is left as anomaly")
+        image_keys = ("image_size", "channels", "validation_path")
+        given = [key for key in image_keys if getattr(self, key) is not None]
+        if self.source != "mvtec" and given:
+            raise ValueError(
+                f"data.{given[0]} applies to image folders only (data.source: mvtec); "
+                f"data.source is {self.source!r}"
+            )
+        if self.source == "mvtec" and self.window_dir is not None:
+            raise ValueError(
+                "data.window_dir folds tabular batches into training; it does not apply to "
+                "data.source mvtec (add images to train/good instead)"
+            )
         return self
+
+    @property
+    def loaded_image_size(self) -> int:
+        """The side length images are resized to on loading (mvtec)."""
+        return self.image_size or DEFAULT_IMAGE_SIZE
 
 
 class PrepareParams(_Section):
