@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,8 @@ def _first_non_number(values: list) -> tuple[int, Any] | None:
 
 
 def _describe_value(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"
+    """Type and a short repr: a deep or huge value is cut (reprlib), never echoed whole."""
+    return "null" if value is None else f"{type(value).__name__} {reprlib.repr(value)}"
 
 
 def rows_from_records(records: list, spec: InputSpec) -> np.ndarray:
@@ -58,7 +60,7 @@ def rows_from_records(records: list, spec: InputSpec) -> np.ndarray:
             unknown = [key for key in record if key not in allowed]
             if unknown:
                 raise unprocessable(
-                    f"records[{i}]: unknown field(s) {unknown[:10]}; the model expects "
+                    f"records[{i}]: unknown field(s) {reprlib.repr(unknown)}; the model expects "
                     f"{spec.describe()}"
                 )
         bad = _first_non_number(row)
@@ -117,7 +119,9 @@ def parse_request(payload: Any, spec: InputSpec, max_rows: int) -> tuple[np.ndar
     optional = (ANOMALY_MAP_NAME, EXPLAIN_KEY)
     unknown = [key for key in payload if key not in (*_REQUEST_KEYS, *optional)]
     if len(given) != 1 or unknown:
-        problem = f"unknown field(s) {unknown}" if unknown else f"got {given or 'neither'}"
+        problem = f"got {given or 'neither'}"
+        if unknown:
+            problem = f"unknown field(s) {reprlib.repr(unknown)}"
         raise unprocessable(
             f"send exactly one of 'records' (a list of {{feature: value}} objects) or "
             f"'instances' (a list of arrays), optionally with '{ANOMALY_MAP_NAME}': true and "
@@ -135,7 +139,9 @@ def parse_request(payload: Any, spec: InputSpec, max_rows: int) -> tuple[np.ndar
         )
     want_map = payload.get(ANOMALY_MAP_NAME, False)
     if not isinstance(want_map, bool):
-        raise unprocessable(f"'{ANOMALY_MAP_NAME}' must be true or false, got {want_map!r}")
+        raise unprocessable(
+            f"'{ANOMALY_MAP_NAME}' must be true or false, got {reprlib.repr(want_map)}"
+        )
     X = rows_from_records(rows, spec) if key == "records" else rows_from_instances(rows, spec)
     try:
         return check_rows(X, spec, key), key, want_map
