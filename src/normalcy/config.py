@@ -232,6 +232,11 @@ class ScoringParams(_Section):
     execution_mode: Literal["sequential", "parallel"] = "sequential"
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     reload_interval_s: float = Field(30.0, gt=0)
+    max_request_bytes: int = Field(16 * 2**20, ge=1)
+    workers: int = Field(1, ge=1)
+    batch_window_ms: float | None = Field(None, ge=0)  # null: no micro-batching
+    batch_max_rows: int = Field(256, ge=1)
+    batch_queue: int = Field(1024, ge=1)
 
 
 class Params(_Section):
