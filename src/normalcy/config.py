@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from normalcy.retry import RetryPolicy
 
 
 class ConfigError(ValueError):
@@ -86,10 +89,24 @@ class PrepareParams(_Section):
         return self
 
 
+class RetryParams(_Section):
+    """How I/O that fails for a moment is retried (normalcy.retry)."""
+
+    attempts: int = Field(4, ge=1, le=20)  # tries in all, the first included (1: no retry)
+    base_delay_s: float = Field(1.0, ge=0)  # wait before the second try; doubles each time
+    max_delay_s: float = Field(30.0, ge=0)  # cap on one wait
+
+    def policy(self) -> RetryPolicy:
+        from normalcy.retry import RetryPolicy
+
+        return RetryPolicy(self.attempts, self.base_delay_s, self.max_delay_s)
+
+
 class VersioningParams(_Section):
     enabled: bool = True
     remote_name: str = "local"
     remote_url: str = ".dvc-remote"
+    retry: RetryParams = Field(default_factory=RetryParams)  # of `dvc push`
 
 
 class ValidateParams(_Section):
@@ -182,6 +199,7 @@ class MlflowParams(_Section):
     artifact_location: str = "mlartifacts"
     experiment: str = "normalcy"
     model_name: str = "normalcy"
+    retry: RetryParams = Field(default_factory=RetryParams)  # of logging and registration
 
 
 class MonitorParams(_Section):
