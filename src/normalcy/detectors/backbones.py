@@ -194,10 +194,14 @@ def load_backbone(
     stages: Sequence[int],
     weights: str = "pretrained",
     weights_path: str | Path | None = None,
+    seed: int = 0,
 ) -> tuple[FeatureExtractor, str]:
-    """(frozen extractor of `stages`, where its weights came from); see `resolve_weights`."""
+    """(frozen extractor of `stages`, where its weights came from); see `resolve_weights`.
+    Random weights are drawn from `seed` (the global torch RNG is left as it was)."""
     resolved = resolve_weights(name, stages, weights, weights_path)
-    model = build_architecture(name, stages)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_architecture(name, stages)
     if resolved.state is not None:
         model.load_state_dict(resolved.state)
     return FeatureExtractor(model), resolved.source
