@@ -14,6 +14,7 @@ from normalcy.detectors.specs import (
     Int,
     NonNegativeFloat,
     ParamProblem,
+    PositiveFloat,
     PositiveInt,
     UnitFraction,
     spec,
@@ -62,3 +63,10 @@ class PatchCoreSpec(BackboneSpec):
     projection_dim: PositiveInt | None = 128
     image_score: Literal["max", "reweighted"] = "max"
     reweight_neighbours: Annotated[Int, Ge(2)] = 9
+
+
+@spec("padim")
+class PaDiMSpec(BackboneSpec):
+    random_channels: PositiveInt = 100
+    covariance_eps: PositiveFloat = 0.01
+    neighbourhood: PositiveInt = 1
