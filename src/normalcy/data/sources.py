@@ -18,7 +18,8 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """Features `X` (float32, `[n, d]` or `[n, c, h, w]`), optional 0/1 labels, names, row ids."""
+    """Features `X` (float32, `[n, d]` or `[n, c, h, w]`), optional 0/1 labels, names, row ids;
+    image folders add ground-truth `masks` and a defect name per row (never shown to `fit`)."""
 
     X: np.ndarray
     y: np.ndarray | None
@@ -27,6 +28,8 @@ class Dataset:
     source: str = ""
     times: np.ndarray | None = None  # float64 per row (dates as seconds), for time splits
     groups: np.ndarray | None = None  # a group id per row, for group splits
+    masks: np.ndarray | None = None  # uint8 0/1 [n, h, w] defect pixels (images with masks)
+    defects: np.ndarray | None = None  # str per row: "good" or the defect type (image folders)
 
     def __post_init__(self) -> None:
         if self.ids is None:

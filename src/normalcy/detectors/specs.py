@@ -335,6 +335,18 @@ class IForestSpec(DetectorSpec):
     batch_size: PositiveInt = 4096
 
 
+@spec("pca")
+class PCASpec(PreprocessedSpec):
+    explained_variance: Annotated[Number, Gt(0), Lt(1)] = 0.9
+
+
+@spec("mahalanobis")
+class MahalanobisSpec(PreprocessedSpec):
+    covariance: Literal["mcd", "ledoit_wolf", "empirical"] = "mcd"
+    support_fraction: Annotated[Number, Ge(0.5), Le(1)] | None = None
+    seed: Int = 0
+
+
 @spec("ensemble")
 class EnsembleSpec(TrainingSpec):
     members: Annotated[
