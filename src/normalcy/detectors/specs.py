@@ -483,3 +483,7 @@ def _bounds(metadata: list[Any] | tuple[Any, ...]) -> str:
     if high is not None:
         return f"<= {number(high.le)}" if isinstance(high, Le) else f"< {number(high.lt)}"
     return ""
+
+
+# The image detectors' specs register themselves here too (kept apart for this module's size).
+from normalcy.detectors import image_specs as _image_specs  # noqa: E402, F401
