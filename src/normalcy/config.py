@@ -141,6 +141,11 @@ class TrainParams(_Section):
     patience: int = Field(8, ge=1)
     threads: int | None = Field(None, ge=1)  # null: normalcy.threads' rule
     ensemble_top_k: int = Field(3, ge=2)
+    # Without validation labels: keep the consensus of these fitted candidates unless another
+    # beats it on every synthetic anomaly type beyond noise (`best_validation`: plain argmax).
+    selection: Literal["consensus", "best_validation"] = "consensus"
+    consensus_members: list[str] = Field(default_factory=lambda: ["iforest", "knn"], min_length=2)
+    selection_margin: float = Field(0.0, ge=0)
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
@@ -341,6 +346,14 @@ def detector_problems(params: Params) -> list[str]:
         problems.append(
             f"train.candidates: 'ensemble' combines the other candidates, so it needs at "
             f"least 2 others; got {others}"
+        )
+    missing = [m for m in params.train.consensus_members if m not in params.train.candidates]
+    given = "consensus_members" in params.train.model_fields_set  # the default may not apply
+    if params.train.selection == "consensus" and missing and given:
+        problems.append(
+            f"train.consensus_members: {missing} are not in train.candidates "
+            f"{params.train.candidates}; the consensus combines fitted candidates (add them, or "
+            "set train.selection: best_validation)"
         )
     sections = [
         (f"train.detectors.{name}", name, given) for name, given in params.train.detectors.items()

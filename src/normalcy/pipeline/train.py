@@ -17,7 +17,15 @@ from normalcy.detectors import Detector
 from normalcy.detectors.ensemble import ENSEMBLE, Ensemble
 from normalcy.detectors.persistence import load_detector, save_detector
 from normalcy.detectors.registry import create_with_settings
-from normalcy.evaluation.selection import CandidateResult, select_winner, validation_metric
+from normalcy.evaluation.selection import (
+    CONSENSUS,
+    LABEL_FREE_METRIC,
+    CandidateResult,
+    choose_label_free,
+    select_winner,
+    synthetic_evidence,
+    validation_metric,
+)
 from normalcy.jsonio import write_json
 from normalcy.pipeline import artifacts
 
@@ -108,7 +116,48 @@ def fit_candidates(
         detector = ensemble_of_best(detectors, results, val, params.ensemble_top_k)
         results.append(_candidate_result(detector, val, params, time.perf_counter() - started))
         detectors[ENSEMBLE] = detector
-    return detectors, results, select_winner(results)
+    label_free = results[0].metric_name == LABEL_FREE_METRIC
+    members_fitted = all(name in detectors for name in params.consensus_members)
+    if label_free and params.selection == CONSENSUS and members_fitted:
+        return detectors, results, consensus_choice(detectors, results, val, params)
+    winner = select_winner(results)
+    winner.extra["selection"] = f"best {winner.metric_name} on the validation split" + (
+        f" (the consensus needs the candidates {params.consensus_members})"
+        if label_free and params.selection == CONSENSUS
+        else ""
+    )
+    log.info("selection: %s", winner.extra["selection"])
+    return detectors, results, winner
+
+
+def consensus_choice(
+    detectors: dict[str, Detector], results: list[CandidateResult], val: Split, params: TrainParams
+) -> CandidateResult:
+    """Add the `consensus` candidate (the mean of the robustly standardized scores of the
+    fitted `train.consensus_members`) and choose by `choose_label_free`: the consensus unless
+    the synthetic criterion is unanimous and beyond noise. Every candidate's per-type evidence
+    is recorded in its result."""
+    started = time.perf_counter()
+    members = [detectors[name] for name in params.consensus_members]
+    consensus = Ensemble.from_fitted(members, val.X)
+    result = _candidate_result(consensus, val, params, time.perf_counter() - started)
+    result.name = CONSENSUS
+    result.extra["members"] = list(params.consensus_members)
+    results.append(result)
+    detectors[CONSENSUS] = consensus
+    evidence = {
+        r.name: synthetic_evidence(detectors[r.name].score, val.X, params.seed)
+        for r in results
+        if r.exportable and np.isfinite(r.metric)
+    }
+    for r in results:
+        if r.name in evidence:
+            by_type = {kind: float(values.mean()) for kind, values in evidence[r.name].items()}
+            r.extra["synthetic_auroc_by_type"] = by_type
+    winner, reason = choose_label_free(results, evidence, params.selection_margin)
+    winner.extra["selection"] = reason
+    log.info("selection: %s", reason)
+    return winner
 
 
 def _comparable(metric: float) -> float:
@@ -151,9 +200,9 @@ def train_candidates(
 ) -> tuple[dict[str, Detector], list[CandidateResult], CandidateResult]:
     """`fit_candidates`, then write the candidates' table and the winner for the next steps."""
     detectors, results, winner = fit_candidates(train, val, params)
-    write_json(
-        {"winner": winner.name, "candidates": [asdict(r) for r in results]}, artifacts.CANDIDATES
-    )
+    why = winner.extra.get("selection", "")
+    table = {"winner": winner.name, "why": why, "candidates": [asdict(r) for r in results]}
+    write_json(table, artifacts.CANDIDATES)
     save_detector(detectors[winner.name], artifacts.WINNER)
     return detectors, results, winner
 
