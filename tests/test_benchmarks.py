@@ -180,3 +180,37 @@ def test_drift_benchmark_skips_absent_real_data_and_refuses_unknown_tables(tmp_p
         env=env,
     )
     assert refused.returncode != 0 and "['nope'] not found" in refused.stderr
+
+
+def test_cleaning_quality_reports_what_cleaning_removed(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    blob_dataset(data / "1_blobs.npz", 0)
+    out = tmp_path / "cleaning.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "cleaning_quality.py"),
+            "--data-dir",
+            str(data),
+            "--seeds",
+            "0",
+            "--configs",
+            "iforest_mad3.5,iforest+knn_top10",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "### recall" in run.stdout and "| 1_blobs |" in run.stdout
+    results = json.loads(out.read_text())["results"]["1_blobs"]
+    assert set(results) == {"none", "iforest", "iforest_mad3.5", "iforest+knn_top10"}
+    # The blobs' anomalies sit 6 standard deviations away: any sound cleaning finds them all.
+    for config in ("iforest_mad3.5", "iforest+knn_top10"):
+        figures = results[config]
+        assert figures["recall"] == 1.0 and figures["rate_after"] == 0.0
+        assert figures["rate_before"] > 0.05
+    assert results["iforest+knn_top10"]["removed"] >= 0.09  # the top 10% of rows, at least

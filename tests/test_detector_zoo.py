@@ -8,11 +8,13 @@ import pytest
 
 from normalcy.detectors import accepted_params, available_detectors, create_detector
 from normalcy.detectors.preprocessing import PREPROCESSING
+from normalcy.detectors.registry import _factory
 from normalcy.evaluation.metrics import ranking_metrics
 from normalcy.export import export_onnx, parity_check
 from normalcy.scoring import load_session
+from tests.image_cases import pasted_defects, textures
 
-FAST = {"epochs": 40, "seed": 0}
+FAST = {"epochs": 40, "seed": 0, "image_size": 64}
 
 
 def fast_detector(name: str):
@@ -35,8 +37,13 @@ def off_plane_anomalies(n: int, seed: int, n_features: int = 8) -> np.ndarray:
     )
 
 
+def reads_images(name: str) -> bool:
+    """Detectors on backbone features take images `[N, C, H, W]`, not feature vectors."""
+    return getattr(_factory(name), "input_kind", "vector") == "image"
+
+
 @pytest.fixture(scope="module")
-def generated():
+def vectors():
     train = low_rank_data(600, 0)
     val = low_rank_data(150, 1)
     test = np.concatenate([low_rank_data(200, 2), off_plane_anomalies(40, 3)])
@@ -45,13 +52,31 @@ def generated():
 
 
 @pytest.fixture(scope="module")
-def fitted(generated):
+def images():
+    """32 x 32 grayscale textures; the anomalies carry a pasted square defect."""
+    test = np.concatenate([textures(30, 2), pasted_defects(textures(10, 3), 4)[0]])
+    return textures(60, 0), textures(20, 1), test, np.r_[np.zeros(30), np.ones(10)]
+
+
+@pytest.fixture(scope="module")
+def data_for(vectors, images):
+    """(train, val, test, labels) of the kind the detector reads."""
+    return lambda name: images if reads_images(name) else vectors
+
+
+@pytest.fixture(scope="module")
+def generated(vectors):
+    return vectors
+
+
+@pytest.fixture(scope="module")
+def fitted(data_for):
     """Each detector fitted once and shared by the tests below (training dominates the cost)."""
-    train, val, _, _ = generated
     cache = {}
 
     def get(name):
         if name not in cache:
+            train, val, _, _ = data_for(name)
             cache[name] = fast_detector(name).fit(train, val)
         return cache[name]
 
@@ -59,15 +84,16 @@ def fitted(generated):
 
 
 @pytest.mark.parametrize("name", available_detectors())
-def test_detector_learns_clear_anomalies(name, generated, fitted):
-    _, _, test, labels = generated
+def test_detector_learns_clear_anomalies(name, data_for, fitted):
+    _, _, test, labels = data_for(name)
     scores = fitted(name).score(test)
     assert scores.shape == (len(test),) and np.isfinite(scores).all()
     assert ranking_metrics(labels, scores)["auroc"] > 0.85, name
 
 
 @pytest.mark.parametrize("name", available_detectors())
-def test_detector_exports_with_parity_or_refuses(name, generated, fitted, tmp_path):
+def test_detector_exports_with_parity_or_refuses(name, data_for, fitted, tmp_path):
+    generated = data_for(name)
     test = generated[2]
     detector = fitted(name)
     if not detector.exportable:
@@ -93,18 +119,22 @@ def test_detector_exports_with_parity_or_refuses(name, generated, fitted, tmp_pa
 
 
 @pytest.mark.parametrize("name", available_detectors())
-def test_detector_rejects_bad_input(name, generated, fitted):
-    train = generated[0]
+def test_detector_rejects_bad_input(name, data_for, fitted):
+    train = data_for(name)[0]
     with pytest.raises(RuntimeError, match="call fit"):
         fast_detector(name).score(train[:3])
     poisoned = train.copy()
-    poisoned[5, 2] = np.nan
+    poisoned[5].flat[2] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         fast_detector(name).fit(poisoned)
     with pytest.raises(ValueError, match="must be a batch"):
         fast_detector(name).fit(train[0])
-    with pytest.raises(ValueError, match=r"shape \[5\].*fitted on rows of shape \[8\]"):
-        fitted(name).score(train[:4, :5])
+    if reads_images(name):  # one image side cut to 5 pixels
+        narrow, expected = train[:4, :, :5], r"shape \[1, 5, 32\].*rows of shape \[1, 32, 32\]"
+    else:
+        narrow, expected = train[:4, :5], r"shape \[5\].*fitted on rows of shape \[8\]"
+    with pytest.raises(ValueError, match=expected):
+        fitted(name).score(narrow)
     with pytest.raises(ValueError, match="must be numeric"):
         fitted(name).score(np.array([["a"] * 8]))
 

@@ -11,7 +11,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.neighbors import NearestNeighbors
 
 from normalcy.detectors import create_detector
-from normalcy.detectors.knn import greedy_coreset
+from normalcy.detectors.coreset import greedy_coreset
 from normalcy.export import export_onnx
 from normalcy.scoring import SCORE_NAME
 

@@ -6,14 +6,20 @@ import torch
 
 from normalcy.detectors import accepted_params, available_detectors, create_detector
 from normalcy.detectors.persistence import load_detector, save_detector
-from tests.test_detector_zoo import low_rank_data
+from tests.image_cases import textures
+from tests.test_detector_zoo import low_rank_data, reads_images
 
-TINY = {"epochs": 2, "seed": 0, "n_estimators": 10}
+TINY = {"epochs": 2, "seed": 0, "n_estimators": 10, "image_size": 32}
 
 
 @pytest.fixture(scope="module")
 def rows():
     return low_rank_data(200, 0), low_rank_data(60, 1), low_rank_data(40, 2)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return textures(20, 0), textures(5, 1), textures(6, 2)
 
 
 def tiny_detector(name: str, **params):
@@ -22,12 +28,12 @@ def tiny_detector(name: str, **params):
 
 
 @pytest.mark.parametrize("name", available_detectors())
-def test_save_then_load_gives_identical_scores_and_outputs(name, rows, tmp_path):
-    train, val, test = rows
+def test_save_then_load_gives_identical_scores_and_outputs(name, rows, images, tmp_path):
+    train, val, test = images if reads_images(name) else rows
     detector = tiny_detector(name).fit(train, val)
     path = save_detector(detector, tmp_path / "nested" / f"{name}.pt")
     record = torch.load(path, weights_only=True)  # plain containers only: nothing to unpickle
-    assert record["detector"] == name and record["input_shape"] == [8]
+    assert record["detector"] == name and record["input_shape"] == list(train.shape[1:])
     assert all(isinstance(value, torch.Tensor) for value in record["tensors"].values())
     loaded = load_detector(path)
     assert type(loaded) is type(detector)

@@ -1,4 +1,5 @@
-"""Data sources: sklearn digits (embedded default), npz, csv and parquet. Bad input fails here."""
+"""Data sources: sklearn digits (embedded default), npz, csv and parquet (image folders:
+`data.mvtec`). Bad input fails here."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """Features `X` (float32, `[n, d]` or `[n, c, h, w]`), optional 0/1 labels, names, row ids."""
+    """Features `X` (float32, `[n, d]` or `[n, c, h, w]`), optional 0/1 labels, names, row ids;
+    image folders add ground-truth `masks` and a defect name per row (never shown to `fit`)."""
 
     X: np.ndarray
     y: np.ndarray | None
@@ -27,6 +29,8 @@ class Dataset:
     source: str = ""
     times: np.ndarray | None = None  # float64 per row (dates as seconds), for time splits
     groups: np.ndarray | None = None  # a group id per row, for group splits
+    masks: np.ndarray | None = None  # uint8 0/1 [n, h, w] defect pixels (images with masks)
+    defects: np.ndarray | None = None  # str per row: "good" or the defect type (image folders)
 
     def __post_init__(self) -> None:
         if self.ids is None:
@@ -212,6 +216,13 @@ def check_source(params: DataParams) -> None:
     has unique column names including every one `data` names. Run before a flow starts, so
     these mistakes end in one message instead of a failed run."""
     if params.source == "sklearn_digits":
+        return
+    if params.source == "mvtec":
+        from normalcy.data.mvtec import check_folder  # it imports this module
+
+        check_folder(Path(params.path))
+        if params.validation_path:
+            check_folder(Path(params.validation_path), ("test",))
         return
     path = Path(params.path)
     check_file(path)

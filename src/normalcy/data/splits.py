@@ -22,11 +22,14 @@ SPLIT_NAMES = ("train", "val", "test", "holdout")
 @dataclass
 class Split:
     """One split: features, optional labels (never shown to a detector that does not use them),
-    and the source row ids, which the leakage check compares."""
+    and the source row ids, which the leakage check compares. Image folders add ground-truth
+    `masks` `[n, h, w]` and a defect name per row, for the metrics only (never for `fit`)."""
 
     X: np.ndarray
     y: np.ndarray | None
     ids: np.ndarray
+    masks: np.ndarray | None = None
+    defects: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.X)
@@ -238,15 +241,32 @@ def cap_contamination(
     return np.concatenate([normals, kept]), len(anomalies) - allowed
 
 
+def split_arrays(split: Split) -> dict[str, np.ndarray]:
+    """The arrays of a split file: X and ids, and y, masks and defects when present."""
+    arrays = {"X": split.X, "ids": split.ids}
+    for key in ("y", "masks", "defects"):
+        if getattr(split, key) is not None:
+            arrays[key] = getattr(split, key)
+    return arrays
+
+
+def load_split(path: Path) -> Split:
+    """What `split_arrays` wrote."""
+    with np.load(path, allow_pickle=False) as archive:
+        optional = {
+            k: archive[k] if k in archive.files else None for k in ("y", "masks", "defects")
+        }
+        return Split(
+            archive["X"], optional["y"], archive["ids"], optional["masks"], optional["defects"]
+        )
+
+
 def save_splits(splits: Splits, output_dir: str | Path, meta: dict) -> Path:
     """Write train/val/test .npz and meta.json: the prepared data set that DVC versions."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, split in splits.items():
-        arrays = {"X": split.X, "ids": split.ids}
-        if split.y is not None:
-            arrays["y"] = split.y
-        np.savez(output_dir / f"{name}.npz", **arrays)
+        np.savez(output_dir / f"{name}.npz", **split_arrays(split))
     (output_dir / "meta.json").write_text(
         json.dumps(
             {
@@ -280,10 +300,7 @@ def load_splits(output_dir: str | Path) -> Splits:
             "the prepare stage again"
         )
     for name in SPLIT_NAMES:
-        with np.load(output_dir / f"{name}.npz", allow_pickle=False) as archive:
-            parts[name] = Split(
-                archive["X"], archive["y"] if "y" in archive.files else None, archive["ids"]
-            )
+        parts[name] = load_split(output_dir / f"{name}.npz")
     return Splits(
         parts["train"],
         parts["val"],

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from normalcy.detectors.base import Detector, FitData, Prediction, under_prefix, with_prefix
+from normalcy.detectors.coreset import greedy_coreset
 from normalcy.detectors.networks import ScoringModule
 from normalcy.detectors.preprocessing import (
     build_preprocessing,
@@ -48,31 +49,6 @@ def squared_distances_to(
 def squared_distances(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """`[..., F]` x `[M, F]` -> `[..., M]` squared Euclidean distances (`squared_distances_to`)."""
     return squared_distances_to(x, *bank_constants(bank))
-
-
-def greedy_coreset(
-    rows: torch.Tensor, size: int, generator: torch.Generator, projection_dim: int | None = None
-) -> torch.Tensor:
-    """Indices of `size` rows chosen by greedy k-center (iterative farthest point) selection.
-
-    PatchCore (Roth et al. 2022, Alg. 1): start from a random row, then repeatedly add the row
-    farthest from the current coreset, which approximately minimises the largest distance from
-    any row to its nearest coreset member (a 2-approximation of the k-center optimum). Rows wider
-    than `projection_dim` are first mapped by a seeded Gaussian random projection, as PatchCore
-    does for speed (Johnson-Lindenstrauss keeps the distances approximately)."""
-    n = len(rows)
-    if size >= n:
-        return torch.arange(n)
-    if projection_dim is not None and rows.shape[1] > projection_dim:
-        projection = torch.randn(rows.shape[1], projection_dim, generator=generator)
-        rows = rows @ (projection / math.sqrt(projection_dim))
-    chosen = torch.empty(size, dtype=torch.long)
-    chosen[0] = int(torch.randint(n, (1,), generator=generator))
-    nearest = ((rows - rows[chosen[0]]) ** 2).sum(dim=1)
-    for i in range(1, size):
-        chosen[i] = int(torch.argmax(nearest))
-        nearest = torch.minimum(nearest, ((rows - rows[chosen[i]]) ** 2).sum(dim=1))
-    return chosen
 
 
 class KthNeighbourDistance(nn.Module):

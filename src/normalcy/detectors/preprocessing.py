@@ -48,15 +48,21 @@ class Affine(nn.Module):
 
 class ImagePreprocessing(nn.Module):
     """Raw images `[N, C, H, W]` (0..255) -> float / 255 -> optional bilinear resize to
-    `image_size` x `image_size` -> (x - mean_c) / std_c per channel."""
+    `image_size` x `image_size` -> (x - mean_c) / std_c per channel.
 
-    def __init__(self, input_shape: tuple[int, ...], image_size: int | None) -> None:
+    With `normalization: imagenet` a grayscale image is repeated into 3 channels first (as
+    PIL's `convert("RGB")` does), so an ImageNet backbone reads grayscale data."""
+
+    def __init__(
+        self, input_shape: tuple[int, ...], image_size: int | None, to_rgb: bool = False
+    ) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(
                 f"preprocessing 'image' needs rows [C, H, W], got rows of shape {list(input_shape)}"
             )
-        channels = input_shape[0]
+        self.to_rgb = bool(to_rgb and input_shape[0] == 1)
+        channels = 3 if self.to_rgb else input_shape[0]
         self.image_size = image_size
         self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
         self.register_buffer("std", torch.ones(1, channels, 1, 1))
@@ -67,6 +73,8 @@ class ImagePreprocessing(nn.Module):
         if self.image_size is not None:
             size = (self.image_size, self.image_size)
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if self.to_rgb:
+            x = x.expand(-1, 3, -1, -1)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,14 +124,20 @@ def _image_statistics(train: np.ndarray, module: ImagePreprocessing) -> tuple[np
     return mean, floored(std)
 
 
+def _build_image(
+    input_shape: tuple[int, ...], image_size: int | None = None, normalization: str = "data"
+) -> ImagePreprocessing:
+    return ImagePreprocessing(input_shape, image_size, to_rgb=normalization == "imagenet")
+
+
 def _image(train: np.ndarray, image_size: int | None = None, normalization: str = "data"):
-    module = ImagePreprocessing(train.shape[1:], image_size)
+    if normalization == "imagenet" and train.shape[1] not in (1, 3):
+        raise ValueError(
+            f"preprocessing 'image' with normalization 'imagenet' needs 3 channels (or 1, "
+            f"repeated into 3), got {train.shape[1]}"
+        )
+    module = _build_image(train.shape[1:], image_size, normalization)
     if normalization == "imagenet":
-        if train.shape[1] != 3:
-            raise ValueError(
-                f"preprocessing 'image' with normalization 'imagenet' needs 3 channels, got "
-                f"{train.shape[1]}"
-            )
         mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
     else:
         mean, std = _image_statistics(train, module)
@@ -150,12 +164,7 @@ PREPROCESSING: dict[str, Kind] = {
     "robust": Kind(_no_options, _robust),
     "minmax": Kind(_no_options, _minmax),
     "none": Kind(lambda input_shape: Identity(), lambda train: Identity()),
-    "image": Kind(
-        lambda input_shape, image_size=None, normalization="data": ImagePreprocessing(
-            input_shape, image_size
-        ),
-        _image,
-    ),
+    "image": Kind(_build_image, _image),
 }
 
 

@@ -1,0 +1,148 @@
+"""Choosing image detector params on validation data only: held-out train/good images, half of
+them with synthetic defects pasted in. The test folder is never read.
+
+    python benchmarks/image_validation.py --data-dir CATEGORY [--image-size 256]
+        --configs '[{"detector": "patchcore", "image_size": 256}, ...]' [--out FILE]
+
+A seeded fifth of train/good is held out; each config is fitted on the rest (torch, the same
+`fit` as the pipeline) and scored on the held-out images, of which every second one gets one
+synthetic defect: a dark or bright soft-edged ellipse (a hole or a spot), a thin dark polyline
+(a crack), or a rectangle cut from another held-out image (a misplaced piece). Masks come from
+the drawn shapes. Printed and written: image AUROC, pixel AUROC and AUPRO@0.3 per config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from quality_images import image_and_pixel_metrics
+
+from normalcy.data.mvtec import load_mvtec
+from normalcy.detectors import create_detector
+
+VALIDATION_FRACTION = 0.2
+DEFECT_KINDS = ("ellipse", "crack", "cutpaste")
+
+
+def ellipse(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Soft-edged ellipse weights in [0, 1] `[size, size]`, radii 1.5-5% of the side."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    cy, cx = rng.uniform(0.15, 0.85, size=2) * size
+    ry, rx = rng.uniform(0.015, 0.05, size=2) * size
+    angle = rng.uniform(0, np.pi)
+    dy, dx = yy - cy, xx - cx
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
+    return np.clip((1.2 - np.hypot(u, v)) / 0.4, 0, 1)
+
+
+def crack(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A thin random polyline (3-6 segments, 1-2.5 px half-width) as weights in [0, 1]."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    point = rng.uniform(0.2, 0.8, size=2) * size
+    direction = rng.uniform(0, 2 * np.pi)
+    width = rng.uniform(1.0, 2.5)
+    weights = np.zeros((size, size))
+    for _ in range(rng.integers(3, 7)):
+        direction += rng.normal(0, 0.6)
+        step = rng.uniform(0.03, 0.08) * size
+        end = point + step * np.array([np.sin(direction), np.cos(direction)])
+        for t in np.linspace(0, 1, int(step) + 2):
+            cy, cx = point + t * (end - point)
+            weights = np.maximum(weights, np.clip(width + 0.5 - np.hypot(yy - cy, xx - cx), 0, 1))
+        point = np.clip(end, 0, size - 1)
+    return weights
+
+
+def with_defect(
+    rng: np.random.Generator, image: np.ndarray, donor: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image `[C, S, S]` with one synthetic defect, its 0/1 mask `[S, S]`)."""
+    size = image.shape[-1]
+    kind = DEFECT_KINDS[rng.integers(len(DEFECT_KINDS))]
+    if kind == "cutpaste":
+        h, w = (rng.uniform(0.05, 0.15, size=2) * size).astype(int) + 2
+        top, left = rng.integers(0, size - h), rng.integers(0, size - w)
+        src_top, src_left = rng.integers(0, size - h), rng.integers(0, size - w)
+        weights = np.zeros((size, size))
+        weights[top : top + h, left : left + w] = 1
+        target = np.zeros_like(image)
+        target[:, top : top + h, left : left + w] = donor[
+            :, src_top : src_top + h, src_left : src_left + w
+        ] * rng.uniform(0.6, 1.4)
+    else:
+        weights = ellipse(rng, size) if kind == "ellipse" else crack(rng, size)
+        level = image.mean()
+        factor = rng.uniform(0.2, 0.6) if kind == "crack" or rng.random() < 0.6 else 1.6
+        target = np.full_like(image, np.clip(level * factor, 0, 255))
+    blended = image * (1 - weights) + target * weights
+    return np.clip(blended, 0, 255).astype(np.float32), (weights > 0.5).astype(np.uint8)
+
+
+def validation_set(
+    images: np.ndarray, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(fit images, validation images, labels, masks, defect kinds), all from train/good."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    n_val = max(2, int(round(VALIDATION_FRACTION * len(images))))
+    fit, val = images[np.sort(order[n_val:])], images[np.sort(order[:n_val])].copy()
+    size = val.shape[-1]
+    masks = np.zeros((len(val), size, size), dtype=np.uint8)
+    labels = np.zeros(len(val), dtype=int)
+    kinds = np.array(["good"] * len(val), dtype=object)
+    for i in range(1, len(val), 2):
+        val[i], masks[i] = with_defect(rng, val[i], val[(i + 1) % len(val)])
+        labels[i] = int(masks[i].any())
+        kinds[i] = "synthetic" if labels[i] else "good"
+    return fit, val, labels, masks, kinds.astype(str)
+
+
+def evaluate(config: dict[str, Any], fit: np.ndarray, val: tuple) -> dict[str, Any]:
+    params = dict(config)
+    name = params.pop("detector")
+    images, labels, masks, kinds = val
+    start = time.perf_counter()
+    detector = create_detector(name, **params).fit(fit)
+    fit_seconds = time.perf_counter() - start
+    out = detector.predict(images)
+    metrics = image_and_pixel_metrics(out["score"], out["anomaly_map"], labels, masks, kinds)
+    metrics.pop("per_defect")
+    return {"config": config, **metrics, "fit_seconds": fit_seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True, help="one category folder")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--configs", type=json.loads, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train = load_mvtec(args.data_dir, "train", args.image_size)
+    fit, images, labels, masks, kinds = validation_set(train.X, args.seed)
+    logging.info(
+        "fit %d images, validation %d (%d with defects)", len(fit), len(images), labels.sum()
+    )
+    rows = []
+    for config in args.configs:
+        row = evaluate(config, fit, (images, labels, masks, kinds))
+        rows.append(row)
+        print(
+            f"{json.dumps(row['config'])}: image_auroc {row['image_auroc']:.3f} pixel_auroc "
+            f"{row['pixel_auroc']:.3f} aupro {row['aupro']:.3f} fit {row['fit_seconds']:.0f}s",
+            flush=True,
+        )
+        if args.out:
+            args.out.write_text(json.dumps({"image_size": args.image_size, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

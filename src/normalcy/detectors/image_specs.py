@@ -1,0 +1,72 @@
+"""Params specs of the detectors on backbone features (`patchcore`, `padim`), torch-free like
+`specs.py`, which imports this module so that every spec is known wherever specs are."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Le, MinLen
+
+from normalcy.detectors.specs import (
+    DetectorSpec,
+    Expect,
+    Int,
+    NonNegativeFloat,
+    ParamProblem,
+    PositiveFloat,
+    PositiveInt,
+    UnitFraction,
+    spec,
+)
+
+Stage = Annotated[Int, Ge(0), Le(4)]
+
+
+class BackboneSpec(DetectorSpec):
+    """A frozen timm backbone's stages, its weight source, the input size, the patch features."""
+
+    backbone: str = "efficientnet_lite0"
+    stages: Annotated[
+        list[Stage],
+        MinLen(1),
+        Expect("a non-empty increasing list of backbone stages, each in [0, 4]"),
+    ] = [2, 3]
+    weights: Literal["pretrained", "random"] = "pretrained"
+    weights_path: str | None = None
+    image_size: Annotated[Int, Ge(16)] = 256
+    neighbourhood: PositiveInt = 3
+    feature_dim: PositiveInt | None = None
+    blur_sigma: NonNegativeFloat = 4.0
+    batch_size: PositiveInt = 8
+    seed: Int = 0
+
+    def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
+        problems = []
+        if list(self.stages) != sorted(set(self.stages)):
+            problems.append(
+                ParamProblem("stages", f"must be increasing without repeats, got {self.stages}")
+            )
+        if self.neighbourhood % 2 == 0:
+            problems.append(
+                ParamProblem(
+                    "neighbourhood",
+                    f"must be odd (a window centred on its patch), got {self.neighbourhood}",
+                )
+            )
+        return problems
+
+
+@spec("patchcore")
+class PatchCoreSpec(BackboneSpec):
+    coreset_fraction: UnitFraction = 0.01
+    projection_dim: PositiveInt | None = 128
+    image_score: Literal["max", "reweighted"] = "max"
+    reweight_neighbours: Annotated[Int, Ge(2)] = 9
+
+
+@spec("padim")
+class PaDiMSpec(BackboneSpec):
+    random_channels: PositiveInt = 100
+    covariance_eps: PositiveFloat = 0.01
+    neighbourhood: PositiveInt = 1

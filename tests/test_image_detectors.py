@@ -1,0 +1,119 @@
+"""PatchCore and PaDiM on synthetic textures: maps at the input resolution that find the pasted
+defect, the bank and Gaussians as graph constants, the reweighted score exported, RGB input, and
+the params each refuses."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from normalcy.detectors import create_detector
+from normalcy.detectors.image_features import GaussianBlur, gaussian_kernel
+from normalcy.detectors.registry import DetectorParamsError
+from normalcy.export import export_onnx, parity_check
+from tests.image_cases import pasted_defects, textures
+
+SMALL = {"image_size": 64}
+
+
+@pytest.fixture(scope="module")
+def case():
+    defective, masks = pasted_defects(textures(12, 3), 4)
+    return textures(40, 0), textures(12, 1), defective, masks
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_maps_are_at_the_input_size_and_find_the_defect(name, case):
+    train, normal, defective, masks = case
+    detector = create_detector(name, **SMALL).fit(train)
+    out = detector.predict(np.concatenate([normal, defective]))
+    assert out["anomaly_map"].shape == (24, 32, 32)
+    np.testing.assert_allclose(out["score"], detector.score(np.concatenate([normal, defective])))
+    labels = np.r_[np.zeros(12), np.ones(12)]
+    assert roc_auc_score(labels, out["score"]) > 0.9
+    assert roc_auc_score(masks.ravel(), out["anomaly_map"][12:].ravel()) > 0.8
+
+
+def test_patchcore_bank_is_a_coreset_buffer_of_the_graph(case):
+    train = case[0]
+    detector = create_detector("patchcore", coreset_fraction=0.05, **SMALL).fit(train)
+    patches_per_image = 8 * 8  # stage 2 of efficientnet_lite0 has stride 8: 64 px -> 8 x 8
+    assert len(detector.bank) == math.ceil(0.05 * len(train) * patches_per_image)
+    buffers = dict(detector.scoring_module().named_buffers())
+    bank_sq = next(value for key, value in buffers.items() if key.endswith("bank_sq"))
+    torch.testing.assert_close(bank_sq, (detector.bank**2).sum(dim=1))
+    assert not any(p.requires_grad for p in detector.scoring_module().parameters())
+
+
+def test_reweighted_patchcore_exports_with_parity(case, tmp_path):
+    train, normal, defective, _ = case
+    detector = create_detector("patchcore", image_score="reweighted", **SMALL).fit(train)
+    plain = create_detector("patchcore", **SMALL).fit(train)
+    test = np.concatenate([normal, defective])
+    weighted = detector.score(test)
+    # The paper's eq. 7 by cdist: the worst patch's distance times 1 - softmax of its distances
+    # to the 9 bank neighbours (itself first) of its nearest bank member.
+    rows = detector.patch_features(test).flatten(2).transpose(1, 2)
+    bank = detector.bank
+    distances = torch.cdist(rows, bank.unsqueeze(0).expand(len(rows), -1, -1))
+    nearest_distance, nearest = distances.min(dim=2)
+    worst_score, worst = nearest_distance.max(dim=1)
+    member = nearest[torch.arange(len(rows)), worst]
+    support = torch.cdist(bank[member], bank).topk(9, largest=False).indices
+    worst_rows = rows[torch.arange(len(rows)), worst]
+    to_support = (bank[support] - worst_rows.unsqueeze(1)).norm(dim=2)
+    expected = worst_score * (1 - torch.softmax(to_support, dim=1)[:, 0])
+    np.testing.assert_allclose(weighted, expected.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(plain.score(test), worst_score.numpy(), rtol=1e-4)
+    np.testing.assert_array_equal(
+        detector.predict(test)["anomaly_map"], plain.predict(test)["anomaly_map"]
+    )
+    module = detector.scoring_module()
+    threshold = float(np.median(weighted))  # between two scores: no tie decides parity
+    path = export_onnx(module, threshold, test[:2], tmp_path / "reweighted.onnx")
+    report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()
+
+
+def test_rgb_images_are_read_as_rgb(case):
+    train = np.repeat(case[0], 3, axis=1)
+    train[:, 0] *= 0.5  # a colour cast, so the channels differ
+    detector = create_detector("padim", random_channels=20, **SMALL).fit(train)
+    assert detector.predict(train[:2])["anomaly_map"].shape == (2, 32, 32)
+    with pytest.raises(ValueError, match=r"with C = 1 or 3 \(raw 0..255\), got shape \[40, 2"):
+        create_detector("padim", **SMALL).fit(train[:, :2])
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("patchcore", {"stages": [3, 2]}, "stages must be increasing"),
+        ("patchcore", {"stages": [5]}, "stages must be a non-empty increasing list"),
+        ("patchcore", {"neighbourhood": 2}, "neighbourhood must be odd"),
+        ("patchcore", {"coreset_fraction": 0.0}, r"coreset_fraction must be in \(0, 1\]"),
+        ("patchcore", {"image_score": "mean"}, r"image_score must be one of \['max', 'reweighted'"),
+        ("patchcore", {"weights": "imagenet"}, r"weights must be one of \['pretrained', 'random'"),
+        ("padim", {"covariance_eps": 0}, "covariance_eps must be > 0"),
+        ("padim", {"image_size": 8}, "image_size must be an integer >= 16"),
+    ],
+)
+def test_bad_params_are_refused_before_any_work(name, params, message):
+    with pytest.raises(DetectorParamsError, match=message):
+        create_detector(name, **params)
+
+
+def test_blur_keeps_a_constant_map_and_spreads_a_peak():
+    assert torch.equal(gaussian_kernel(0.0, 10), torch.ones(1))
+    kernel = gaussian_kernel(2.0, 100)
+    assert len(kernel) == 2 * 8 + 1 and abs(float(kernel.sum()) - 1) < 1e-6
+    assert len(gaussian_kernel(2.0, 3)) == 7  # reflect padding needs a radius below the size
+    blur = GaussianBlur(2.0, 1.0, (32, 32))
+    constant = torch.full((1, 1, 32, 32), 3.0)
+    torch.testing.assert_close(blur(constant), constant)
+    peak = torch.zeros(1, 1, 32, 32)
+    peak[0, 0, 16, 16] = 1.0
+    blurred = blur(peak)
+    assert abs(float(blurred.sum()) - 1.0) < 1e-5 and float(blurred.max()) < 0.1
+    assert float(blurred[0, 0, 20, 16]) > float(blurred[0, 0, 16, 20])  # wider along rows
