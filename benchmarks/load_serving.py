@@ -17,7 +17,9 @@ p50_ms, p99_ms, in_process_rows_per_s (onnxruntime in this process, batch 1, sam
 the CPU seconds the server (all its processes) and the load generator used during the run:
 they share this machine's cores, so `client_cpu_share` says how much of the machine the
 generator itself took, and `requests_per_server_cpu_s` is the server's cost per request
-whatever else runs beside it. Compare configurations of one run: the machine may be shared.
+whatever else runs beside it; and `app_cpu_us_per_request`: CPU per single-row request
+through the ASGI app in-process, one at a time, no sockets (the service's own Python cost).
+Compare configurations of one run: the machine may be shared.
 """
 
 from __future__ import annotations
@@ -100,6 +102,63 @@ def generate_load(
     cpu = time.process_time()
     out = asyncio.run(_drive(port, request, clients, seconds, max_requests))
     results.put((out["latencies"], out["errors"], out["wall_s"], time.process_time() - cpu))
+
+
+# --- the app alone, without a network ----------------------------------------------------------
+
+
+def app_cpu_us_per_request(model: Path, row: list, batching: bool, n: int = 3000) -> float:
+    """CPU microseconds per single-row POST /score through the ASGI app in this process, one
+    request at a time, no sockets: what the service's own Python costs per request."""
+    from normalcy.scoring import SessionSettings
+    from normalcy.serving import BatchOptions, create_app
+
+    app = create_app(
+        model,
+        settings=SessionSettings(intra_op_threads=1),
+        batching=BatchOptions(window_ms=0) if batching else None,
+    )
+    body = json.dumps({"instances": [row]}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/score",
+        "raw_path": b"/score",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def one() -> None:
+        status = []
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await app(scope, receive, send)
+        if status != [200]:
+            raise RuntimeError(f"POST /score answered {status}")
+
+    async def run() -> float:
+        async with app.router.lifespan_context(app):
+            for _ in range(200):
+                await one()
+            started = time.process_time()
+            for _ in range(n):
+                await one()
+            return (time.process_time() - started) / n * 1e6
+
+    return asyncio.run(run())
 
 
 # --- one configuration -----------------------------------------------------------------------
@@ -250,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         name = session.get_inputs()[0].name
         one = X[:1]
         in_process = float(1e3 / latencies_ms(lambda: session.run(None, {name: one})).mean())
+        app_us = {b: app_cpu_us_per_request(model, X[0].tolist(), b) for b in (False, True)}
         plan = [(f"1 worker, {args.baseline_clients} client(s)", args.baseline_clients, 1, None)]
         plan += [
             (label, args.clients, workers, args.batch_window_ms if batching else None)
@@ -259,10 +319,18 @@ def main(argv: list[str] | None = None) -> int:
             result = measure(
                 model, X[0].tolist(), workers, window, clients, args.seconds, args.max_requests
             )
-            result |= {"label": label, "in_process_rows_per_s": in_process}
+            result |= {
+                "label": label,
+                "in_process_rows_per_s": in_process,
+                "app_cpu_us_per_request": app_us[window is not None],
+            }
             rows.append(result)
             print(f"{label}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.2f} ms")
     print(f"\nin-process onnxruntime, batch 1, 1 thread: {in_process:.0f} rows/s")
+    print(
+        f"the app alone (ASGI, no sockets, one request at a time): {app_us[False]:.0f} us CPU "
+        f"per request, {app_us[True]:.0f} us with batching on (batches of one)"
+    )
     print(f"load average at the end: {os.getloadavg()} on {psutil.cpu_count()} CPUs")
     print_table(rows)
     for r in rows:
