@@ -285,6 +285,7 @@ def test_a_failing_request_in_a_batch_fails_alone_and_the_queue_is_bounded(model
 
 def test_worker_threads_keep_workers_times_threads_within_the_cpus() -> None:
     assert worker_threads(1, cpus=8) == 8
+    assert worker_threads(1, override=16, cpus=8) == 16  # one process: the override as given
     assert worker_threads(2, cpus=8) == 4
     assert worker_threads(3, cpus=8) == 2
     assert worker_threads(2, override=2, cpus=4) == 2
@@ -330,3 +331,21 @@ def test_two_workers_serve_and_metrics_sum_over_both(model, tmp_path) -> None:
     labels = {"path": "/score", "status": "200"}
     assert metric(text, "normalcy_http_requests_total", **labels) == 40
     assert metric(text, "normalcy_scored_rows_total") == 40
+
+
+def test_serve_refuses_bad_settings_before_starting(model, tmp_path, monkeypatch, capsys) -> None:
+    from normalcy.cli import main
+
+    (tmp_path / "params.yaml").write_text("scoring: {}\n")
+    base = ["serve", "--model", str(model["path"]), "--params", str(tmp_path / "params.yaml")]
+    monkeypatch.delenv("UNSET_SERVE_TOKEN", raising=False)
+    cases = [
+        (["--token-env", "UNSET_SERVE_TOKEN"], "environment variable UNSET_SERVE_TOKEN is not set"),
+        (["--workers", "2", "--intra-op-threads", "999"], "available CPUs"),
+        (["--workers", "0"], "--workers"),
+        (["--batch-window-ms", "-1"], "--batch-window-ms"),
+        (["--max-body-bytes", "0"], "--max-body-bytes"),
+    ]
+    for flags, message in cases:
+        assert main([*base, *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
