@@ -43,6 +43,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_scoring import latencies_ms, load_data, train_and_export  # noqa: E402
 
+from normalcy.serving.server import wait_until_healthy  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [  # (label, workers, micro-batching on)
     ("1 worker", 1, False),
@@ -175,21 +177,6 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return total
 
 
-def _wait_ready(port: int, server: subprocess.Popen) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"normalcy serve did not start: {server.stderr.read()}")
-        time.sleep(0.2)
-
-
 def measure(
     model: Path,
     row: list,
@@ -213,7 +200,7 @@ def measure(
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     try:
-        _wait_ready(port, server)
+        wait_until_healthy(f"http://127.0.0.1:{port}", server)
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         warmup = (port, request, clients, 1.0, 2000, queue)

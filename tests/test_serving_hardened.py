@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,6 +24,7 @@ from normalcy.scoring import SCORE_NAME, SessionSettings, load_session, score_ou
 from normalcy.serving import BatchOptions, create_app, load_model
 from normalcy.serving.auth import token_from_env
 from normalcy.serving.batching import MicroBatcher, group_by_model, split_outputs
+from normalcy.serving.server import wait_until_healthy
 from normalcy.threads import worker_threads
 from tests.test_scoring import FEATURES, export_model
 from tests.test_serving import records, running
@@ -310,16 +311,8 @@ def test_two_workers_serve_and_metrics_sum_over_both(model, tmp_path) -> None:
     server = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)  # noqa: S603
     headers = {"Authorization": "Bearer tok"}
     try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", server)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert server.poll() is None and time.monotonic() < deadline, "no server"
-                time.sleep(0.2)
             for _ in range(40):  # new connections: the kernel spreads them over both workers
                 with httpx.Client(base_url=client.base_url, timeout=30) as one:
                     body = {"records": records(model["X"][:1])}
@@ -349,3 +342,21 @@ def test_serve_refuses_bad_settings_before_starting(model, tmp_path, monkeypatch
     for flags, message in cases:
         assert main([*base, *flags]) == 2, flags
         assert message in capsys.readouterr().err, flags
+
+
+@pytest.mark.integration
+def test_load_benchmark_measures_a_configuration(model) -> None:
+    """benchmarks/load_serving.py's interface: the JSON keys of one configuration, from a
+    short run against a real `normalcy serve` (a figure of speed is not asserted)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import load_serving
+    finally:
+        sys.path.pop(0)
+    row = model["X"][0].tolist()
+    result = load_serving.measure(model["path"], row, 1, 1.0, 4, 0.5, 400)
+    assert {"clients", "requests", "errors", "rps", "p50_ms", "p99_ms"} <= set(result)
+    assert result["clients"] == 4 and result["errors"] == 0
+    assert 0 < result["requests"] <= 400 and result["rps"] > 0
+    assert result["p50_ms"] <= result["p99_ms"] and result["client_cpu_s"] > 0
+    assert load_serving.app_cpu_us_per_request(model["path"], row, batching=True, n=50) > 0
