@@ -24,15 +24,20 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
-from normalcy.scoring import InputSpec, SessionSettings, score_outputs
+from normalcy.scoring import InputSpec, SessionSettings
 from normalcy.scoring.prediction_log import PredictionLog
 from normalcy.serving.auth import BearerAuth
 from normalcy.serving.batching import MicroBatcher
 from normalcy.serving.limits import DEFAULT_MAX_BODY_BYTES, read_body
 from normalcy.serving.metrics import CONTENT_TYPE, MetricsMiddleware, ServiceMetrics
-from normalcy.serving.models import LoadedModel, ModelStore
+from normalcy.serving.models import ModelStore
 from normalcy.serving.openapi import document
-from normalcy.serving.responses import build_response, encode_response, prepare_request
+from normalcy.serving.responses import (
+    build_response,
+    encode_response,
+    prepare_request,
+    score_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +65,6 @@ def _spec_json(spec: InputSpec) -> dict[str, Any]:
         "feature_names": list(spec.feature_names),
         "id_column": spec.id_column,
     }
-
-
-def _score_alone(
-    model: LoadedModel, body: bytes, max_rows: int, prediction_log: PredictionLog | None
-) -> dict[str, Any]:
-    job = prepare_request(model, body, max_rows)
-    outputs = score_outputs(model.session, job.X, names=list(job.names))
-    return build_response(model, job, outputs, prediction_log)
 
 
 def create_app(
@@ -132,7 +129,9 @@ def create_app(
         inline = len(body) <= INLINE_BODY_BYTES
         if batcher is None:
             args = (model, body, max_batch, prediction_log)
-            answer = _score_alone(*args) if inline else await run_in_threadpool(_score_alone, *args)
+            answer = (
+                score_request(*args) if inline else await run_in_threadpool(score_request, *args)
+            )
         else:
             job = (
                 prepare_request(model, body, max_batch)
