@@ -148,7 +148,7 @@ def test_schemathesis_finds_no_server_error(model) -> None:
     strategy = st.one_of([op.as_strategy(mode) for op in operations for mode in GenerationMode])
 
     @settings(
-        max_examples=60,
+        max_examples=40,
         deadline=None,
         derandomize=True,
         database=None,
@@ -161,7 +161,7 @@ def test_schemathesis_finds_no_server_error(model) -> None:
         case.validate_response(response, checks=checks)
 
     fuzz()
-    assert len(statuses) >= 30 and max(statuses) < 500
+    assert len(statuses) >= 20 and max(statuses) < 500
     assert {200, 422} <= set(statuses), sorted(set(statuses))
 
 
