@@ -360,3 +360,35 @@ def test_load_benchmark_measures_a_configuration(model) -> None:
     assert 0 < result["requests"] <= 400 and result["rps"] > 0
     assert result["p50_ms"] <= result["p99_ms"] and result["client_cpu_s"] > 0
     assert load_serving.app_cpu_us_per_request(model["path"], row, batching=True, n=50) > 0
+
+
+def test_the_app_itself_answers_400_to_a_content_length_that_is_not_a_number(model) -> None:
+    """uvicorn refuses such a header before the app (the socket test above); another ASGI
+    server may pass it through, and then the app must say 400 itself."""
+    app = create_app(model["path"])
+    sent: list[dict] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/score",
+        "raw_path": b"/score",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-length", b"ten")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    app.state.store.stop()
+    assert sent[0]["status"] == 400
+    assert "Content-Length 'ten' is not a whole number" in json.loads(sent[1]["body"])["detail"]
