@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,6 +24,7 @@ from normalcy.scoring import SCORE_NAME, SessionSettings, load_session, score_ou
 from normalcy.serving import BatchOptions, create_app, load_model
 from normalcy.serving.auth import token_from_env
 from normalcy.serving.batching import MicroBatcher, group_by_model, split_outputs
+from normalcy.serving.server import wait_until_healthy
 from normalcy.threads import worker_threads
 from tests.test_scoring import FEATURES, export_model
 from tests.test_serving import records, running
@@ -147,7 +148,7 @@ def test_schemathesis_finds_no_server_error(model) -> None:
     strategy = st.one_of([op.as_strategy(mode) for op in operations for mode in GenerationMode])
 
     @settings(
-        max_examples=60,
+        max_examples=40,
         deadline=None,
         derandomize=True,
         database=None,
@@ -160,7 +161,7 @@ def test_schemathesis_finds_no_server_error(model) -> None:
         case.validate_response(response, checks=checks)
 
     fuzz()
-    assert len(statuses) >= 30 and max(statuses) < 500
+    assert len(statuses) >= 20 and max(statuses) < 500
     assert {200, 422} <= set(statuses), sorted(set(statuses))
 
 
@@ -285,6 +286,7 @@ def test_a_failing_request_in_a_batch_fails_alone_and_the_queue_is_bounded(model
 
 def test_worker_threads_keep_workers_times_threads_within_the_cpus() -> None:
     assert worker_threads(1, cpus=8) == 8
+    assert worker_threads(1, override=16, cpus=8) == 16  # one process: the override as given
     assert worker_threads(2, cpus=8) == 4
     assert worker_threads(3, cpus=8) == 2
     assert worker_threads(2, override=2, cpus=4) == 2
@@ -309,16 +311,8 @@ def test_two_workers_serve_and_metrics_sum_over_both(model, tmp_path) -> None:
     server = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)  # noqa: S603
     headers = {"Authorization": "Bearer tok"}
     try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", server)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert server.poll() is None and time.monotonic() < deadline, "no server"
-                time.sleep(0.2)
             for _ in range(40):  # new connections: the kernel spreads them over both workers
                 with httpx.Client(base_url=client.base_url, timeout=30) as one:
                     body = {"records": records(model["X"][:1])}
@@ -330,3 +324,71 @@ def test_two_workers_serve_and_metrics_sum_over_both(model, tmp_path) -> None:
     labels = {"path": "/score", "status": "200"}
     assert metric(text, "normalcy_http_requests_total", **labels) == 40
     assert metric(text, "normalcy_scored_rows_total") == 40
+
+
+def test_serve_refuses_bad_settings_before_starting(model, tmp_path, monkeypatch, capsys) -> None:
+    from normalcy.cli import main
+
+    (tmp_path / "params.yaml").write_text("scoring: {}\n")
+    base = ["serve", "--model", str(model["path"]), "--params", str(tmp_path / "params.yaml")]
+    monkeypatch.delenv("UNSET_SERVE_TOKEN", raising=False)
+    cases = [
+        (["--token-env", "UNSET_SERVE_TOKEN"], "environment variable UNSET_SERVE_TOKEN is not set"),
+        (["--workers", "2", "--intra-op-threads", "999"], "available CPUs"),
+        (["--workers", "0"], "--workers"),
+        (["--batch-window-ms", "-1"], "--batch-window-ms"),
+        (["--max-body-bytes", "0"], "--max-body-bytes"),
+    ]
+    for flags, message in cases:
+        assert main([*base, *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+
+
+@pytest.mark.integration
+def test_load_benchmark_measures_a_configuration(model) -> None:
+    """benchmarks/load_serving.py's interface: the JSON keys of one configuration, from a
+    short run against a real `normalcy serve` (a figure of speed is not asserted)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import load_serving
+    finally:
+        sys.path.pop(0)
+    row = model["X"][0].tolist()
+    result = load_serving.measure(model["path"], row, 1, 1.0, 4, 0.5, 400)
+    assert {"clients", "requests", "errors", "rps", "p50_ms", "p99_ms"} <= set(result)
+    assert result["clients"] == 4 and result["errors"] == 0
+    assert 0 < result["requests"] <= 400 and result["rps"] > 0
+    assert result["p50_ms"] <= result["p99_ms"] and result["client_cpu_s"] > 0
+    assert load_serving.app_cpu_us_per_request(model["path"], row, batching=True, n=50) > 0
+
+
+def test_the_app_itself_answers_400_to_a_content_length_that_is_not_a_number(model) -> None:
+    """uvicorn refuses such a header before the app (the socket test above); another ASGI
+    server may pass it through, and then the app must say 400 itself."""
+    app = create_app(model["path"])
+    sent: list[dict] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/score",
+        "raw_path": b"/score",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-length", b"ten")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    app.state.store.stop()
+    assert sent[0]["status"] == 400
+    assert "Content-Length 'ten' is not a whole number" in json.loads(sent[1]["body"])["detail"]

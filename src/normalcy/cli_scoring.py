@@ -146,6 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         batching=batching,
         token_env=args.token_env,
         workers=scoring.workers,
+        log_level=args.log_level,
     )
 
 
@@ -284,6 +285,12 @@ def add_scoring_commands(add: AddCommand) -> None:
         default=None,
         help="requests that may wait for a micro-batch; more get HTTP 503 (default "
         "scoring.batch_queue)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level; below info, no access log line per request (default info)",
     )
     serve.add_argument(
         "--token-env",

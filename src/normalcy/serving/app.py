@@ -20,18 +20,24 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
 
-from normalcy.scoring import InputSpec, SessionSettings, score_outputs
+from normalcy.scoring import InputSpec, SessionSettings
 from normalcy.scoring.prediction_log import PredictionLog
 from normalcy.serving.auth import BearerAuth
 from normalcy.serving.batching import MicroBatcher
 from normalcy.serving.limits import DEFAULT_MAX_BODY_BYTES, read_body
 from normalcy.serving.metrics import CONTENT_TYPE, MetricsMiddleware, ServiceMetrics
-from normalcy.serving.models import LoadedModel, ModelStore
+from normalcy.serving.models import ModelStore
 from normalcy.serving.openapi import document
-from normalcy.serving.responses import build_response, prepare_request
+from normalcy.serving.responses import (
+    build_response,
+    encode_response,
+    prepare_request,
+    score_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +65,6 @@ def _spec_json(spec: InputSpec) -> dict[str, Any]:
         "feature_names": list(spec.feature_names),
         "id_column": spec.id_column,
     }
-
-
-def _score_alone(
-    model: LoadedModel, body: bytes, max_rows: int, prediction_log: PredictionLog | None
-) -> dict[str, Any]:
-    job = prepare_request(model, body, max_rows)
-    outputs = score_outputs(model.session, job.X, names=list(job.names))
-    return build_response(model, job, outputs, prediction_log)
 
 
 def create_app(
@@ -123,21 +121,17 @@ def create_app(
     app.state.store = store
     app.state.metrics = metrics
 
-    @app.post("/score")
-    async def score(request: Request) -> JSONResponse:
-        """Scores for `records` or `instances`; 422 names the field that is wrong.
-
-        Body: `{"records": [{feature: value, ...}, ...]}` or `{"instances": [[value, ...],
-        ...]}`, optionally `"anomaly_map": true` (image models that have one) and `"explain":
-        K` (models with per-feature contributions: adds `top1_feature, top1_contribution, ...,
-        topK_feature, topK_contribution`, largest contribution first; 422 when the model has
-        none or K is outside 1..d). A body over the size limit gets 413 before it is parsed."""
+    async def score(request: Request) -> Response:
+        """POST /score (documented in `openapi`). A plain Starlette route: FastAPI's dependency
+        resolution and response serialisation would cost more than the scoring of one row."""
         model = store.current  # one snapshot per request: a reload never changes it midway
         body = await read_body(request, max_body_bytes)
         inline = len(body) <= INLINE_BODY_BYTES
         if batcher is None:
             args = (model, body, max_batch, prediction_log)
-            answer = _score_alone(*args) if inline else await run_in_threadpool(_score_alone, *args)
+            answer = (
+                score_request(*args) if inline else await run_in_threadpool(score_request, *args)
+            )
         else:
             job = (
                 prepare_request(model, body, max_batch)
@@ -147,7 +141,9 @@ def create_app(
             outputs = await batcher.score(model, job.X, job.names)
             answer = build_response(model, job, outputs, prediction_log)
         metrics.rows.inc(len(answer["score"]))
-        return JSONResponse(answer)
+        return Response(encode_response(answer), media_type="application/json")
+
+    app.router.routes.insert(0, Route("/score", score, methods=["POST"]))  # matched first
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -62,6 +62,14 @@ def score_body_schema(spec: InputSpec, max_rows: int) -> dict[str, Any]:
     }
 
 
+SCORE_DESCRIPTION = """Scores for `records` or `instances`; 422 names the field that is wrong.
+
+Body: `{"records": [{feature: value, ...}, ...]}` or `{"instances": [[value, ...], ...]}`,
+optionally `"anomaly_map": true` (image models that have one) and `"explain": K` (models with
+per-feature contributions: adds `top1_feature, top1_contribution, ..., topK_feature,
+topK_contribution`, largest contribution first; 422 when the model has none or K is outside
+1..d). A body over the size limit gets 413 before it is parsed."""
+
 SCORE_RESPONSE_SCHEMA = {
     "type": "object",
     "description": "every graph output by name, one entry per row, and the model version",
@@ -75,12 +83,36 @@ SCORE_RESPONSE_SCHEMA = {
 }
 
 
+def score_operation() -> dict[str, Any]:
+    """POST /score: the app serves it as a plain route, so it is described here in full."""
+    return {
+        "summary": "Score rows",
+        "operationId": "score",
+        "description": SCORE_DESCRIPTION,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "one entry per row in every output, and the model version",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ScoreResponse"}}
+                },
+            }
+        },
+    }
+
+
 def document(schema: dict[str, Any], spec: InputSpec, max_rows: int, auth: bool) -> None:
     """Add the /score body, the response and error schemas (and bearer auth) to `schema`."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["Error"] = ERROR_SCHEMA
     components["ScoreRequest"] = score_body_schema(spec, max_rows)
     components["ScoreResponse"] = SCORE_RESPONSE_SCHEMA
+    schema["paths"]["/score"] = {"post": score_operation()}
     error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for path, codes in ROUTE_ERRORS.items():
         for operation in schema["paths"].get(path, {}).values():
@@ -91,13 +123,5 @@ def document(schema: dict[str, Any], spec: InputSpec, max_rows: int, auth: bool)
                     responses[str(code)] = {"description": ERRORS[code], "content": error_ref}
             if auth:
                 operation["security"] = [{"bearer": []}]
-    score = schema["paths"]["/score"]["post"]
-    score["requestBody"] = {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
-    }
-    score["responses"]["200"]["content"] = {
-        "application/json": {"schema": {"$ref": "#/components/schemas/ScoreResponse"}}
-    }
     if auth:
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

@@ -14,7 +14,10 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
+import time
+import urllib.request
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -146,3 +149,22 @@ def serve(
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """Poll `url`/health until it answers 200 (a `normalcy serve` started as `process`);
+    RuntimeError with the process's stderr when it exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:  # noqa: S310
+                if answer.status == 200:
+                    return
+        except OSError:  # refused while it starts (URLError is an OSError)
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                process.kill()
+            stderr = process.communicate(timeout=30)[1] if process.stderr else ""
+            raise RuntimeError(f"normalcy serve did not start at {url}: {stderr}")
+        time.sleep(0.2)
