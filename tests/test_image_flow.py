@@ -17,6 +17,7 @@ from normalcy.scoring import load_session, score_outputs
 from tests.image_folders import make_mvtec_folder
 from tests.pixel_detector import NAME
 from tests.test_flows import client_for, git_repo, write_params
+from tests.test_scoring_outputs import run_without_torch
 
 IMAGE_PARAMS = {
     "train": {"candidates": [NAME]},
@@ -130,3 +131,15 @@ def test_score_writes_raw_maps_to_npz(image_model, tmp_path):
     (taken / "other.txt").write_text("keep me")
     assert main([*argv, "--maps", str(taken), "--quiet"]) == 2
     assert (taken / "other.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_image_folder_scores_with_maps_without_torch(image_model, tmp_path):
+    model, folder = image_model
+    argv = ["score", "--model", str(model), "--input", str(folder / "test" / "good")]
+    maps = tmp_path / "maps"
+    done = run_without_torch([*argv, "--output", "s.csv", "--maps", str(maps)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "torch loaded: False" in done.stdout
+    assert len(list(maps.glob("*.png"))) == len(list((folder / "test" / "good").iterdir()))
