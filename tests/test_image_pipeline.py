@@ -11,7 +11,9 @@ from normalcy.data.image_splits import VALIDATION_PREFIX, split_image_folder
 from normalcy.data.sources import DataError, check_source
 from normalcy.data.splits import load_splits, save_splits
 from normalcy.detectors.registry import create_detector
+from normalcy.drift import detect_drift
 from normalcy.evaluation.localization import localization, overlay_picks
+from normalcy.monitoring import drift_features
 from normalcy.pipeline import clean
 from normalcy.pipeline.validate import DataValidationFailed, validate
 from tests.conftest import REPO_ROOT
@@ -179,3 +181,21 @@ def test_example_image_params_train_their_candidate(folder):
 def test_example_image_params_need_the_folder():
     with pytest.raises(ConfigError, match="data.path is required when data.source is 'mvtec'"):
         load_params(REPO_ROOT / "examples" / "images.yaml")
+
+
+def test_large_images_drift_on_per_image_statistics():
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(60, 200, size=(80, 1, 72, 72)).astype(np.float32)
+    same = rng.uniform(60, 200, size=(60, 1, 72, 72)).astype(np.float32)
+    darker = same * 0.8  # a camera that lost light
+    ref, rows, names = drift_features(reference, darker, [])
+    assert ref.shape == (80, 4) and rows.shape == (60, 4) and names[0] == "mean_brightness"
+    scores = rng.normal(size=60)
+    drifted = detect_drift(ref, rows, names, scores, scores, 0.01)
+    assert drifted.drifted and {f.feature for f in drifted.features if f.drifted} >= {
+        "mean_brightness"
+    }
+    ref, rows, names = drift_features(reference, same, [])
+    assert not detect_drift(ref, rows, names, scores, scores, 0.01).drifted
+    small = rng.uniform(size=(10, 1, 8, 8))  # digits-sized images stay per pixel
+    assert drift_features(small, small, ["p"] * 64)[0] is small
