@@ -69,7 +69,8 @@ def test_image_flow_versions_masks_and_exports_the_map(image_run):
     root, summary = image_run
     with np.load(root / "data" / "prepared" / "test.npz") as test:
         assert test["masks"].shape[1:] == (32, 32) and set(test["defects"]) >= {"cut", "hole"}
-        X = test["X"]
+        assert test["X"].dtype == np.uint8  # pixels stored as bytes
+        X = test["X"].astype(np.float32)
     assert (root / "data" / "prepared.dvc").exists()
     session = load_session(str(root / summary["onnx_path"]))
     names = [output.name for output in session.get_outputs()]

@@ -69,6 +69,9 @@ def test_masks_and_defects_survive_the_prepared_files(folder, tmp_path):
     splits = split_image_folder(params.data, params.prepare)
     save_splits(splits, tmp_path / "prepared", {"source": "mvtec"})
     loaded = load_splits(tmp_path / "prepared")
+    with np.load(tmp_path / "prepared" / "train.npz") as stored:
+        assert stored["X"].dtype == np.uint8  # whole pixel values: a quarter of the bytes
+    assert loaded.train.X.dtype == np.float32 and np.array_equal(loaded.train.X, splits.train.X)
     assert np.array_equal(loaded.test.masks, splits.test.masks)
     assert loaded.test.defects.tolist() == splits.test.defects.tolist()
     assert loaded.train.masks is None and loaded.train.defects.tolist() == ["good"] * 17
