@@ -1,5 +1,6 @@
-"""Integration: the real train flow on a tiny synthetic MVTec-layout folder, with a real Prefect
-API, DVC, GX, MLflow and onnxruntime; the candidate is a small map-emitting test detector."""
+"""Integration: the real train flow with examples/images.yaml on a tiny synthetic MVTec-layout
+folder, with a real Prefect API, DVC, GX, MLflow and onnxruntime; the candidate is a small
+map-emitting test detector. Then `normalcy score` on image folders, with maps."""
 
 from __future__ import annotations
 
@@ -9,20 +10,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from normalcy.cli import main
 from normalcy.data.mvtec import load_mvtec
 from normalcy.scoring import load_session, score_outputs
+from tests.conftest import REPO_ROOT
 from tests.image_folders import make_mvtec_folder
 from tests.pixel_detector import NAME
-from tests.test_flows import client_for, git_repo, write_params
+from tests.test_flows import client_for, git_repo
 from tests.test_scoring_outputs import run_without_torch
 
-IMAGE_PARAMS = {
-    "train": {"candidates": [NAME]},
-    "data": {"source": "mvtec", "image_size": 32},
-}
+EXAMPLE = REPO_ROOT / "examples" / "images.yaml"
+
+
+def write_example_params(root: Path, folder: Path) -> None:
+    """The documented example params, on the tiny folder at 32 px with the map-emitting test
+    detector as the one candidate (the example's own runs in test_image_pipeline)."""
+    params = yaml.safe_load(EXAMPLE.read_text())
+    params["data"].update({"path": str(folder), "image_size": 32})
+    params["train"] = {"candidates": [NAME]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +46,7 @@ def image_run(tmp_path_factory, prefect_harness):
         defects={"cut": 8, "hole": 8},
         sizes=((32, 32), (36, 40)),
     )
-    params = {**IMAGE_PARAMS, "data": {**IMAGE_PARAMS["data"], "path": str(folder)}}
-    write_params(root, params)
+    write_example_params(root, folder)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         summary = train_flow("params.yaml")
@@ -85,8 +93,6 @@ def test_image_flow_versions_masks_and_exports_the_map(image_run):
 def image_model(image_run):
     """(model path, the folder of the run's defect images, their raw sizes differ)."""
     root, summary = image_run
-    import yaml
-
     folder = Path(yaml.safe_load((root / "params.yaml").read_text())["data"]["path"])
     return root / summary["onnx_path"], folder
 
