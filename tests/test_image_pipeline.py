@@ -5,14 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from normalcy.cli import main
 from normalcy.config import CleanParams, ConfigError, PrepareParams, ValidateParams, load_params
 from normalcy.data.image_splits import VALIDATION_PREFIX, split_image_folder
 from normalcy.data.sources import DataError, check_source
 from normalcy.data.splits import load_splits, save_splits
+from normalcy.detectors.registry import create_detector
+from normalcy.drift import detect_drift
 from normalcy.evaluation.localization import localization, overlay_picks
+from normalcy.monitoring import drift_features
 from normalcy.pipeline import clean
 from normalcy.pipeline.validate import DataValidationFailed, validate
+from tests.conftest import REPO_ROOT
 from tests.image_folders import make_mvtec_folder
+from tests.test_scoring import export_model
 
 
 def image_params(root, *more):
@@ -63,6 +69,9 @@ def test_masks_and_defects_survive_the_prepared_files(folder, tmp_path):
     splits = split_image_folder(params.data, params.prepare)
     save_splits(splits, tmp_path / "prepared", {"source": "mvtec"})
     loaded = load_splits(tmp_path / "prepared")
+    with np.load(tmp_path / "prepared" / "train.npz") as stored:
+        assert stored["X"].dtype == np.uint8  # whole pixel values: a quarter of the bytes
+    assert loaded.train.X.dtype == np.float32 and np.array_equal(loaded.train.X, splits.train.X)
     assert np.array_equal(loaded.test.masks, splits.test.masks)
     assert loaded.test.defects.tolist() == splits.test.defects.tolist()
     assert loaded.train.masks is None and loaded.train.defects.tolist() == ["good"] * 17
@@ -147,3 +156,49 @@ def test_localization_without_maps_gives_the_per_defect_table(folder, tmp_path):
     located = localization(test, scores, maps, tmp_path / "overlays")
     assert set(located.metrics) == {"pixel_auroc", "aupro"}
     assert len(located.overlays) == len(list((tmp_path / "overlays").glob("*.png"))) > 0
+
+
+def test_maps_need_a_model_with_anomaly_maps(digits_xy, tmp_path, capsys):
+    images = digits_xy[0].reshape(-1, 1, 8, 8)
+    model, _ = export_model(tmp_path / "images.onnx", images, epochs=1)  # no anomaly_map
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, X=images[:4])
+    argv = ["score", "--model", str(model), "--input", str(batch)]
+    code = main([*argv, "--output", str(tmp_path / "s.csv"), "--maps", str(tmp_path / "m")])
+    assert code == 2
+    assert "--maps: the model has no 'anomaly_map' output" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "m").exists()
+
+
+def test_example_image_params_train_their_candidate(folder):
+    params = load_params(
+        REPO_ROOT / "examples" / "images.yaml", [f"data.path={folder}", "data.image_size=32"]
+    )
+    assert params.data.source == "mvtec" and params.train.candidates == ["knn"]
+    splits = split_image_folder(params.data, params.prepare)
+    detector = create_detector("knn", **params.train.detectors["knn"])
+    scores = detector.fit(splits.train.X).score(splits.test.X)
+    assert scores.shape == (len(splits.test),) and np.isfinite(scores).all()
+
+
+def test_example_image_params_need_the_folder():
+    with pytest.raises(ConfigError, match="data.path is required when data.source is 'mvtec'"):
+        load_params(REPO_ROOT / "examples" / "images.yaml")
+
+
+def test_large_images_drift_on_per_image_statistics():
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(60, 200, size=(80, 1, 72, 72)).astype(np.float32)
+    same = rng.uniform(60, 200, size=(60, 1, 72, 72)).astype(np.float32)
+    darker = same * 0.8  # a camera that lost light
+    ref, rows, names = drift_features(reference, darker, [])
+    assert ref.shape == (80, 4) and rows.shape == (60, 4) and names[0] == "mean_brightness"
+    scores = rng.normal(size=60)
+    drifted = detect_drift(ref, rows, names, scores, scores, 0.01)
+    assert drifted.drifted and {f.feature for f in drifted.features if f.drifted} >= {
+        "mean_brightness"
+    }
+    ref, rows, names = drift_features(reference, same, [])
+    assert not detect_drift(ref, rows, names, scores, scores, 0.01).drifted
+    small = rng.uniform(size=(10, 1, 8, 8))  # digits-sized images stay per pixel
+    assert drift_features(small, small, ["p"] * 64)[0] is small

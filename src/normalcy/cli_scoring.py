@@ -93,6 +93,10 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     scoring, mlflow_params = scoring_sections(args)
     check_output_path(args.output)  # before a download or any reading
+    if args.maps is not None:
+        from normalcy.scoring.maps import check_maps_target
+
+        check_maps_target(args.maps)
     with tempfile.TemporaryDirectory(prefix="normalcy-model-") as model_dir:
         model = resolve_model(args.model, model_dir, tracking_uri_for(args, mlflow_params))
         session = load_session(model.path, settings=session_settings(scoring))
@@ -105,6 +109,7 @@ def cmd_score(args: argparse.Namespace) -> None:
             explain=args.explain,
             prediction_log=prediction_log(args),
             model_version=model.version or f"sha256:{file_digest(model.path)[:12]}",
+            maps=args.maps,
         )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -222,6 +227,13 @@ def add_scoring_commands(add: AddCommand) -> None:
         type=int,
         default=None,
         help="rows read, scored and written at a time (default scoring.chunk_rows)",
+    )
+    score.add_argument(
+        "--maps",
+        default=None,
+        metavar="DIR",
+        help="also write each image's anomaly map: PNG heatmaps into DIR (new or empty; one "
+        "colour scale for all, in DIR/scale.json), or raw maps into one FILE.npz",
     )
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.add_argument(

@@ -241,9 +241,20 @@ def cap_contamination(
     return np.concatenate([normals, kept]), len(anomalies) - allowed
 
 
+def stored_X(split: Split) -> np.ndarray:
+    """X as written to disk: images of an image folder (whole numbers 0..255, as decoded) as
+    uint8, a quarter of float32 in the prepared data, the DVC cache and the remote."""
+    X = split.X
+    if split.defects is not None and len(X) and X.min() >= 0 and X.max() <= 255:
+        as_bytes = X.astype(np.uint8)
+        if np.array_equal(as_bytes, X):
+            return as_bytes
+    return X
+
+
 def split_arrays(split: Split) -> dict[str, np.ndarray]:
     """The arrays of a split file: X and ids, and y, masks and defects when present."""
-    arrays = {"X": split.X, "ids": split.ids}
+    arrays = {"X": stored_X(split), "ids": split.ids}
     for key in ("y", "masks", "defects"):
         if getattr(split, key) is not None:
             arrays[key] = getattr(split, key)
@@ -256,9 +267,9 @@ def load_split(path: Path) -> Split:
         optional = {
             k: archive[k] if k in archive.files else None for k in ("y", "masks", "defects")
         }
-        return Split(
-            archive["X"], optional["y"], archive["ids"], optional["masks"], optional["defects"]
-        )
+        X = archive["X"]
+        X = X.astype(np.float32) if X.dtype == np.uint8 else X  # see `stored_X`
+        return Split(X, optional["y"], archive["ids"], optional["masks"], optional["defects"])
 
 
 def save_splits(splits: Splits, output_dir: str | Path, meta: dict) -> Path:

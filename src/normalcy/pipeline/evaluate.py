@@ -73,7 +73,7 @@ def _plots(
     plots.append(
         plot_score_histogram(
             val_scores,
-            splits.val.y,
+            splits.val.y if splits.val.has_both_classes else None,  # one class: one histogram
             threshold,
             "validation scores",
             folder / artifacts.SCORES_VAL_PLOT,
