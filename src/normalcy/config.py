@@ -347,14 +347,6 @@ def detector_problems(params: Params) -> list[str]:
             f"train.candidates: 'ensemble' combines the other candidates, so it needs at "
             f"least 2 others; got {others}"
         )
-    missing = [m for m in params.train.consensus_members if m not in params.train.candidates]
-    given = "consensus_members" in params.train.model_fields_set  # the default may not apply
-    if params.train.selection == "consensus" and missing and given:
-        problems.append(
-            f"train.consensus_members: {missing} are not in train.candidates "
-            f"{params.train.candidates}; the consensus combines fitted candidates (add them, or "
-            "set train.selection: best_validation)"
-        )
     sections = [
         (f"train.detectors.{name}", name, given) for name, given in params.train.detectors.items()
     ]
