@@ -248,7 +248,9 @@ def test_large_images_are_checked_by_statistics_alone():
     assert validate_batch(images[:10], spec, "same").success
     dark = images[:10] * 0.2
     report = validate_batch(dark, spec, "dark")
-    assert {f["column"] for f in report.failures} >= {"mean_brightness", "brightest"}
+    # darkest/brightest are checked against the pixel value range seen in training: a dark
+    # image's darkest pixel falls below it, its brightest (about 40) stays inside [35, 215].
+    assert {f["column"] for f in report.failures} >= {"mean_brightness", "darkest"}
     assert all(f["column"] != "channel_0" for f in report.failures)
 
 
