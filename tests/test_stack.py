@@ -176,13 +176,19 @@ def stack(tmp_path) -> Iterator[Stack]:
                 [*command, "--port", str(stack.prefect_port)], prefect_env, stack.log("prefect")
             )
         )
-        wait_until_healthy(mlflow, f"{stack.mlflow}/health", "the MLflow server")
         wait_until_healthy(prefect, f"{stack.prefect}/health", "the Prefect server")
         subprocess.run(
             [_bin("prefect"), "work-pool", "create", POOL, "--type", "process"],
             env=stack.env,
             check=True,
             capture_output=True,
+        )
+        running.enter_context(  # polls while the deployments are made
+            _process(
+                [_bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
+                stack.env,
+                stack.log("worker"),
+            )
         )
         deploy = subprocess.run(
             [
@@ -202,13 +208,7 @@ def stack(tmp_path) -> Iterator[Stack]:
             cwd=stack.work,
         )
         assert deploy.returncode == 0, deploy.stderr[-3000:]
-        running.enter_context(
-            _process(
-                [_bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
-                stack.env,
-                stack.log("worker"),
-            )
-        )
+        wait_until_healthy(mlflow, f"{stack.mlflow}/health", "the MLflow server")
         yield stack
 
 
