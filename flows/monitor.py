@@ -80,7 +80,7 @@ def monitor_flow(
     with tempfile.TemporaryDirectory() as workdir:
         champion = monitoring.fetch_champion(params.mlflow, workdir)
         batch = monitoring.score_batch(monitoring.read_batch(batch_path, champion), champion)
-        tags = {"normalcy.run_type": "monitor", **run_tags(holds_lock=False)}
+        tags = {"normalcy.run_type": "monitor", **run_tags(locked_model=None)}
         with mlflow.start_run(run_name="monitor", tags=tags):
             mlflow.set_tags({"champion_version": champion.version, "batch_path": str(batch_path)})
             validation = validate_monitor_batch(batch.rows, champion)

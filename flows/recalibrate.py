@@ -43,7 +43,7 @@ def recalibrate_flow(
         )
         with mlflow.start_run(
             run_name="recalibrate",
-            tags={"normalcy.run_type": "recalibrate", **run_tags(holds_lock=True)},
+            tags={"normalcy.run_type": "recalibrate", **run_tags(name)},
         ) as run:
             path, int8_path = recalibrated_graphs(name, champion, point, run.info.run_id, workdir)
             mlflow.log_metrics(point.metrics())

@@ -127,7 +127,7 @@ def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = N
     """prepare, DVC snapshot, validate, clean, candidates, calibrate, export, register."""
     params = load_params(params_path, overrides)
     registry.setup_tracking(params.mlflow)
-    with model_lock(params), mlflow.start_run(tags=run_tags(holds_lock=True)) as active:
+    with model_lock(params), mlflow.start_run(tags=run_tags(params.mlflow.model_name)) as active:
         registry.log_params_flat(params.flat())
         splits = prepare_data(params)
         snapshot = version_data.submit(params)  # DVC works in its own processes while GX runs

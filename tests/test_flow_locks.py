@@ -43,3 +43,18 @@ def test_a_second_change_of_the_same_model_is_refused_while_the_first_runs(prefe
     assert not errors
     with champion_changes("fraud"):  # released when the first block ended
         pass
+
+
+@pytest.mark.integration
+def test_a_free_slot_that_times_out_is_not_called_busy(prefect_harness):
+    """A time-out while nobody holds the slot is the server's slowness: said as such."""
+    from normalcy.flow_locks import _slot_taken
+
+    with champion_changes("slow-model"):
+        assert _slot_taken(limit_name("slow-model"))
+    assert not _slot_taken(limit_name("slow-model"))
+    with pytest.raises(ModelBusy, match="is free but the server did not grant it"):
+        with champion_changes("slow-model", wait_seconds=1e-6):
+            pass
+    with champion_changes("slow-model"):  # nothing was left held
+        pass

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -39,6 +40,13 @@ def _admin():
 @pytest.fixture
 def database() -> Iterator[str]:
     """A fresh database's name, dropped (with its connections) at the end."""
+    with fresh_database() as name:
+        yield name
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """Create a uniquely named database; drop it (with its connections) on the way out."""
     admin = _admin()
     name = f"normalcy_test_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
@@ -80,6 +88,22 @@ def test_registry_and_promotion_on_a_postgresql_store(database, tmp_path, monkey
         mlflow.set_registry_uri(previous)
 
 
+def wait_until_healthy(
+    server: subprocess.Popen, url: str, what: str, timeout_s: float = 120
+) -> None:
+    """Return once `url` answers 200; fail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, f"{what} exited with code {server.returncode}"
+        assert time.monotonic() < deadline, f"{what} did not answer {url} in {timeout_s:.0f} s"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -118,15 +142,7 @@ def test_two_processes_never_change_one_champion_at_once(database, tmp_path) -> 
     )
     api = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, "the Prefect server exited"
-            assert time.monotonic() < deadline, "the Prefect server did not start in 120 s"
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_until_healthy(server, f"{api}/health", "the Prefect server")
         client_env = {**env, "PREFECT_API_URL": api}
         holder = subprocess.Popen(
             [sys.executable, "-c", HOLD, "20"], env=client_env, stdout=subprocess.PIPE, text=True

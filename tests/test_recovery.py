@@ -42,7 +42,7 @@ from tests.test_registry import weighted_scorer
 params = load_params(sys.argv[1], sys.argv[2:])
 registry.setup_tracking(params.mlflow)
 onnx_path = weighted_scorer(Path(params.export.path), [1.0, 0.0, 0.0], 2.5)
-with mlflow.start_run(tags=run_tags(holds_lock=True)) as run:
+with mlflow.start_run(tags=run_tags(params.mlflow.model_name)) as run:
     registry.register_challenger(onnx_path, params.mlflow.model_name, {"detector": "x"})
     print(run.info.run_id, flush=True)
     time.sleep(120)
@@ -124,10 +124,10 @@ def test_a_live_run_and_a_finished_version_are_left_alone(store, tmp_path) -> No
     name = params.mlflow.model_name
     experiment = registry.setup_tracking(params.mlflow)
     path = weighted_scorer(tmp_path / "artifacts" / "model.onnx", [1.0, 0.0, 0.0], 2.5)
-    with mlflow.start_run(tags=run_tags(holds_lock=False)) as live:
+    with mlflow.start_run(tags=run_tags(locked_model=None)) as live:
         registered = registry.register_challenger(path, name, {"detector": "x"})
         registry.tag_version(name, registered.version, {registry.STATUS_TAG: registry.READY})
-        assert fail_dead_runs(experiment, lock_held=True) == []  # this very process: alive
+        assert fail_dead_runs(experiment, locked_model=name) == []  # this very process: alive
     client = MlflowClient()
     recover_interrupted(params)
     assert client.get_run(live.info.run_id).info.status == "FINISHED"
@@ -154,7 +154,7 @@ def test_a_run_that_raises_under_the_lock_fails_its_version_at_once(
     registry.setup_tracking(params.mlflow)
     path = weighted_scorer(tmp_path / "artifacts" / "model.onnx", [1.0, 0.0, 0.0], 2.5)
     with pytest.raises(_Interrupted):
-        with model_lock(params), mlflow.start_run(tags=run_tags(holds_lock=True)) as run:
+        with model_lock(params), mlflow.start_run(tags=run_tags(params.mlflow.model_name)) as run:
             registry.register_challenger(path, name, {"detector": "x"})
             raise _Interrupted("the server went away after registration")
     client = MlflowClient()
@@ -162,3 +162,18 @@ def test_a_run_that_raises_under_the_lock_fails_its_version_at_once(
     assert client.get_registered_model(name).aliases == {}
     assert client.get_run(run.info.run_id).info.status == "FAILED"
     assert not path.exists()  # it named the failed version
+
+
+def test_only_runs_that_held_this_models_lock_are_failed_by_its_holder(store) -> None:
+    """Both runs' process (this one) is alive: only the lock rule can fail them, and only for
+    the model whose lock is held now."""
+    params, _ = store
+    name = params.mlflow.model_name
+    experiment = registry.setup_tracking(params.mlflow)
+    client = MlflowClient()
+    held_this = client.create_run(experiment, tags=run_tags(name)).info.run_id
+    held_other = client.create_run(experiment, tags=run_tags("another-model")).info.run_id
+    assert fail_dead_runs(experiment, locked_model=name) == [held_this]
+    assert client.get_run(held_this).info.status == "FAILED"
+    assert client.get_run(held_other).info.status == "RUNNING"
+    assert fail_dead_runs(experiment, locked_model=None) == []

@@ -37,7 +37,7 @@ from normalcy.pipeline import artifacts
 log = logging.getLogger(__name__)
 
 HOST_TAG, PID_TAG, START_TAG = "normalcy.host", "normalcy.pid", "normalcy.process_start"
-HOLDS_LOCK_TAG = "normalcy.holds_model_lock"
+HOLDS_LOCK_TAG = "normalcy.holds_model_lock"  # the model whose lock the run holds
 
 
 def process_start(pid: int) -> str | None:
@@ -50,14 +50,15 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
-def run_tags(holds_lock: bool) -> dict[str, str]:
-    """Tags of an MLflow run that say which process runs it (read by `fail_dead_runs`)."""
+def run_tags(locked_model: str | None) -> dict[str, str]:
+    """Tags of an MLflow run that say which process runs it and which model's lock it holds
+    (None: none), read by `fail_dead_runs`."""
     pid = os.getpid()
     return {
         HOST_TAG: socket.gethostname(),
         PID_TAG: str(pid),
         START_TAG: process_start(pid) or "",
-        HOLDS_LOCK_TAG: str(holds_lock).lower(),
+        HOLDS_LOCK_TAG: locked_model or "",
     }
 
 
@@ -76,14 +77,15 @@ def process_is_gone(tags: dict[str, str]) -> bool:
     return bool(recorded) and process_start(pid) not in (None, recorded)
 
 
-def fail_dead_runs(experiment_id: str, lock_held: bool) -> list[str]:
-    """Mark FAILED every RUNNING run whose process is gone; the ids marked."""
+def fail_dead_runs(experiment_id: str, locked_model: str | None) -> list[str]:
+    """Mark FAILED every RUNNING run whose process is gone, or that held the lock of
+    `locked_model` (whose lock the caller holds now); the ids marked."""
     client = MlflowClient()
     running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'")
     failed = []
     for run in running:
         tags = run.data.tags
-        held_lock_before = lock_held and tags.get(HOLDS_LOCK_TAG) == "true"
+        held_lock_before = bool(locked_model) and tags.get(HOLDS_LOCK_TAG) == locked_model
         if run.info.run_id == _active_run_id() or not (held_lock_before or process_is_gone(tags)):
             continue
         client.set_tag(run.info.run_id, "normalcy.failure", "its process died; found at restart")
@@ -170,7 +172,7 @@ def recover_interrupted(params: Params) -> None:
         "reading the MLflow experiment",
     )
     if experiment is not None:
-        fail_dead_runs(experiment.experiment_id, lock_held=True)
+        fail_dead_runs(experiment.experiment_id, locked_model=name)
     fail_incomplete_versions(name)
     remove_stale_local_outputs(name, params.export.path)
 
