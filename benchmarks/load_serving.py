@@ -109,20 +109,9 @@ def generate_load(
 # --- the app alone, without a network ----------------------------------------------------------
 
 
-def app_cpu_us_per_request(model: Path, row: list, batching: bool, n: int = 3000) -> float:
-    """CPU microseconds per single-row POST /score through the ASGI app in this process, one
-    request at a time, no sockets: what the service's own Python costs per request."""
-    from normalcy.scoring import SessionSettings
-    from normalcy.serving import BatchOptions, create_app
-
-    app = create_app(
-        model,
-        settings=SessionSettings(intra_op_threads=1),
-        batching=BatchOptions(window_ms=0) if batching else None,
-    )
-    body = json.dumps({"instances": [row]}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    scope = {
+def post_score_scope(headers: list[tuple[bytes, bytes]]) -> dict:
+    """The ASGI scope of a `POST /score` with `headers`, to call the app without a socket."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -136,6 +125,22 @@ def app_cpu_us_per_request(model: Path, row: list, batching: bool, n: int = 3000
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 2),
     }
+
+
+def app_cpu_us_per_request(model: Path, row: list, batching: bool, n: int = 3000) -> float:
+    """CPU microseconds per single-row POST /score through the ASGI app in this process, one
+    request at a time, no sockets: what the service's own Python costs per request."""
+    from normalcy.scoring import SessionSettings
+    from normalcy.serving import BatchOptions, create_app
+
+    app = create_app(
+        model,
+        settings=SessionSettings(intra_op_threads=1),
+        batching=BatchOptions(window_ms=0) if batching else None,
+    )
+    body = json.dumps({"instances": [row]}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    scope = post_score_scope(headers)
 
     async def receive() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}

@@ -344,15 +344,21 @@ def test_serve_refuses_bad_settings_before_starting(model, tmp_path, monkeypatch
         assert message in capsys.readouterr().err, flags
 
 
-@pytest.mark.integration
-def test_load_benchmark_measures_a_configuration(model) -> None:
-    """benchmarks/load_serving.py's interface: the JSON keys of one configuration, from a
-    short run against a real `normalcy serve` (a figure of speed is not asserted)."""
+def load_serving_benchmark():
+    """benchmarks/load_serving.py as a module."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
         import load_serving
     finally:
         sys.path.pop(0)
+    return load_serving
+
+
+@pytest.mark.integration
+def test_load_benchmark_measures_a_configuration(model) -> None:
+    """benchmarks/load_serving.py's interface: the JSON keys of one configuration, from a
+    short run against a real `normalcy serve` (a figure of speed is not asserted)."""
+    load_serving = load_serving_benchmark()
     row = model["X"][0].tolist()
     result = load_serving.measure(model["path"], row, 1, 1.0, 4, 0.5, 400)
     assert {"clients", "requests", "errors", "rps", "p50_ms", "p99_ms"} <= set(result)
@@ -367,20 +373,7 @@ def test_the_app_itself_answers_400_to_a_content_length_that_is_not_a_number(mod
     server may pass it through, and then the app must say 400 itself."""
     app = create_app(model["path"])
     sent: list[dict] = []
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/score",
-        "raw_path": b"/score",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-length", b"ten")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-    }
+    scope = load_serving_benchmark().post_score_scope([(b"content-length", b"ten")])
 
     async def receive() -> dict:
         return {"type": "http.request", "body": b"{}", "more_body": False}
