@@ -259,6 +259,8 @@ def measure_http(path: Path, X: np.ndarray, threads: int, ort_rows_per_s_b1: flo
     `normalcy serve` running in its own process."""
     import httpx
 
+    from normalcy.serving.server import wait_until_healthy
+
     port = _free_port()
     command = [
         sys.executable,
@@ -279,17 +281,8 @@ def measure_http(path: Path, X: np.ndarray, threads: int, ort_rows_per_s_b1: flo
     )
     url = f"http://127.0.0.1:{port}"
     try:
+        wait_until_healthy(url, server)
         with httpx.Client(base_url=url, timeout=30) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"normalcy serve did not start: {server.stderr.read()}")
-                time.sleep(0.2)
             body = json.dumps({"instances": X[:1].tolist()})
             headers = {"content-type": "application/json"}
 

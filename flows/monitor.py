@@ -16,6 +16,7 @@ from normalcy.errors import RecalibrationRefused
 from normalcy.jsonio import write_json
 from normalcy.monitoring import ChampionBundle, ScoredBatch
 from normalcy.pipeline import artifacts
+from normalcy.recovery import run_tags
 from normalcy.validation.suite import ValidationReport
 
 
@@ -79,7 +80,8 @@ def monitor_flow(
     with tempfile.TemporaryDirectory() as workdir:
         champion = monitoring.fetch_champion(params.mlflow, workdir)
         batch = monitoring.score_batch(monitoring.read_batch(batch_path, champion), champion)
-        with mlflow.start_run(run_name="monitor", tags={"normalcy.run_type": "monitor"}):
+        tags = {"normalcy.run_type": "monitor", **run_tags(holds_lock=False)}
+        with mlflow.start_run(run_name="monitor", tags=tags):
             mlflow.set_tags({"champion_version": champion.version, "batch_path": str(batch_path)})
             validation = validate_monitor_batch(batch.rows, champion)
             report = check_drift(batch, champion, params)

@@ -11,8 +11,8 @@ from prefect import flow
 
 from normalcy import monitoring, promotion, registry, release
 from normalcy.config import load_params
-from normalcy.flow_locks import champion_changes
 from normalcy.recalibration import exclusive, recalibrate, recalibrated_graphs
+from normalcy.recovery import model_lock, run_tags
 from normalcy.validation.suite import validate_batch
 
 log = logging.getLogger("normalcy.recalibrate")
@@ -29,7 +29,7 @@ def recalibrate_flow(
     params = load_params(params_path, overrides)
     registry.setup_tracking(params.mlflow)
     name = params.mlflow.model_name
-    with exclusive(), champion_changes(name), tempfile.TemporaryDirectory() as workdir:
+    with exclusive(), model_lock(params), tempfile.TemporaryDirectory() as workdir:
         champion = monitoring.fetch_champion(params.mlflow, workdir)
         batch = monitoring.read_batch(batch_path, champion)
         validation = validate_batch(batch, champion.validation_spec, "recalibration batch")
@@ -42,7 +42,8 @@ def recalibrate_flow(
             params.export.max_calibration_scores,
         )
         with mlflow.start_run(
-            run_name="recalibrate", tags={"normalcy.run_type": "recalibrate"}
+            run_name="recalibrate",
+            tags={"normalcy.run_type": "recalibrate", **run_tags(holds_lock=True)},
         ) as run:
             path, int8_path = recalibrated_graphs(name, champion, point, run.info.run_id, workdir)
             mlflow.log_metrics(point.metrics())

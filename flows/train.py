@@ -12,11 +12,11 @@ from normalcy.data.versioning import snapshot_data
 from normalcy.detectors import Detector
 from normalcy.evaluation.selection import CandidateResult
 from normalcy.export import ParityError
-from normalcy.flow_locks import champion_changes
 from normalcy.pipeline import clean, evaluate, export, prepare, tracking, train, validate
 from normalcy.pipeline.evaluate import Evaluation
 from normalcy.pipeline.export import Exported
 from normalcy.promotion import PromotionDecision
+from normalcy.recovery import model_lock, run_tags
 
 
 @task
@@ -127,7 +127,7 @@ def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = N
     """prepare, DVC snapshot, validate, clean, candidates, calibrate, export, register."""
     params = load_params(params_path, overrides)
     registry.setup_tracking(params.mlflow)
-    with champion_changes(params.mlflow.model_name), mlflow.start_run() as active:
+    with model_lock(params), mlflow.start_run(tags=run_tags(holds_lock=True)) as active:
         registry.log_params_flat(params.flat())
         splits = prepare_data(params)
         snapshot = version_data.submit(params)  # DVC works in its own processes while GX runs

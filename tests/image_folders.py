@@ -12,8 +12,8 @@ from PIL import Image
 def texture(rng: np.random.Generator, height: int, width: int, channels: int = 1) -> np.ndarray:
     """uint8 `[h, w]` or `[h, w, 3]`: diagonal stripes plus noise, a different phase each time."""
     yy, xx = np.mgrid[0:height, 0:width]
-    phase = rng.uniform(0, 2 * np.pi)
-    base = 128 + 40 * np.sin((xx + yy) / 3.0 + phase)
+    phase, brightness = rng.uniform(0, 2 * np.pi), rng.uniform(100, 150)
+    base = brightness + rng.uniform(25, 55) * np.sin((xx + yy) / 3.0 + phase)
     layers = [base + rng.normal(0, 8, (height, width)) for _ in range(channels)]
     image = np.stack(layers, axis=-1) if channels == 3 else layers[0]
     return np.clip(image, 0, 255).astype(np.uint8)
@@ -29,14 +29,15 @@ def soft_disk(height: int, width: int, cy: float, cx: float, radius: float) -> n
 def paste_defect(
     rng: np.random.Generator, image: np.ndarray, radius: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(image with a blob far from the texture's values, its soft-edged mask)."""
+    """(image with a dark or bright blob, inside the range normal textures reach, so a defect
+    is an anomaly, not a broken camera; its soft-edged mask)."""
     height, width = image.shape[:2]
     cy, cx = rng.uniform(radius, height - radius), rng.uniform(radius, width - radius)
     mask = soft_disk(height, width, cy, cx, radius)
     weight = mask.astype(np.float64) / 255
     if image.ndim == 3:
         weight = weight[..., None]
-    value = 250.0 if rng.random() < 0.5 else 5.0
+    value = image.mean() + (40.0 if rng.random() < 0.5 else -40.0)
     blended = image * (1 - weight) + value * weight
     return blended.astype(np.uint8), mask
 

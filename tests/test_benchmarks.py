@@ -20,6 +20,12 @@ def blob_dataset(path: Path, seed: int) -> None:
     np.savez(path, X=np.vstack([normal, anomalies]), y=np.r_[np.zeros(180), np.ones(20)])
 
 
+def run_benchmark(script: str, *args: object) -> subprocess.CompletedProcess:
+    """`python benchmarks/SCRIPT ARGS...`, its output captured, within 10 minutes."""
+    command = [sys.executable, str(REPO / "benchmarks" / script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.integration
 def test_quality_tabular_runs_the_pipeline_and_writes_the_documented_json(tmp_path):
     data = tmp_path / "data"
@@ -187,23 +193,9 @@ def test_cleaning_quality_reports_what_cleaning_removed(tmp_path):
     data.mkdir()
     blob_dataset(data / "1_blobs.npz", 0)
     out = tmp_path / "cleaning.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "cleaning_quality.py"),
-            "--data-dir",
-            str(data),
-            "--seeds",
-            "0",
-            "--configs",
-            "iforest_mad3.5,iforest+knn_top10",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    configs = "iforest_mad3.5,iforest+knn_top10"
+    run = run_benchmark("cleaning_quality.py", "--data-dir", data, "--seeds", "0", "--out", out,
+                        "--configs", configs)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "### recall" in run.stdout and "| 1_blobs |" in run.stdout
     results = json.loads(out.read_text())["results"]["1_blobs"]

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,24 @@ def test_bad_yaml_file_and_bad_override_syntax(tmp_path):
         apply_override({}, "train.epochs")
     with pytest.raises(ConfigError, match="does not exist"):
         load_params(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.detectors.knn.preprocessing=[]", "an empty list"),
+        ("train.detectors.knn.preprocessing=[none, bogus]", "unknown preprocessing 'bogus'"),
+        ("clean.detector_params.preprocessing=[none]", "only for train.detectors.NAME"),
+        ("train.detectors.iforest.preprocessing=[none, minmax]", "preprocessing"),
+    ],
+)
+def test_bad_preprocessing_choices_are_refused_before_any_work(tmp_path, override, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_params(tmp_path / "absent.yaml", [override])
+
+
+def test_a_list_of_preprocessings_is_accepted_for_a_candidate(tmp_path):
+    params = load_params(
+        tmp_path / "absent.yaml", ["train.detectors.knn.preprocessing=[none, robust]"]
+    )
+    assert params.train.detectors["knn"]["preprocessing"] == ["none", "robust"]

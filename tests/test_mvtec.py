@@ -166,6 +166,17 @@ def test_png_round_trip():
     assert np.array_equal(decode_image(encode_png(array)), array)
 
 
+def test_sixteen_bit_images_are_refused(tmp_path):
+    Image.fromarray(np.full((4, 4), 1000, dtype=np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(DataError, match="deep.png: I;16 image.*clip"):
+        decode_image(tmp_path / "deep.png")
+
+
+def test_decode_to_height_and_width():
+    array = np.zeros((1, 6, 8), dtype=np.uint8)
+    assert decode_image(encode_png(array), size=(3, 5)).shape == (1, 3, 5)
+
+
 def test_decode_garbage_bytes():
     with pytest.raises(DataError, match="<bytes>: unreadable or corrupted"):
         decode_image(b"GIF89a?")

@@ -113,3 +113,20 @@ def test_candidates_without_a_training_loop_take_only_the_settings_they_accept(s
     assert winner.name in detectors and all(np.isfinite(r.metric) for r in results)
     cleaner = clean.cleaning_detector(CleanParams(detector="knn", epochs=3))()
     assert cleaner.name == "knn"
+
+
+def test_a_list_of_preprocessings_is_chosen_on_validation_and_recorded(splits):
+    """Each choice is fitted; the best validation metric wins and every metric is recorded."""
+    choices = ["standardize", "none", {"kind": "minmax"}]
+    params = TrainParams(candidates=["knn"], detectors={"knn": {"preprocessing": choices}})
+    detectors, results, _ = train.fit_candidates(splits.train, splits.val, params)
+    trials = results[0].extra["preprocessing_trials"]
+    assert list(trials) == ["standardize", "none", '{"kind": "minmax"}']
+    best = max(trials, key=trials.get)
+    assert results[0].extra["preprocessing"] == best
+    assert results[0].metric == trials[best]
+    chosen = detectors["knn"].constructor_params()["preprocessing"]
+    assert train.describe(chosen) == best
+    # The kept detector is the one that scored best: refitting that choice gives its scores.
+    again = train.build_candidate("knn", params, {"preprocessing": chosen}).fit(splits.train.X)
+    np.testing.assert_allclose(again.score(splits.val.X), detectors["knn"].score(splits.val.X))

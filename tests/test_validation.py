@@ -206,18 +206,50 @@ def test_too_few_rows_fails(held_out, digits):
 # -- images --------------------------------------------------------------------------------
 
 
-def test_clean_images_pass_and_a_bad_pixel_is_located(held_out, image_spec):
+def test_clean_images_pass(digits, held_out):
+    spec = build_suite_spec(digits[:SPLIT].reshape(-1, 1, 8, 8), NAMES, ValidateParams())
+    assert validate_batch(held_out.reshape(-1, 1, 8, 8), spec, "images").success
+
+
+def test_a_bad_pixel_is_located(held_out, image_spec):
     images = held_out.reshape(-1, 1, 8, 8).copy()
-    assert validate_batch(images, image_spec, "images").success
     images[3, 0, 2, 5] = np.nan
     images[9, 0, 7, 7] = -40.0
     report = validate_batch(images, image_spec, "bad_images")
-    null, out_of_range = report.failures
+    null, out_of_range = [f for f in report.failures if f["column"] == "channel_0"]
     assert null["expectation"] == "expect_column_values_to_not_be_null"
     assert "image 3 pixel_2_5" in null["details"] and null["examples"] == [3]
     assert out_of_range["expectation"] == "expect_column_values_to_be_between"
     assert "image 9 pixel_7_7" in out_of_range["details"]
     assert out_of_range["examples"] == [-40.0]
+
+
+def test_image_statistics_name_the_images(held_out, image_spec):
+    images = held_out.reshape(-1, 1, 8, 8).copy()
+    images[5] = 16.0  # a white image: brightness far above any digit's
+    images[7, 0, 0, 0] = np.nan
+    report = validate_batch(images, image_spec, "odd_images")
+    by_column = {}
+    for failure in report.failures:
+        by_column.setdefault(failure["column"], []).append(failure)
+    [null] = [f for f in by_column["mean_brightness"] if "null" in f["expectation"]]
+    assert "rows [7]" in null["details"]
+    [bright] = [f for f in by_column["mean_brightness"] if "between" in f["expectation"]]
+    assert "rows [5" in bright["details"] and 16.0 in bright["examples"]
+
+
+def test_large_images_are_checked_by_statistics_alone():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(50, 200, size=(20, 1, 80, 80)).astype(np.float32)
+    spec = build_suite_spec(images, [], ValidateParams())
+    assert spec["image"]["per_pixel"] is False and spec["feature_names"] == []
+    names = [entry["name"] for entry in spec["image"]["statistics"]]
+    assert names == ["mean_brightness", "std_brightness", "darkest", "brightest"]
+    assert validate_batch(images[:10], spec, "same").success
+    dark = images[:10] * 0.2
+    report = validate_batch(dark, spec, "dark")
+    assert {f["column"] for f in report.failures} >= {"mean_brightness", "brightest"}
+    assert all(f["column"] != "channel_0" for f in report.failures)
 
 
 def test_images_with_wrong_shape_fail(image_spec):

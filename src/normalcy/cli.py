@@ -180,6 +180,15 @@ def cmd_schedule(args: argparse.Namespace) -> None:
     serve_deployments(args.params)
 
 
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from normalcy.flows.deploy import deploy_to_pool
+
+    check_params(args)
+    ids = deploy_to_pool(args.pool, args.params, args.set, args.working_dir, args.image)
+    print(f"{len(ids)} deployments in work pool {args.pool!r}; start a worker with")
+    print(f"  prefect worker start --pool {args.pool}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normalcy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--reason", default="", help="why, kept as a tag on the version")
     add("rollback", cmd_rollback, "move champion back to the version it replaced")
     add("schedule", cmd_schedule, "serve the train and monitor deployments on their cron schedules")
+    deploy = add(
+        "deploy", cmd_deploy, "create the train, monitor and recalibrate deployments in a work pool"
+    )
+    deploy.add_argument("--pool", required=True, help="Prefect work pool (create it first)")
+    deploy.add_argument(
+        "--working-dir",
+        default=None,
+        help="process pools: the folder runs work in (params file and artifacts/ relative to it)",
+    )
+    deploy.add_argument("--image", default=None, help="container pools: the training image")
 
     from normalcy.cli_scoring import add_scoring_commands
 

@@ -32,6 +32,11 @@ def scoring_sections(args: argparse.Namespace) -> tuple[Any, Any]:
         ("reload_interval", "reload_interval_s"),
         ("intra_op_threads", "intra_op_threads"),
         ("inter_op_threads", "inter_op_threads"),
+        ("max_body_bytes", "max_request_bytes"),
+        ("workers", "workers"),
+        ("batch_window_ms", "batch_window_ms"),
+        ("batch_max_rows", "batch_max_rows"),
+        ("batch_queue", "batch_queue"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -88,6 +93,10 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     scoring, mlflow_params = scoring_sections(args)
     check_output_path(args.output)  # before a download or any reading
+    if args.maps is not None:
+        from normalcy.scoring.maps import check_maps_target
+
+        check_maps_target(args.maps)
     with tempfile.TemporaryDirectory(prefix="normalcy-model-") as model_dir:
         model = resolve_model(args.model, model_dir, tracking_uri_for(args, mlflow_params))
         session = load_session(model.path, settings=session_settings(scoring))
@@ -100,6 +109,7 @@ def cmd_score(args: argparse.Namespace) -> None:
             explain=args.explain,
             prediction_log=prediction_log(args),
             model_version=model.version or f"sha256:{file_digest(model.path)[:12]}",
+            maps=args.maps,
         )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -120,9 +130,14 @@ def prediction_log(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from normalcy.serving import serve
+    from normalcy.serving import BatchOptions, serve
 
     scoring, mlflow_params = scoring_sections(args)
+    batching = None
+    if scoring.batch_window_ms is not None:
+        batching = BatchOptions(
+            scoring.batch_window_ms, scoring.batch_max_rows, scoring.batch_queue
+        )
     serve(
         args.model,
         args.host,
@@ -131,7 +146,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch=scoring.max_request_rows,
         reload_interval=scoring.reload_interval_s,
         settings=session_settings(scoring),
-        prediction_log=prediction_log(args),
+        prediction_log=args.log,
+        max_body_bytes=scoring.max_request_bytes,
+        batching=batching,
+        token_env=args.token_env,
+        workers=scoring.workers,
+        log_level=args.log_level,
     )
 
 
@@ -208,6 +228,13 @@ def add_scoring_commands(add: AddCommand) -> None:
         default=None,
         help="rows read, scored and written at a time (default scoring.chunk_rows)",
     )
+    score.add_argument(
+        "--maps",
+        default=None,
+        metavar="DIR",
+        help="also write each image's anomaly map: PNG heatmaps into DIR (new or empty; one "
+        "colour scale for all, in DIR/scale.json), or raw maps into one FILE.npz",
+    )
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.add_argument(
         "--explain",
@@ -218,7 +245,7 @@ def add_scoring_commands(add: AddCommand) -> None:
         "top1_contribution, ...); for models with per-feature contributions",
     )
 
-    serve = add("serve", cmd_serve, "serve POST /score, GET /health and GET /metadata over HTTP")
+    serve = add("serve", cmd_serve, "serve POST /score, /health, /metadata and /metrics over HTTP")
     add_scoring(serve)
     serve.add_argument("--log", default=None, metavar="PATH", help=LOG_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -236,6 +263,53 @@ def add_scoring_commands(add: AddCommand) -> None:
         default=None,
         help="seconds between looks at a models:/NAME@ALIAS alias; when it moves the new "
         "version is swapped in without downtime (default scoring.reload_interval_s)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        help="largest request body; larger gets HTTP 413 before it is parsed (default "
+        "scoring.max_request_bytes, 16 MiB)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes; workers x --intra-op-threads must fit the available CPUs "
+        "(default scoring.workers)",
+    )
+    serve.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=None,
+        help="micro-batching: score the rows of requests arriving within this many ms in one "
+        "onnxruntime call (0: batch what is queued; default scoring.batch_window_ms, off)",
+    )
+    serve.add_argument(
+        "--batch-max-rows",
+        type=int,
+        default=None,
+        help="most rows in one micro-batch call (default scoring.batch_max_rows)",
+    )
+    serve.add_argument(
+        "--batch-queue",
+        type=int,
+        default=None,
+        help="requests that may wait for a micro-batch; more get HTTP 503 (default "
+        "scoring.batch_queue)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level; below info, no access log line per request (default info)",
+    )
+    serve.add_argument(
+        "--token-env",
+        default=None,
+        metavar="VARIABLE",
+        help="require 'Authorization: Bearer <token>' on every path but /health, the token "
+        "read from this environment variable (e.g. NORMALCY_SERVE_TOKEN)",
     )
 
     inspect = add("inspect", cmd_inspect, "describe a model: detector, input, threshold, versions")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from normalcy.retry import RetryPolicy
 
 
 class ConfigError(ValueError):
@@ -18,9 +21,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+DEFAULT_IMAGE_SIZE = 256
+
+
 class DataParams(_Section):
-    source: Literal["sklearn_digits", "npz", "csv", "parquet"] = "sklearn_digits"
+    source: Literal["sklearn_digits", "npz", "csv", "parquet", "mvtec"] = "sklearn_digits"
     path: str | None = None
+    # mvtec: `path` is one category folder in the MVTec-AD layout (see normalcy.data.mvtec)
+    image_size: int | None = Field(None, ge=8, le=4096)  # pixels a side; mvtec default 256
+    channels: Literal[1, 3] | None = None  # mvtec: None keeps what is stored
+    validation_path: str | None = None  # mvtec: a folder of labelled images for validation
     feature_columns: list[str] | None = None
     label_column: str | None = None
     id_column: str | None = None
@@ -39,7 +49,24 @@ class DataParams(_Section):
             raise ValueError("data.normal_digits must be a non-empty list of digits 0-9")
         if len(set(self.normal_digits)) == 10:
             raise ValueError("data.normal_digits lists all ten digits: nothing is left as anomaly")
+        image_keys = ("image_size", "channels", "validation_path")
+        given = [key for key in image_keys if getattr(self, key) is not None]
+        if self.source != "mvtec" and given:
+            raise ValueError(
+                f"data.{given[0]} applies to image folders only (data.source: mvtec); "
+                f"data.source is {self.source!r}"
+            )
+        if self.source == "mvtec" and self.window_dir is not None:
+            raise ValueError(
+                "data.window_dir folds tabular batches into training; it does not apply to "
+                "data.source mvtec (add images to train/good instead)"
+            )
         return self
+
+    @property
+    def loaded_image_size(self) -> int:
+        """The side length images are resized to on loading (mvtec)."""
+        return self.image_size or DEFAULT_IMAGE_SIZE
 
 
 class PrepareParams(_Section):
@@ -62,10 +89,24 @@ class PrepareParams(_Section):
         return self
 
 
+class RetryParams(_Section):
+    """How I/O that fails for a moment is retried (normalcy.retry)."""
+
+    attempts: int = Field(4, ge=1, le=20)  # tries in all, the first included (1: no retry)
+    base_delay_s: float = Field(1.0, ge=0)  # wait before the second try; doubles each time
+    max_delay_s: float = Field(30.0, ge=0)  # cap on one wait
+
+    def policy(self) -> RetryPolicy:
+        from normalcy.retry import RetryPolicy
+
+        return RetryPolicy(self.attempts, self.base_delay_s, self.max_delay_s)
+
+
 class VersioningParams(_Section):
     enabled: bool = True
     remote_name: str = "local"
     remote_url: str = ".dvc-remote"
+    retry: RetryParams = Field(default_factory=RetryParams)  # of `dvc push`
 
 
 class ValidateParams(_Section):
@@ -100,6 +141,11 @@ class TrainParams(_Section):
     patience: int = Field(8, ge=1)
     threads: int | None = Field(None, ge=1)  # null: normalcy.threads' rule
     ensemble_top_k: int = Field(3, ge=2)
+    # Without validation labels: keep the consensus of these fitted candidates unless another
+    # beats it on every synthetic anomaly type beyond noise (`best_validation`: plain argmax).
+    selection: Literal["consensus", "best_validation"] = "consensus"
+    consensus_members: list[str] = Field(default_factory=lambda: ["iforest", "knn"], min_length=2)
+    selection_margin: float = Field(0.0, ge=0)
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
@@ -158,6 +204,7 @@ class MlflowParams(_Section):
     artifact_location: str = "mlartifacts"
     experiment: str = "normalcy"
     model_name: str = "normalcy"
+    retry: RetryParams = Field(default_factory=RetryParams)  # of logging and registration
 
 
 class MonitorParams(_Section):
@@ -208,6 +255,11 @@ class ScoringParams(_Section):
     execution_mode: Literal["sequential", "parallel"] = "sequential"
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     reload_interval_s: float = Field(30.0, gt=0)
+    max_request_bytes: int = Field(16 * 2**20, ge=1)
+    workers: int = Field(1, ge=1)
+    batch_window_ms: float | None = Field(None, ge=0)  # null: no micro-batching
+    batch_max_rows: int = Field(256, ge=1)
+    batch_queue: int = Field(1024, ge=1)
 
 
 class Params(_Section):
@@ -301,8 +353,35 @@ def detector_problems(params: Params) -> list[str]:
     sections.append(("clean.detector_params", params.clean.detector, params.clean.detector_params))
     for where, name, given in sections:
         if name in known:
-            problems += [f"{where}.{p.path}: {p.text}" for p in param_problems(name, given)]
-    return problems
+            choice_problems = preprocessing_choice_problems(where, given)
+            if choice_problems:  # said once; the other params are still checked
+                problems += choice_problems
+                given = {key: value for key, value in given.items() if key != "preprocessing"}
+            for variant in preprocessing_variants(given):
+                problems += [f"{where}.{p.path}: {p.text}" for p in param_problems(name, variant)]
+    return list(dict.fromkeys(problems))  # a problem shared by every variant is said once
+
+
+def preprocessing_variants(given: dict[str, Any]) -> list[dict[str, Any]]:
+    """A detector's params once per `preprocessing` choice when that key is a list (the train
+    step picks one on validation data), else as given."""
+    choices = given.get("preprocessing")
+    if not isinstance(choices, list) or not choices:
+        return [given]
+    return [{**given, "preprocessing": choice} for choice in choices]
+
+
+def preprocessing_choice_problems(where: str, given: dict[str, Any]) -> list[str]:
+    """A list of preprocessing choices must be non-empty, for a candidate (only the train step
+    chooses), and for a detector that has the param at all."""
+    choices = given.get("preprocessing")
+    if not isinstance(choices, list):
+        return []
+    if not choices:
+        return [f"{where}.preprocessing: an empty list; expected a preprocessing or a list of them"]
+    if not where.startswith("train.detectors."):
+        return [f"{where}.preprocessing: a list of choices is only for train.detectors.NAME"]
+    return []
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:

@@ -22,7 +22,14 @@ from normalcy.drift_sequential import (
 from normalcy.errors import NoChampionError
 from normalcy.pipeline import artifacts
 from normalcy.scoring import read_metadata, score_onnx
-from normalcy.validation.suite import ValidationReport, save_report, validate_batch
+from normalcy.validation.suite import (
+    IMAGE_STATISTICS,
+    PER_PIXEL_LIMIT,
+    ValidationReport,
+    image_statistics,
+    save_report,
+    validate_batch,
+)
 
 
 @dataclass
@@ -102,6 +109,19 @@ def target_alert_rate(champion: ChampionBundle) -> float:
     )
 
 
+def drift_features(
+    reference: np.ndarray, batch: np.ndarray, feature_names: list[str]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(reference, batch, names) as the drift tests see them: rows as they are, except large
+    images (more than `PER_PIXEL_LIMIT` values, as in validation), which are compared by their
+    per-image statistics (mean and std brightness, darkest, brightest): a KS test per pixel
+    position would be tens of thousands of tests of one thing, and blind to a shifted camera."""
+    if reference.ndim != 4 or int(np.prod(reference.shape[1:])) <= PER_PIXEL_LIMIT:
+        return reference, batch, feature_names
+    stats = [image_statistics(x).to_numpy() for x in (reference, batch)]
+    return stats[0], stats[1], list(IMAGE_STATISTICS)
+
+
 def check_drift(
     batch: ScoredBatch,
     champion: ChampionBundle,
@@ -110,11 +130,14 @@ def check_drift(
 ) -> DriftReport:
     """Per-feature KS tests (BH inside), a shift of the score distribution, the alert rate
     against the champion's target, the CUSUM across batches and the MMD on whole rows, at one
-    overall level."""
+    overall level (large images: on per-image statistics, see `drift_features`)."""
+    reference, rows, names = drift_features(
+        champion.reference_X, batch.rows, champion.feature_names
+    )
     return detect_drift(
-        champion.reference_X,
-        batch.rows,
-        champion.feature_names,
+        reference,
+        rows,
+        names,
         champion.reference_scores,
         batch.scores,
         params.alpha,

@@ -323,9 +323,14 @@ def promote_version(model_name: str, version: str, reason: str) -> str | None:
     `rollback` can return to it. Returns that previous champion (None: there was none)."""
     client = MlflowClient()
     try:
-        client.get_model_version(model_name, str(version))
+        found = client.get_model_version(model_name, str(version))
     except MlflowException as error:
         raise ValueError(f"model {model_name!r} has no version {version!r}") from error
+    if found.tags.get(registry.STATUS_TAG) == registry.FAILED:
+        raise ValueError(
+            f"{model_name} v{version} never finished registering (tag "
+            f"{registry.STATUS_TAG}={registry.FAILED}); promote a version that did"
+        )
     previous = registry._alias_version(client, model_name, registry.CHAMPION)
     if previous == str(version):  # already served: its record of what it replaced stays
         log.info("%s: v%s already is the champion", model_name, version)

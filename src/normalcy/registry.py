@@ -12,9 +12,11 @@ import json
 import logging
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import onnx
@@ -25,6 +27,7 @@ from mlflow.models.model import ModelInfo
 from normalcy.artifact.metadata import read_onnx_metadata, update_metadata
 from normalcy.config import MlflowParams
 from normalcy.jsonio import json_default
+from normalcy.retry import RetryPolicy, apply_mlflow_http_settings, call_with_retry
 from normalcy.scoring import download_version
 from normalcy.scoring.sources import SQLITE_PREFIX, store_uris
 
@@ -34,6 +37,7 @@ except ImportError:  # pragma: no cover - only if MLflow moves them
     MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH = 6000, 100
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -41,6 +45,17 @@ MODEL_ARTIFACT_NAME = "model"
 INT8_ARTIFACT_DIR = "model_int8"
 INT8_TAG = "int8_artifact"  # version tag: runs:/ URI of the version's INT8 twin, when it has one
 REGISTER_ATTEMPTS = 3
+# Version tag: "registering" from registration until the version has its card ("ready");
+# "failed" when a run died in between (normalcy.recovery marks it).
+STATUS_TAG = "normalcy_status"
+REGISTERING, READY, FAILED = "registering", "ready", "failed"
+
+_retry_policy = RetryPolicy()  # of this process's MLflow calls; setup_tracking sets it
+
+
+def with_retry(action: Callable[[], T], what: str) -> T:
+    """`action()` under the MLflow retry policy of `setup_tracking` (transient faults only)."""
+    return call_with_retry(action, _retry_policy, what)
 
 
 # --- tracking setup ---------------------------------------------------------------------------
@@ -60,6 +75,9 @@ def setup_tracking(params: MlflowParams, base_dir: Path | None = None) -> str:
     The artifact location can only be chosen when the experiment is created; without it a sqlite
     store puts artifacts in `./mlruns` of whatever folder the process runs in.
     """
+    global _retry_policy
+    _retry_policy = params.retry.policy()
+    apply_mlflow_http_settings(_retry_policy)
     uri, artifact = resolve_tracking_uri(params, base_dir)
     if uri.startswith(SQLITE_PREFIX):
         db_path = uri[len(SQLITE_PREFIX) :].partition("?")[0]
@@ -69,7 +87,9 @@ def setup_tracking(params: MlflowParams, base_dir: Path | None = None) -> str:
     mlflow.set_registry_uri(uri)
     client = MlflowClient()
 
-    exp = client.get_experiment_by_name(params.experiment)
+    exp = with_retry(
+        lambda: client.get_experiment_by_name(params.experiment), f"reaching MLflow at {uri}"
+    )
     if exp is None:
         try:
             client.create_experiment(params.experiment, artifact_location=artifact or None)
@@ -218,8 +238,16 @@ def register_challenger(
         with tempfile.TemporaryDirectory() as tmp:
             stamped = update_metadata(onnx_path, stamp, Path(tmp) / onnx_path.name)
             metadata = read_onnx_metadata(stamped)
-            info = _log_onnx(stamped, None, {"normalcy": metadata})
-        version = str(mlflow.register_model(info.model_uri, model_name).version)
+            info = with_retry(
+                partial(_log_onnx, stamped, None, {"normalcy": metadata}),
+                f"logging the ONNX model of {model_name}",
+            )
+        version = str(
+            with_retry(
+                partial(mlflow.register_model, info.model_uri, model_name),
+                f"registering {model_name}",
+            ).version
+        )
         if version == str(expected):
             break
         log.warning(
@@ -237,10 +265,13 @@ def register_challenger(
             f"could not register {model_name!r} with the version number written in its "
             f"metadata after {attempts} attempts (concurrent registrations?); nothing registered"
         )
+    tag_version(model_name, version, {STATUS_TAG: REGISTERING})  # first: recovery finds it
     update_metadata(onnx_path, stamp, onnx_path)
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, str(value))
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    tag_version(model_name, version, tags)
+    with_retry(
+        lambda: client.set_registered_model_alias(model_name, CHALLENGER, version),
+        f"setting {model_name}@{CHALLENGER}",
+    )
     log.info("registered %s version %s as %s (run %s)", model_name, version, CHALLENGER, run_id)
     return Registered(name=model_name, version=version, run_id=run_id, metadata=metadata)
 
@@ -268,13 +299,30 @@ def log_int8_twin(int8_path: str | Path, registered: Registered) -> str:
         mlflow.log_artifact(str(stamped), INT8_ARTIFACT_DIR)
     update_metadata(int8_path, stamp, int8_path)
     uri = f"runs:/{registered.run_id}/{INT8_ARTIFACT_DIR}/{int8_path.name}"
-    MlflowClient().set_model_version_tag(registered.name, registered.version, INT8_TAG, uri)
+    tag_version(registered.name, registered.version, {INT8_TAG: uri})
     return uri
+
+
+def tag_version(model_name: str, version: str, tags: dict) -> None:
+    """Set a version's tags (each an idempotent call, retried on transient faults)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        with_retry(
+            lambda key=key, value=value: client.set_model_version_tag(
+                model_name, str(version), key, str(value)
+            ),
+            f"tagging {model_name} v{version}",
+        )
 
 
 def describe_version(model_name: str, version: str, description: str) -> None:
     """Set a version's description (the MLflow UI renders it as markdown: the model card)."""
-    MlflowClient().update_model_version(model_name, str(version), description=description)
+    with_retry(
+        lambda: MlflowClient().update_model_version(
+            model_name, str(version), description=description
+        ),
+        f"describing {model_name} v{version}",
+    )
 
 
 @dataclass
@@ -331,4 +379,7 @@ def load_champion(model_name: str, dst_dir: str | Path) -> Champion | None:
 
 def set_champion(model_name: str, version: str) -> None:
     """Point `champion` at a given version (recalibration, rollback)."""
-    MlflowClient().set_registered_model_alias(model_name, CHAMPION, str(version))
+    with_retry(
+        lambda: MlflowClient().set_registered_model_alias(model_name, CHAMPION, str(version)),
+        f"setting {model_name}@{CHAMPION}",
+    )

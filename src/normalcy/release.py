@@ -94,8 +94,9 @@ def publish_version(
 ) -> registry.Registered:
     """Log the reference and suite, register the graph as `challenger`, and log its metadata,
     its INT8 twin (when given) and its model card, which also becomes the version's
-    description; `promotion` (the decision's tags) goes into the card. Runs inside the active
-    MLflow run."""
+    description; `promotion` (the decision's tags) goes into the card. The version is tagged
+    `normalcy_status: ready` last: one left `registering` belongs to a run that died (see
+    normalcy.recovery). Runs inside the active MLflow run."""
     registry.log_json(validation_spec, artifacts.RUN_VALIDATION_SPEC)  # may hold numpy values
     mlflow.log_artifact(str(reference), artifacts.RUN_REFERENCE_DIR)
     registered = registry.register_challenger(onnx_path, model_name, tags)
@@ -106,4 +107,5 @@ def publish_version(
     card = model_card(registered.metadata, metrics, data, promotion)
     mlflow.log_text(card, artifacts.RUN_CARD)
     registry.describe_version(registered.name, registered.version, card)
+    registry.tag_version(registered.name, registered.version, {registry.STATUS_TAG: registry.READY})
     return registered

@@ -116,3 +116,27 @@ def torch_threads(n_threads: int) -> Iterator[None]:
 def count_parameters(module: Any) -> int:
     """Trainable and frozen parameters of a torch module."""
     return sum(p.numel() for p in module.parameters())
+
+
+def worker_threads(workers: int, override: int | None = None, cpus: int | None = None) -> int:
+    """onnxruntime intra-op threads for each of `workers` serving processes on one host. One
+    worker: `scoring_threads` (an override is taken as given, like everywhere else). Several:
+    workers x threads <= available CPUs, the override when it fits, else the CPUs shared out;
+    ValueError, naming the numbers, when they cannot fit."""
+    cpus = available_cpus() if cpus is None else cpus
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers == 1:
+        return scoring_threads(override, cpus=cpus)
+    if workers > cpus:
+        raise ValueError(
+            f"{workers} workers on {cpus} available CPUs: each worker needs a CPU of its own; "
+            f"use at most {cpus}"
+        )
+    threads = scoring_threads(override, cpus=cpus // workers)
+    if workers * threads > cpus:
+        raise ValueError(
+            f"{workers} workers x {threads} intra-op threads = {workers * threads} threads on "
+            f"{cpus} available CPUs; use at most {cpus // workers} threads per worker"
+        )
+    return threads

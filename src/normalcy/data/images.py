@@ -14,6 +14,7 @@ from normalcy.data.sources import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # more than 8 bits a value
 
 
 def _open(source: bytes | str | Path, name: str):  # noqa: ANN202 (PIL is imported lazily)
@@ -54,18 +55,23 @@ def stored_channels(source: bytes | str | Path, name: str | None = None) -> int:
 def decode_image(
     source: bytes | str | Path,
     channels: int | None = None,
-    size: int | None = None,
+    size: int | tuple[int, int] | None = None,
     name: str | None = None,
     nearest: bool = False,
 ) -> np.ndarray:
     """uint8 `[c, h, w]`. `channels` None keeps what is stored (grayscale 1, anything else 3,
-    alpha dropped); 1 or 3 converts. `size` resizes to size x size (bilinear; `nearest` for
-    masks, whose values must not blend). 16-bit and float images are scaled to 0..255 by PIL's
-    mode conversion."""
+    alpha dropped); 1 or 3 converts. `size` (an int for a square, or (height, width)) resizes
+    (bilinear; `nearest` for masks, whose values must not blend). Other modes go through PIL's
+    conversion to L or RGB; 16-bit and float images are refused (PIL would clip them)."""
     if channels not in (None, 1, 3):
         raise DataError(f"channels={channels!r}; expected None (as stored), 1 or 3")
     name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     image = _open(source, name)
+    if image.mode in WIDE_MODES:
+        raise DataError(
+            f"{name}: {image.mode} image (more than 8 bits a value); expected 8-bit grayscale or "
+            "colour images (converting would clip values above 255)"
+        )
     if channels is None:
         channels = 1 if image.mode in GRAYSCALE_MODES else 3
     image = image.convert("L" if channels == 1 else "RGB")
@@ -73,7 +79,8 @@ def decode_image(
         from PIL import Image
 
         resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
-        image = image.resize((size, size), resample)
+        height, width = (size, size) if isinstance(size, int) else size
+        image = image.resize((width, height), resample)
     array = np.asarray(image, dtype=np.uint8)
     return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 

@@ -52,6 +52,12 @@ def _entries(root: Path, part: str) -> list[tuple[Path, str]]:
     return entries
 
 
+def check_folder(root: Path, parts: tuple[str, ...] = PARTS) -> None:
+    """The layout is there and holds images; read before a flow starts (no image decoded)."""
+    for part in parts:
+        _entries(Path(root), part)
+
+
 def mask_path(root: Path, image: Path, defect: str) -> Path:
     return root / "ground_truth" / defect / f"{image.stem}_mask.png"
 

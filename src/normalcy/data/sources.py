@@ -1,4 +1,5 @@
-"""Data sources: sklearn digits (embedded default), npz, csv and parquet. Bad input fails here."""
+"""Data sources: sklearn digits (embedded default), npz, csv and parquet (image folders:
+`data.mvtec`). Bad input fails here."""
 
 from __future__ import annotations
 
@@ -215,6 +216,13 @@ def check_source(params: DataParams) -> None:
     has unique column names including every one `data` names. Run before a flow starts, so
     these mistakes end in one message instead of a failed run."""
     if params.source == "sklearn_digits":
+        return
+    if params.source == "mvtec":
+        from normalcy.data.mvtec import check_folder  # it imports this module
+
+        check_folder(Path(params.path))
+        if params.validation_path:
+            check_folder(Path(params.validation_path), ("test",))
         return
     path = Path(params.path)
     check_file(path)

@@ -22,11 +22,14 @@ SPLIT_NAMES = ("train", "val", "test", "holdout")
 @dataclass
 class Split:
     """One split: features, optional labels (never shown to a detector that does not use them),
-    and the source row ids, which the leakage check compares."""
+    and the source row ids, which the leakage check compares. Image folders add ground-truth
+    `masks` `[n, h, w]` and a defect name per row, for the metrics only (never for `fit`)."""
 
     X: np.ndarray
     y: np.ndarray | None
     ids: np.ndarray
+    masks: np.ndarray | None = None
+    defects: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.X)
@@ -238,15 +241,43 @@ def cap_contamination(
     return np.concatenate([normals, kept]), len(anomalies) - allowed
 
 
+def stored_X(split: Split) -> np.ndarray:
+    """X as written to disk: images of an image folder (whole numbers 0..255, as decoded) as
+    uint8, a quarter of float32 in the prepared data, the DVC cache and the remote."""
+    X = split.X
+    if split.defects is not None and len(X) and X.min() >= 0 and X.max() <= 255:
+        as_bytes = X.astype(np.uint8)
+        if np.array_equal(as_bytes, X):
+            return as_bytes
+    return X
+
+
+def split_arrays(split: Split) -> dict[str, np.ndarray]:
+    """The arrays of a split file: X and ids, and y, masks and defects when present."""
+    arrays = {"X": stored_X(split), "ids": split.ids}
+    for key in ("y", "masks", "defects"):
+        if getattr(split, key) is not None:
+            arrays[key] = getattr(split, key)
+    return arrays
+
+
+def load_split(path: Path) -> Split:
+    """What `split_arrays` wrote."""
+    with np.load(path, allow_pickle=False) as archive:
+        optional = {
+            k: archive[k] if k in archive.files else None for k in ("y", "masks", "defects")
+        }
+        X = archive["X"]
+        X = X.astype(np.float32) if X.dtype == np.uint8 else X  # see `stored_X`
+        return Split(X, optional["y"], archive["ids"], optional["masks"], optional["defects"])
+
+
 def save_splits(splits: Splits, output_dir: str | Path, meta: dict) -> Path:
     """Write train/val/test .npz and meta.json: the prepared data set that DVC versions."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, split in splits.items():
-        arrays = {"X": split.X, "ids": split.ids}
-        if split.y is not None:
-            arrays["y"] = split.y
-        np.savez(output_dir / f"{name}.npz", **arrays)
+        np.savez(output_dir / f"{name}.npz", **split_arrays(split))
     (output_dir / "meta.json").write_text(
         json.dumps(
             {
@@ -280,10 +311,7 @@ def load_splits(output_dir: str | Path) -> Splits:
             "the prepare stage again"
         )
     for name in SPLIT_NAMES:
-        with np.load(output_dir / f"{name}.npz", allow_pickle=False) as archive:
-            parts[name] = Split(
-                archive["X"], archive["y"] if "y" in archive.files else None, archive["ids"]
-            )
+        parts[name] = load_split(output_dir / f"{name}.npz")
     return Splits(
         parts["train"],
         parts["val"],

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from normalcy.config import VersioningParams
+from normalcy.retry import call_with_retry
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,14 @@ def snapshot_data(
     _run_dvc(
         ["remote", "add", "--local", "--default", "--force", params.remote_name, remote_url], root
     )
-    # Push the path, not the stage: a stage's other outputs may not be cached.
-    _run_dvc(["push", "-r", params.remote_name, rel], root)
+    # Push the path, not the stage: a stage's other outputs may not be cached. A push is
+    # content-addressed, so retrying any failure of it is safe (a remote that blinks).
+    call_with_retry(
+        lambda: _run_dvc(["push", "-r", params.remote_name, rel], root),
+        params.retry.policy(),
+        f"dvc push of {rel} to {remote_url}",
+        transient=lambda error: isinstance(error, VersioningError),
+    )
     log.info("data %s versioned as %s (%s), pushed to %s", rel, md5, method, remote_url)
     return DataVersion(md5=md5, path=rel, remote_url=remote_url, method=method)
 

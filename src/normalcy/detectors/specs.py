@@ -335,6 +335,23 @@ class IForestSpec(DetectorSpec):
     batch_size: PositiveInt = 4096
 
 
+@spec("dte")
+class DTESpec(TorchSpec):
+    hidden_dims: Widths = [256, 512, 256]
+    n_bins: Annotated[Int, Ge(2)] = 7
+    n_steps: Annotated[Int, Ge(2)] = 400
+    beta_start: Annotated[Number, Gt(0), Lt(1)] = 1e-4
+    beta_end: Annotated[Number, Gt(0), Lt(1)] = 0.01
+
+    def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
+        problems = []
+        if self.n_steps < self.n_bins:
+            problems.append(ParamProblem("n_steps", f"must be >= n_bins={self.n_bins}"))
+        if self.beta_start > self.beta_end:
+            problems.append(ParamProblem("beta_end", f"must be >= beta_start={self.beta_start}"))
+        return problems
+
+
 @spec("pca")
 class PCASpec(PreprocessedSpec):
     explained_variance: Annotated[Number, Gt(0), Lt(1)] = 0.9

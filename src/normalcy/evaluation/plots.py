@@ -1,4 +1,5 @@
-"""PNG plots for MLflow: ROC and PR curves, score histograms with the threshold, drift."""
+"""PNG plots for MLflow: ROC and PR curves, score histograms with the threshold, drift, and
+anomaly-map overlays on images."""
 
 from __future__ import annotations
 
@@ -80,6 +81,34 @@ def plot_drift(
         color=["tab:red" if drifted else "tab:grey" for _, _, drifted in top],
     )
     features_ax.set(xlabel="KS statistic (red: drifted)", title=f"features - {title}")
+    return _save(fig, path)
+
+
+def plot_overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    mask: np.ndarray | None,
+    map_range: tuple[float, float],
+    title: str,
+    path: str | Path,
+) -> Path:
+    """An image `[c, h, w]` (0..255) beside the same image under its anomaly map as a heatmap,
+    both with the ground-truth contour (green) when there is a mask. `map_range` is shared by
+    every overlay of a run, so colours compare across images (raw scores, never rescaled per
+    image)."""
+    picture = np.asarray(image, dtype=np.float64)
+    picture = picture[0] if picture.shape[0] == 1 else picture.transpose(1, 2, 0) / 255.0
+    gray = {"cmap": "gray", "vmin": 0, "vmax": 255} if picture.ndim == 2 else {}
+    fig, (image_ax, map_ax) = plt.subplots(1, 2, figsize=(8, 4.3))
+    for ax in (image_ax, map_ax):
+        ax.imshow(picture, **gray)
+        if mask is not None and mask.any():
+            ax.contour(mask, levels=[0.5], colors="lime", linewidths=1.0)
+        ax.set_axis_off()
+    heat = map_ax.imshow(anomaly_map, cmap="jet", alpha=0.5, vmin=map_range[0], vmax=map_range[1])
+    fig.colorbar(heat, ax=map_ax, fraction=0.046, pad=0.04, label="anomaly map")
+    image_ax.set_title(title, fontsize=9)
+    map_ax.set_title("map (green: ground truth)", fontsize=9)
     return _save(fig, path)
 
 

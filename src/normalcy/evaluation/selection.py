@@ -114,3 +114,70 @@ def select_winner(results: list[CandidateResult]) -> CandidateResult:
             "judged; add another candidate)"
         )
     return max(eligible, key=lambda r: (r.metric, -results.index(r)))
+
+
+# --- label-free selection: a robust default, left only on evidence beyond noise ------------------
+
+CONSENSUS = "consensus"
+EVIDENCE_SEEDS = (0, 1, 2)  # synthetic draws per type: their spread is the criterion's noise
+
+
+def synthetic_evidence(
+    score: Callable[[np.ndarray], np.ndarray], val_X: np.ndarray, seed: int
+) -> dict[str, np.ndarray]:
+    """AUROC against each synthetic anomaly type, once per synthetic draw (`EVIDENCE_SEEDS`
+    offset by `seed`), so a difference between candidates can be set against the draw noise."""
+    return {
+        kind: np.array([synthetic_auroc(score, val_X, seed + s, kind) for s in EVIDENCE_SEEDS])
+        for kind in SYNTHETIC_ANOMALIES
+    }
+
+
+def beats_beyond_noise(
+    challenger: dict[str, np.ndarray], default: dict[str, np.ndarray], margin: float
+) -> bool:
+    """True when, on every synthetic type, the challenger's paired gain over the default (same
+    draws) exceeds `margin` by two standard errors of the draws."""
+    for kind, values in challenger.items():
+        gain = values - default[kind]
+        noise = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else 0.0
+        if not gain.mean() - 2.0 * noise > margin:
+            return False
+    return True
+
+
+def choose_label_free(
+    results: list[CandidateResult],
+    evidence: dict[str, dict[str, np.ndarray]],
+    margin: float,
+) -> tuple[CandidateResult, str]:
+    """The `consensus` candidate, unless exportable candidates beat it on every synthetic type
+    beyond noise (`beats_beyond_noise`); then the one of those with the best mean criterion.
+
+    An argmax of the synthetic criterion alone is no better than a random pick on real
+    anomalies (Ma, Zhao, Zhang and Akoglu, SIGKDD Explorations 2023; ADBench section 4.3: it
+    favours the methods that fit the synthetic types), so a fixed diverse ensemble is the
+    default, and the criterion may only overrule it where it is unanimous and clear."""
+    default = next(r for r in results if r.name == CONSENSUS)
+    challengers = [
+        r
+        for r in results
+        if r.name in evidence
+        and r is not default
+        and r.exportable
+        and beats_beyond_noise(evidence[r.name], evidence[CONSENSUS], margin)
+    ]
+    if not challengers:
+        return default, (
+            f"label-free validation: no candidate beats the consensus of "
+            f"{default.extra.get('members')} on every synthetic anomaly type beyond the noise of "
+            f"{len(EVIDENCE_SEEDS)} synthetic draws (margin {margin}), so the consensus is kept"
+        )
+    best = max(challengers, key=lambda r: (r.metric, -results.index(r)))
+    others = [r.name for r in challengers if r is not best]
+    return best, (
+        f"label-free validation: {best.name} beats the consensus of "
+        f"{default.extra.get('members')} on every synthetic anomaly type beyond the noise of "
+        f"{len(EVIDENCE_SEEDS)} synthetic draws (margin {margin})"
+        + (f"; so did {others}" if others else "")
+    )

@@ -39,6 +39,7 @@ RECALIBRATED_INT8 = ARTIFACTS / "model.recalibrated.int8.onnx"
 ROC_PR_TEST_PLOT = "roc_pr_test.png"
 SCORES_TEST_PLOT = "scores_test.png"
 SCORES_VAL_PLOT = "scores_val.png"
+OVERLAYS_DIR = "overlays"  # anomaly-map overlays of test images (image folders)
 
 # MLflow run artifacts: folders of a training run, and the reference monitor downloads
 RUN_REFERENCE_DIR = "reference"

@@ -1,12 +1,13 @@
 """Step 5, evaluate: the threshold from validation scores as `calibration.mode` asks; test
 metrics and the operating point's figures once, for the report only (nothing is chosen on
-them)."""
+them). An image folder's test split adds the per-defect table and, when the model outputs
+anomaly maps, pixel AUROC, AUPRO and overlays (`evaluation.localization`)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -14,6 +15,8 @@ from normalcy.calibration import OperatingPoint
 from normalcy.config import CalibrationParams, EvaluateParams
 from normalcy.data.splits import Split, Splits
 from normalcy.detectors import Detector
+from normalcy.detectors.base import ANOMALY_MAP, SCORE
+from normalcy.evaluation.localization import localization
 from normalcy.evaluation.metrics import ranking_metrics
 from normalcy.evaluation.operating_point import choose_threshold, operating_report
 from normalcy.evaluation.plots import plot_roc_pr, plot_score_histogram
@@ -36,6 +39,8 @@ class Evaluation:
     test_scores: np.ndarray
     test: dict[str, float]
     plots: list[str]
+    per_defect: dict[str, dict[str, float]] = field(default_factory=dict)  # image folders
+    overlays: list[str] = field(default_factory=list)  # image folders with anomaly maps
 
     def operating_point(self) -> OperatingPoint:
         return OperatingPoint(self.threshold, self.target_fpr, self.calibration_scores)
@@ -68,7 +73,7 @@ def _plots(
     plots.append(
         plot_score_histogram(
             val_scores,
-            splits.val.y,
+            splits.val.y if splits.val.has_both_classes else None,  # one class: one histogram
             threshold,
             "validation scores",
             folder / artifacts.SCORES_VAL_PLOT,
@@ -87,6 +92,16 @@ def without_top(scores: np.ndarray, share: float) -> np.ndarray:
     """`scores` less their highest `share`: where an unlabelled split's anomalies sit."""
     keep = len(scores) - int(round(share * len(scores)))
     return np.sort(scores)[: max(keep, 1)]
+
+
+def _test_outputs(detector: Detector, test: Split) -> tuple[np.ndarray, np.ndarray | None]:
+    """(test scores, anomaly maps or None). Maps are computed only for a test split with
+    defect names (an image folder) and a model that outputs them (probed on one image); the
+    scores then come from the same pass."""
+    if test.defects is None or len(test) == 0 or ANOMALY_MAP not in detector.predict(test.X[:1]):
+        return detector.score(test.X), None
+    outputs = detector.predict(test.X)
+    return outputs[SCORE].astype(np.float64), outputs[ANOMALY_MAP]
 
 
 def evaluate(
@@ -112,10 +127,13 @@ def evaluate(
         calibration_scores = val_scores[splits.val.y == 0]
         chosen = choose_threshold(val_scores, splits.val.y, calibration)
     threshold = chosen.value
-    test_scores = detector.score(splits.test.X)
+    test_scores, test_maps = _test_outputs(detector, splits.test)
     test = operating_report(splits.test.y, test_scores, threshold, calibration)
     if splits.test.y is not None:
         test = {**ranking_metrics(splits.test.y, test_scores), **test}
+    located = localization(
+        splits.test, test_scores, test_maps, artifacts.plots_dir(params) / artifacts.OVERLAYS_DIR
+    )
     evaluation = Evaluation(
         threshold,
         chosen.target_fpr,
@@ -126,7 +144,10 @@ def evaluate(
         test_scores,
         test,
         _plots(splits, val_scores, test_scores, threshold, params),
+        located.per_defect,
+        located.overlays,
     )
+    evaluation.test.update(located.metrics)
     write_json(evaluation.to_dict(), artifacts.metrics(params))
     np.save(artifacts.calibration_scores(params), calibration_scores)
     log.info("threshold %.5g (%s); test %s", threshold, chosen.how, test)

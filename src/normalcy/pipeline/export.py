@@ -196,6 +196,8 @@ def export_and_gate(
         params.opset,
         extra,
     )
+    if splits.train.defects is not None:  # an image folder: files are resized on loading
+        metadata["input"]["image_resize"] = "bilinear"
     path, report = export(detector, threshold, test_X, params, metadata, calibration_scores)
     require_parity(report)
     exported = Exported(path, report)

@@ -5,6 +5,7 @@ these after each step. Nothing here trains or exports: types are for annotations
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import mlflow
@@ -57,7 +58,33 @@ def log_evaluation(evaluation: Evaluation, params: EvaluateParams) -> None:
     mlflow.log_metrics({f"test_{k}": v for k, v in evaluation.test.items() if np.isfinite(v)})
     for plot in evaluation.plots:
         mlflow.log_artifact(plot, "plots")
+    for overlay in evaluation.overlays:
+        mlflow.log_artifact(overlay, artifacts.OVERLAYS_DIR)
+    if evaluation.per_defect:
+        mlflow.log_table(per_defect_table(evaluation.per_defect), "evaluation/per_defect.json")
+        mlflow.log_metrics(
+            {
+                f"test_{metric_key(defect)}_{name}": value
+                for defect, row in evaluation.per_defect.items()
+                for name, value in row.items()
+                if name != "n" and np.isfinite(value)
+            }
+        )
     mlflow.log_artifact(str(artifacts.metrics(params)), "evaluation")
+
+
+def metric_key(name: str) -> str:
+    """A defect name as part of an MLflow metric key (letters, digits, _ - . / and space)."""
+    return re.sub(r"[^A-Za-z0-9_./ -]+", "_", name)
+
+
+def per_defect_table(per_defect: dict[str, dict[str, float]]) -> dict[str, list]:
+    """{defect: {metric: value}} as columns, for `mlflow.log_table`."""
+    columns = sorted({key for row in per_defect.values() for key in row})
+    table: dict[str, list] = {"defect": list(per_defect)}
+    for column in columns:
+        table[column] = [row.get(column) for row in per_defect.values()]
+    return table
 
 
 def log_parity(report: ParityReport) -> None:
@@ -123,6 +150,8 @@ def training_summary(
         "selection_value": winner.metric,
         "test_auroc": evaluation.test.get("auroc"),
         "test_auprc": evaluation.test.get("auprc"),
+        "test_pixel_auroc": evaluation.test.get("pixel_auroc"),
+        "test_aupro": evaluation.test.get("aupro"),
         "test_fpr_at_threshold": evaluation.test.get("fpr"),
         "test_recall_at_threshold": evaluation.test.get("recall"),
         "threshold": evaluation.threshold,

@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from normalcy.config import TrainParams
+from normalcy.config import TrainParams, preprocessing_variants
 from normalcy.data.splits import Split
 from normalcy.detectors import Detector
 from normalcy.detectors.ensemble import ENSEMBLE, Ensemble
 from normalcy.detectors.persistence import load_detector, save_detector
 from normalcy.detectors.registry import create_with_settings
-from normalcy.evaluation.selection import CandidateResult, select_winner, validation_metric
+from normalcy.evaluation.selection import (
+    CONSENSUS,
+    LABEL_FREE_METRIC,
+    CandidateResult,
+    choose_label_free,
+    select_winner,
+    synthetic_evidence,
+    validation_metric,
+)
 from normalcy.jsonio import write_json
 from normalcy.pipeline import artifacts
 
 log = logging.getLogger(__name__)
 
+PREPROCESSING = "preprocessing"
 TRAINING_SETTINGS = {
     "epochs",
     "batch_size",
@@ -32,10 +43,49 @@ TRAINING_SETTINGS = {
 }
 
 
-def build_candidate(name: str, params: TrainParams) -> Detector:
-    """A candidate with its own params from train.detectors plus the shared training settings."""
+def build_candidate(
+    name: str, params: TrainParams, detector_params: dict[str, Any] | None = None
+) -> Detector:
+    """A candidate with `detector_params` (default: its train.detectors entry) plus the shared
+    training settings."""
     settings = params.model_dump(include=TRAINING_SETTINGS)
-    return create_with_settings(name, params.detectors.get(name, {}), settings)
+    given = params.detectors.get(name, {}) if detector_params is None else detector_params
+    return create_with_settings(name, given, settings)
+
+
+def fit_best_variant(
+    name: str, train: Split, val: Split, params: TrainParams
+) -> tuple[Detector, CandidateResult]:
+    """Fit every variant of a candidate (one per `preprocessing` choice: see
+    `config.preprocessing_variants`) and keep the one with the best validation metric (the first
+    listed on a tie); the result records every variant's metric."""
+    best: tuple[Detector, CandidateResult] | None = None
+    trials: dict[str, float] = {}
+    started = time.perf_counter()
+    variants = preprocessing_variants(params.detectors.get(name, {}))
+    for detector_params in variants:
+        fit_started = time.perf_counter()
+        detector = fit_detector(build_candidate(name, params, detector_params), train, val)
+        choice = describe(detector_params.get(PREPROCESSING, "default"))
+        variant = f"preprocessing {choice}" if len(variants) > 1 else ""
+        result = _candidate_result(
+            detector, val, params, time.perf_counter() - fit_started, variant
+        )
+        trials[choice] = result.metric
+        if best is None or _comparable(result.metric) > _comparable(best[1].metric):
+            best = (detector, result)
+    detector, result = best
+    if len(trials) > 1:
+        chosen = describe(detector.constructor_params()[PREPROCESSING])
+        result.fit_seconds = time.perf_counter() - started  # every variant's fit counts
+        result.extra.update(preprocessing=chosen, preprocessing_trials=trials)
+        log.info("candidate %s: preprocessing %s chosen on validation (%s)", name, chosen, trials)
+    return detector, result
+
+
+def describe(preprocessing: str | dict[str, Any]) -> str:
+    """A preprocessing choice as one short string: its name, or its mapping as JSON."""
+    return preprocessing if isinstance(preprocessing, str) else json.dumps(preprocessing)
 
 
 def fit_detector(detector: Detector, train: Split, val: Split) -> Detector:
@@ -58,25 +108,71 @@ def fit_candidates(
     trained = [name for name in params.candidates if name != ENSEMBLE]
     for position, name in enumerate(trained, start=1):
         log.info("candidate %d/%d: %s", position, len(params.candidates), name)
-        started = time.perf_counter()
-        detector = fit_detector(build_candidate(name, params), train, val)
-        results.append(_candidate_result(detector, val, params, time.perf_counter() - started))
+        detector, result = fit_best_variant(name, train, val, params)
+        results.append(result)
         detectors[name] = detector
     if ENSEMBLE in params.candidates:
         started = time.perf_counter()
         detector = ensemble_of_best(detectors, results, val, params.ensemble_top_k)
         results.append(_candidate_result(detector, val, params, time.perf_counter() - started))
         detectors[ENSEMBLE] = detector
-    return detectors, results, select_winner(results)
+    label_free = results[0].metric_name == LABEL_FREE_METRIC
+    members_fitted = all(name in detectors for name in params.consensus_members)
+    if label_free and params.selection == CONSENSUS and members_fitted:
+        return detectors, results, consensus_choice(detectors, results, val, params)
+    winner = select_winner(results)
+    winner.extra["selection"] = f"best {winner.metric_name} on the validation split" + (
+        f" (the consensus needs the candidates {params.consensus_members})"
+        if label_free and params.selection == CONSENSUS
+        else ""
+    )
+    log.info("selection: %s", winner.extra["selection"])
+    return detectors, results, winner
+
+
+def consensus_choice(
+    detectors: dict[str, Detector], results: list[CandidateResult], val: Split, params: TrainParams
+) -> CandidateResult:
+    """Add the `consensus` candidate (the mean of the robustly standardized scores of the
+    fitted `train.consensus_members`) and choose by `choose_label_free`: the consensus unless
+    the synthetic criterion is unanimous and beyond noise. Every candidate's per-type evidence
+    is recorded in its result."""
+    started = time.perf_counter()
+    members = [detectors[name] for name in params.consensus_members]
+    consensus = Ensemble.from_fitted(members, val.X)
+    result = _candidate_result(consensus, val, params, time.perf_counter() - started)
+    result.name = CONSENSUS
+    result.extra["members"] = list(params.consensus_members)
+    results.append(result)
+    detectors[CONSENSUS] = consensus
+    evidence = {
+        r.name: synthetic_evidence(detectors[r.name].score, val.X, params.seed)
+        for r in results
+        if r.exportable and np.isfinite(r.metric)
+    }
+    for r in results:
+        if r.name in evidence:
+            by_type = {kind: float(values.mean()) for kind, values in evidence[r.name].items()}
+            r.extra["synthetic_auroc_by_type"] = by_type
+    winner, reason = choose_label_free(results, evidence, params.selection_margin)
+    winner.extra["selection"] = reason
+    log.info("selection: %s", reason)
+    return winner
+
+
+def _comparable(metric: float) -> float:
+    """A metric for ranking: NaN (not measurable) ranks below every number."""
+    return metric if np.isfinite(metric) else -np.inf
 
 
 def _candidate_result(
-    detector: Detector, val: Split, params: TrainParams, fit_seconds: float
+    detector: Detector, val: Split, params: TrainParams, fit_seconds: float, variant: str = ""
 ) -> CandidateResult:
     metric_name, metric = validation_metric(
         detector.score, val.X, val.y, params.seed, detector.trains_on_synthetic_anomalies
     )
-    log.info("candidate %s: %s = %.4f (%.1f s)", detector.name, metric_name, metric, fit_seconds)
+    label = f"{detector.name} ({variant})" if variant else detector.name
+    log.info("candidate %s: %s = %.4f (%.1f s)", label, metric_name, metric, fit_seconds)
     return CandidateResult(detector.name, metric_name, metric, detector.exportable, fit_seconds)
 
 
@@ -104,9 +200,9 @@ def train_candidates(
 ) -> tuple[dict[str, Detector], list[CandidateResult], CandidateResult]:
     """`fit_candidates`, then write the candidates' table and the winner for the next steps."""
     detectors, results, winner = fit_candidates(train, val, params)
-    write_json(
-        {"winner": winner.name, "candidates": [asdict(r) for r in results]}, artifacts.CANDIDATES
-    )
+    why = winner.extra.get("selection", "")
+    table = {"winner": winner.name, "why": why, "candidates": [asdict(r) for r in results]}
+    write_json(table, artifacts.CANDIDATES)
     save_detector(detectors[winner.name], artifacts.WINNER)
     return detectors, results, winner
 

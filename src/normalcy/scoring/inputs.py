@@ -31,6 +31,9 @@ class InputSpec:
     dtype: np.dtype
     feature_names: tuple[str, ...] = ()
     id_column: str | None = None
+    # Image models trained on an image folder: how image files are resized to `shape` (the way
+    # the training images were: "bilinear"); None: image files must already have that size.
+    image_resize: str | None = None
 
     @property
     def is_image(self) -> bool:
@@ -94,6 +97,7 @@ def input_spec(session: ort.InferenceSession, metadata: dict | None = None) -> I
         dtype=np.dtype(ORT_DTYPES.get(graph_input.type, np.float32)),
         feature_names=names,
         id_column=id_column,
+        image_resize=(metadata.get("input") or {}).get("image_resize"),
     )
 
 

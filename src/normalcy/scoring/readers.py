@@ -288,18 +288,15 @@ def _open_image_folder(folder: Path, spec: InputSpec, chunk_rows: int) -> Scorin
             "pass a .csv, .parquet or .npz file"
         )
     channels, height, width = spec.shape
+    if spec.image_resize is not None:
+        return _open_resized_images(folder, spec, chunk_rows)
     if channels not in _IMAGE_MODES:
         raise InputError(
             f"{folder}: the model takes {channels}-channel images, which PNG/JPG files do not "
             "hold; pass an .npz with X of shape [n, "
             f"{channels}, {height}, {width}]"
         )
-    files = sorted(
-        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
-    if not files:
-        raise InputError(f"{folder}: no .png/.jpg/.jpeg images found (searched sub-folders too)")
+    files = _image_files(folder)
     modes = _IMAGE_MODES[channels]
     for file in files:
         try:
@@ -330,3 +327,50 @@ def _open_image_folder(folder: Path, spec: InputSpec, chunk_rows: int) -> Scorin
             yield ids, check_rows(X, spec, str(folder), start)
 
     return ScoringInput(str(folder), FILE_ID, len(files), chunks())
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Every PNG/JPG under `folder`, sorted by relative path; refused when there is none."""
+    files = sorted(
+        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
+    if not files:
+        raise InputError(f"{folder}: no .png/.jpg/.jpeg images found (searched sub-folders too)")
+    return files
+
+
+def _open_resized_images(folder: Path, spec: InputSpec, chunk_rows: int) -> ScoringInput:
+    """A model trained on an image folder: every image is decoded, converted to the model's
+    channel count and resized to its input size exactly as the training images were
+    (`normalcy.data.images.decode_image`). Each file's header is read before any scoring."""
+    from normalcy.data.images import decode_image, read_header
+    from normalcy.data.sources import DataError
+
+    channels, height, width = spec.shape
+    if channels not in (1, 3) or spec.image_resize != "bilinear":
+        raise InputError(
+            f"the model asks for {channels}-channel images resized by {spec.image_resize!r}; "
+            "normalcy reads 1- or 3-channel images resized bilinearly"
+        )
+    files = _image_files(folder)
+    try:
+        for file in files:
+            read_header(file)
+    except DataError as exc:
+        raise InputError(str(exc)) from None
+    notes = [f"images are resized to {height}x{width} (bilinear), as the training images were"]
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(files), chunk_rows):
+            batch = files[start : start + chunk_rows]
+            X = np.empty((len(batch), channels, height, width), dtype=np.float32)
+            try:
+                for i, file in enumerate(batch):
+                    X[i] = decode_image(file, channels, (height, width))
+            except DataError as exc:
+                raise InputError(str(exc)) from None
+            ids = np.asarray([f.relative_to(folder).as_posix() for f in batch])
+            yield ids, check_rows(X, spec, str(folder), start)
+
+    return ScoringInput(str(folder), FILE_ID, len(files), chunks(), notes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -147,9 +148,37 @@ def per_row_outputs(available: list[str] | tuple[str, ...]) -> list[str]:
     return first + rest
 
 
-def _check_batch_shape(session: ort.InferenceSession, X: np.ndarray) -> None:
+@dataclass(frozen=True)
+class GraphIO:
+    """A session's (first) input and its outputs, as `score_outputs` needs them."""
+
+    input_name: str
+    input_dtype: type
+    input_shape: tuple  # e.g. ('batch', 64): str/None where dynamic
+    outputs: tuple[str, ...]
+
+
+_GRAPH_IO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graph_io(session: ort.InferenceSession) -> GraphIO:
+    """The session's input and outputs, read once per session: onnxruntime builds new Python
+    objects for them at every call, which costs more than scoring one row does."""
+    known = _GRAPH_IO.get(session)
+    if known is None:
+        graph_input = session.get_inputs()[0]
+        known = GraphIO(
+            input_name=graph_input.name,
+            input_dtype=ORT_DTYPES.get(graph_input.type, np.float32),
+            input_shape=tuple(graph_input.shape),
+            outputs=tuple(output_names(session)),
+        )
+        _GRAPH_IO[session] = known
+    return known
+
+
+def _check_batch_shape(expected: tuple, X: np.ndarray) -> None:
     """Fail with a readable message instead of onnxruntime's terse shape error."""
-    expected = session.get_inputs()[0].shape  # e.g. ['batch', 64]; str/None where dynamic
     got = X.shape
     static_mismatch = any(
         isinstance(want, int) and want != have
@@ -208,15 +237,15 @@ def score_outputs(
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     session = as_session(session_or_path)
-    available = output_names(session)
+    io = graph_io(session)
+    available = list(io.outputs)
     names = list(available if names is None else names)
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ValueError(f"the model has no output(s) {unknown}; it has {available}")
-    graph_input = session.get_inputs()[0]
-    X = np.ascontiguousarray(X, dtype=ORT_DTYPES.get(graph_input.type, np.float32))
-    _check_batch_shape(session, X)
-    input_name = graph_input.name
+    X = np.ascontiguousarray(X, dtype=io.input_dtype)
+    _check_batch_shape(io.input_shape, X)
+    input_name = io.input_name
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, len(X), chunk_rows):
         chunk = X[start : start + chunk_rows]

@@ -26,6 +26,7 @@ from normalcy.artifact.names import ANOMALY_MAP_NAME, DECISION_NAME, SCORE_NAME
 from normalcy.atomic import atomic_path
 from normalcy.scoring.explanations import explained_output, feature_labels, top_features
 from normalcy.scoring.inputs import InputError, input_spec
+from normalcy.scoring.maps import MapWriter, check_maps_target
 from normalcy.scoring.prediction_log import PredictionLog
 from normalcy.scoring.readers import open_input
 from normalcy.scoring.session import output_names, per_row_outputs, read_metadata, score_outputs
@@ -119,6 +120,7 @@ def score_file(
     explain: int | None = None,
     prediction_log: PredictionLog | None = None,
     model_version: str = "",
+    maps: str | Path | None = None,
 ) -> ScoreFileResult:
     """Score a csv/parquet/npz file or an image folder into a csv/parquet file (by extension):
     the id column (the model's id column when the data has it, else the row number, or the file
@@ -127,7 +129,9 @@ def score_file(
     Input is read, scored and written `chunk_rows` rows at a time, so memory stays bounded;
     the output appears only when every row is scored (temp file + rename), so a bad row late in
     a big file leaves no half-written output behind. `explain=K` adds each row's top-K
-    features; a model without per-feature contributions, or K outside 1..d, is refused first."""
+    features; a model without per-feature contributions, or K outside 1..d, is refused first.
+    `maps` (a folder for PNG heatmaps, or an .npz file) also writes each row's `anomaly_map`
+    (see `scoring.maps`); a model without one is refused first."""
     from tqdm import tqdm
 
     output = check_output_path(output_path)
@@ -143,11 +147,21 @@ def score_file(
             f"the model has an output named {opened.id_name!r}, which is also the id column of "
             f"{opened.source}; the result table cannot hold both"
         )
-    if ANOMALY_MAP_NAME in available:
+    map_writer = None
+    if maps is not None:
+        if ANOMALY_MAP_NAME not in available:
+            raise InputError(
+                f"--maps: the model has no '{ANOMALY_MAP_NAME}' output (its outputs: "
+                f"{available}); only detectors that localize write maps"
+            )
+        map_writer = MapWriter(check_maps_target(maps))
+    elif ANOMALY_MAP_NAME in available:
         opened.notes.append(
-            f"'{ANOMALY_MAP_NAME}' is not written to tables; get it from score_outputs() or "
-            'from normalcy serve with "anomaly_map": true'
+            f"'{ANOMALY_MAP_NAME}' is not written to tables; write it with --maps DIR (or "
+            "FILE.npz), get it from score_outputs() or from normalcy serve with "
+            '"anomaly_map": true'
         )
+    run_names = names + ([ANOMALY_MAP_NAME] if map_writer is not None else [])
     n_rows = n_anomalies = 0
     columns: list[str] = []
     bar = tqdm(
@@ -159,7 +173,9 @@ def score_file(
     )
     with bar, _table_writer(output) as write:
         for ids, X in opened.chunks:
-            outputs = score_outputs(session, X, names=names)  # in runs of ROWS_PER_RUN
+            outputs = score_outputs(session, X, names=run_names)  # in runs of ROWS_PER_RUN
+            if map_writer is not None:
+                map_writer.add(ids, outputs.pop(ANOMALY_MAP_NAME))
             columns_of_chunk = {opened.id_name: ids, **table_columns(outputs)}
             if explained is not None:
                 columns_of_chunk |= top_features(outputs[explained], labels, explain)
@@ -175,5 +191,7 @@ def score_file(
             bar.update(len(X))
     if prediction_log is not None:
         prediction_log.flush()
+    if map_writer is not None:
+        opened.notes.append(map_writer.finish())
     columns = columns or [opened.id_name, *names]
     return ScoreFileResult(n_rows, n_anomalies, output, columns, opened.notes)

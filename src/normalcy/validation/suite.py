@@ -5,10 +5,14 @@
 spec, not a GX store, is the artifact, so it can be versioned and read without GX.
 
 Tabular data gets GX expectations per column (not null, inside the widened reference range,
-numeric dtype) plus the ordered column list and the row count. Images are checked per channel on
-a long frame (one row per image pixel), so the number of expectations does not grow with the image
-size; a failure still names the image and the pixel. Array shapes are invisible to GX, so shape
-checks run in Python and are reported in the same failure list.
+numeric dtype) plus the ordered column list and the row count. Images get GX expectations on
+per-image statistics, one row per image: mean and std brightness inside their widened reference
+ranges, darkest and brightest value inside the widened range of all reference values. So a
+batch of large images costs a few checks on n rows. Small images (up to `PER_PIXEL_LIMIT`
+values, such as digits) are also checked per channel on a long frame (one row per image pixel),
+where a failure names the image and the pixel. Array shapes (height and width after loading,
+channels) are invisible to GX, so shape checks run in Python and are reported in the same
+failure list.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from normalcy.validation.failures import (  # noqa: E402
 )
 
 SPEC_VERSION = 1
+PER_PIXEL_LIMIT = 4096  # values per image up to which pixels are checked one by one
+IMAGE_STATISTICS = ("mean_brightness", "std_brightness", "darkest", "brightest")
 # Numeric numpy dtypes accepted by ExpectColumnValuesToBeInTypeList (bool and object are not).
 NUMERIC_TYPES = [
     "float16",
@@ -124,10 +130,11 @@ def build_suite_spec(
     tol = params.range_tolerance
     n_features = int(np.prod(ref.shape[1:]))
     names = [str(n) for n in feature_names]
-    if ref.ndim == 4 and not names:
+    per_pixel = ref.ndim == 2 or n_features <= PER_PIXEL_LIMIT
+    if ref.ndim == 4 and not names and per_pixel:
         c, h, w = ref.shape[1:]
         names = [f"pixel_{k}_{y}_{x}" for k in range(c) for y in range(h) for x in range(w)]
-    if len(names) != n_features:
+    if len(names) != n_features and per_pixel:
         raise ValueError(
             f"{len(names)} feature names for {n_features} features (shape {list(ref.shape)})"
         )
@@ -158,8 +165,44 @@ def build_suite_spec(
                 max(ch["max"] for ch in channels),
             ],
             "reference_range": [float(ref.min()), float(ref.max())],
+            "per_pixel": per_pixel,
+            "statistics": _statistics_entries(ref, tol, channels),
         }
     return spec
+
+
+def _statistics_entries(ref: np.ndarray, tol: float, channels: list[dict]) -> list[dict]:
+    """Widened reference ranges of each image's mean and std brightness; each image's darkest
+    and brightest value must lie in the widened range of all reference values (a defect may be
+    the darkest spot an image has ever had, but not darker than any pixel seen)."""
+    stats = image_statistics(ref)
+    low, high = min(ch["min"] for ch in channels), max(ch["max"] for ch in channels)
+    entries = [_range_entry(name, stats[name].to_numpy(), tol) for name in IMAGE_STATISTICS[:2]]
+    for name in IMAGE_STATISTICS[2:]:
+        observed = stats[name].to_numpy()
+        entries.append(
+            {
+                "name": name,
+                "min": low,
+                "max": high,
+                "reference_min": float(observed.min()),
+                "reference_max": float(observed.max()),
+            }
+        )
+    return entries
+
+
+def image_statistics(images: np.ndarray, chunk: int = 256) -> pd.DataFrame:
+    """One row per image: mean and std brightness over all its values, darkest and brightest
+    value (float64, in chunks of images; a NaN anywhere makes the image's statistics NaN)."""
+    flat = images.reshape(len(images), -1)
+    parts = []
+    for start in range(0, len(flat), chunk):
+        block = flat[start : start + chunk].astype(np.float64)
+        stats = [block.mean(axis=1), block.std(axis=1), block.min(axis=1), block.max(axis=1)]
+        parts.append(np.stack(stats, axis=1))
+    table = np.concatenate(parts) if parts else np.zeros((0, len(IMAGE_STATISTICS)))
+    return pd.DataFrame(table, columns=list(IMAGE_STATISTICS))
 
 
 def _range_entry(name: str, values: np.ndarray, tol: float) -> dict:
@@ -260,16 +303,48 @@ def _validate_images(
         failure = make_failure(IMAGE_SHAPE_CHECK, None, detail, [list(array.shape)])
         return _report(batch_name, _length(array), [failure], 1)
 
-    # Long frame: one column per channel, one row per (image, pixel); row r is image r // (h*w).
     n = len(array)
+    failures, checked = _validate_image_statistics(array, spec)
+    if spec["image"].get("per_pixel", True):
+        pixel_failures, pixel_checked = _validate_pixels(array, spec)
+        failures, checked = failures + pixel_failures, checked + pixel_checked
+    return _report(batch_name, n, failures, checked + 1)
+
+
+def _validate_image_statistics(array: np.ndarray, spec: dict) -> tuple[list[dict], int]:
+    """GX on one row per image; a failure lists the offending images. (Specs written before
+    per-image statistics existed have none: nothing to check.)"""
+    entries = spec["image"].get("statistics")
+    if entries is None:
+        return [], 0
+    frame = image_statistics(array)
+    names = [entry["name"] for entry in entries]
+    expectations = [
+        _gx().expectations.ExpectTableRowCountToBeBetween(min_value=int(spec["min_rows"]))
+    ]
+    for entry in entries:
+        expectations += _column_expectations(
+            entry["name"], frame[entry["name"]].dtype, entry, spec.get("range_mostly", 1.0), False
+        )
+    results = _run_gx(frame, expectations)
+    failures = [tabular_failure(r, names, spec["min_rows"]) for r in results if not r.success]
+    failures.sort(key=lambda f: sort_key(f, names))
+    return failures, len(results)
+
+
+def _validate_pixels(array: np.ndarray, spec: dict) -> tuple[list[dict], int]:
+    """GX per channel on a long frame: one row per (image, pixel); row r is image r // (h*w)."""
+    c, h, w = spec["image"]["shape"]
     long = pd.DataFrame(
         {f"channel_{k}": array[:, k].reshape(-1) for k in range(c)},
     )
     channels = [col["name"] for col in spec["columns"]]
     # No column-list expectation: the channel columns are built here from the checked shape.
-    expectations = [
-        _gx().expectations.ExpectTableRowCountToBeBetween(min_value=int(spec["min_rows"] * h * w))
-    ]
+    # The per-image statistics count the images; a spec from before them counts pixel rows.
+    expectations = []
+    if "statistics" not in spec["image"]:
+        min_rows = int(spec["min_rows"] * h * w)
+        expectations.append(_gx().expectations.ExpectTableRowCountToBeBetween(min_value=min_rows))
     for col in spec["columns"]:
         expectations += _column_expectations(
             col["name"], long[col["name"]].dtype, col, spec.get("range_mostly", 1.0)
@@ -278,7 +353,7 @@ def _validate_images(
     geometry = (h, w, spec["feature_names"])
     failures = [image_failure(r, spec["min_rows"], geometry) for r in results if not r.success]
     failures.sort(key=lambda f: sort_key(f, channels))
-    return _report(batch_name, n, failures, len(results) + 1)
+    return failures, len(results)
 
 
 def _table_expectations(columns: list[str], min_rows: int) -> list:

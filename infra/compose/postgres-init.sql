@@ -1,0 +1,3 @@
+-- One database per service: MLflow's backend store and Prefect's server.
+CREATE DATABASE mlflow;
+CREATE DATABASE prefect;

@@ -1,0 +1,97 @@
+"""Label-free selection: the consensus of IForest and kNN, overruled only by unanimous evidence."""
+
+import json
+
+import numpy as np
+import pytest
+
+from normalcy.config import TrainParams
+from normalcy.data.splits import Split
+from normalcy.detectors.ensemble import Ensemble
+from normalcy.evaluation.selection import (
+    CONSENSUS,
+    SYNTHETIC_ANOMALIES,
+    CandidateResult,
+    beats_beyond_noise,
+    choose_label_free,
+)
+from normalcy.pipeline import artifacts, train
+
+
+def evidence(*gains: float, base: float = 0.8, spread: float = 0.0) -> dict[str, np.ndarray]:
+    """Per-type AUROCs over 3 draws: `base + gain` for each type, `spread` between draws."""
+    jitter = np.array([-spread, 0.0, spread])
+    return {kind: base + g + jitter for kind, g in zip(SYNTHETIC_ANOMALIES, gains, strict=True)}
+
+
+def test_a_challenger_must_win_on_every_type_beyond_the_draw_noise():
+    default = evidence(0, 0, 0)
+    assert beats_beyond_noise(evidence(0.05, 0.05, 0.05), default, margin=0.0)
+    assert not beats_beyond_noise(evidence(0.05, 0.05, -0.01), default, margin=0.0)  # not all
+    assert not beats_beyond_noise(evidence(0.05, 0.05, 0.05), default, margin=0.1)  # too small
+    noisy = {k: v + np.array([0.1, -0.1, 0.06]) for k, v in evidence(0.02, 0.02, 0.02).items()}
+    assert not beats_beyond_noise(noisy, default, margin=0.0)  # within the noise of the draws
+
+
+def results_for(names: list[str], metrics: list[float]) -> list[CandidateResult]:
+    pairs = zip(names, metrics, strict=True)
+    rows = [CandidateResult(name, "val_synthetic_auroc", m, True, 0.0) for name, m in pairs]
+    rows[-1].extra["members"] = ["iforest", "knn"]
+    return rows
+
+
+def test_the_consensus_is_kept_unless_the_evidence_is_unanimous():
+    results = results_for(["pca", "knn", CONSENSUS], [0.95, 0.90, 0.85])
+    # pca has the best mean criterion but loses on one type: the argmax would take it.
+    found = {"pca": evidence(0.2, 0.2, -0.02), "knn": evidence(0.01, 0.0, 0.0)}
+    winner, why = choose_label_free(results, {**found, CONSENSUS: evidence(0, 0, 0)}, 0.0)
+    assert winner.name == CONSENSUS and "so the consensus is kept" in why
+    found["pca"] = evidence(0.2, 0.2, 0.05)
+    winner, why = choose_label_free(results, {**found, CONSENSUS: evidence(0, 0, 0)}, 0.0)
+    assert winner.name == "pca" and "pca beats the consensus" in why
+
+
+@pytest.fixture(scope="module")
+def unlabelled():
+    rng = np.random.default_rng(0)
+    cov = np.array([[1.0, 0.9, 0.0, 0.0], [0.9, 1.0, 0.0, 0.0], [0, 0, 1.0, 0.5], [0, 0, 0.5, 1.0]])
+    X = rng.multivariate_normal(np.zeros(4), cov, size=600).astype(np.float32)
+    return Split(X[:450], None, np.arange(450)), Split(X[450:], None, np.arange(450, 600))
+
+
+def test_without_labels_the_pipeline_adds_the_consensus_and_says_why(
+    unlabelled, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    fit_rows, val = unlabelled
+    params = TrainParams(candidates=["iforest", "knn", "pca"])
+    detectors, results, winner = train.train_candidates(fit_rows, val, params)
+    assert [r.name for r in results] == ["iforest", "knn", "pca", CONSENSUS]
+    consensus = detectors[CONSENSUS]
+    assert isinstance(consensus, Ensemble) and consensus.members == ["iforest", "knn"]
+    for r in results:
+        assert set(r.extra["synthetic_auroc_by_type"]) == set(SYNTHETIC_ANOMALIES)
+    table = json.loads((tmp_path / artifacts.CANDIDATES).read_text())
+    assert table["winner"] == winner.name and table["why"].startswith("label-free validation")
+    # Whatever won is what was saved, and it scores like the fitted one.
+    saved = train.load_winner(tmp_path / artifacts.WINNER)
+    np.testing.assert_allclose(saved.score(val.X), detectors[winner.name].score(val.X), rtol=1e-5)
+
+
+def test_best_validation_restores_the_plain_argmax(unlabelled):
+    fit_rows, val = unlabelled
+    params = TrainParams(candidates=["iforest", "knn", "pca"], selection="best_validation")
+    _, results, winner = train.fit_candidates(fit_rows, val, params)
+    assert CONSENSUS not in [r.name for r in results]
+    assert winner.metric == max(r.metric for r in results)
+    assert winner.extra["selection"] == "best val_synthetic_auroc on the validation split"
+
+
+def test_without_its_members_among_the_candidates_the_consensus_gives_way(unlabelled):
+    """A run narrowed to other candidates (`--set train.candidates=[pca]`) is not refused: it
+    takes the best validation metric and says why."""
+    fit_rows, val = unlabelled
+    params = TrainParams(candidates=["pca", "knn"])
+    _, results, winner = train.fit_candidates(fit_rows, val, params)
+    assert CONSENSUS not in [r.name for r in results]
+    assert "the consensus needs the candidates ['iforest', 'knn']" in winner.extra["selection"]
