@@ -47,7 +47,7 @@ from normalcy.scoring.session import score_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_PARAMS = REPO / "examples" / "images.yaml"
-DEFAULT_DETECTOR = "patchcore"
+DEFAULT_DETECTOR = "padim"  # as examples/images.yaml, chosen on validation data
 # Each detector's params, chosen on validation data only (benchmarks/image_validation.py:
 # held-out train/good images with synthetic defects), never on a test folder.
 DETECTOR_PARAMS: dict[str, dict[str, Any]] = {
