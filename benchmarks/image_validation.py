@@ -122,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--configs", type=json.loads, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-fit-images", type=int, default=None, help="fit on the first N fit images only"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train = load_mvtec(args.data_dir, "train", args.image_size)
     fit, images, labels, masks, kinds = validation_set(train.X, args.seed)
+    fit = fit[: args.max_fit_images]
     logging.info(
         "fit %d images, validation %d (%d with defects)", len(fit), len(images), labels.sum()
     )

@@ -117,3 +117,33 @@ def test_blur_keeps_a_constant_map_and_spreads_a_peak():
     blurred = blur(peak)
     assert abs(float(blurred.sum()) - 1.0) < 1e-5 and float(blurred.max()) < 0.1
     assert float(blurred[0, 0, 20, 16]) > float(blurred[0, 0, 16, 20])  # wider along rows
+
+
+def test_embedded_runs_a_vector_detector_on_pooled_backbone_features(case):
+    train, normal, defective, _ = case
+    test = np.concatenate([normal, defective])
+    detector = create_detector("embedded", member="knn", member_params={"k": 3}, **SMALL)
+    detector.fit(train)
+    assert detector.fitted_member.k == 3
+    width = 112 + 320  # efficientnet_lite0 stages 3 and 4, averaged over positions
+    assert detector.fitted_member.input_shape == (width,)
+    embedded = detector.embed(train)
+    np.testing.assert_allclose(embedded.mean(axis=0), 0, atol=1e-3)
+    out = detector.predict(test)
+    assert list(out) == ["score", "nearest_row"]  # the member's outputs, unchanged
+    np.testing.assert_allclose(out["score"], detector.fitted_member.score(detector.embed(test)))
+    # a global embedding sees a small defect less sharply than patch features do
+    assert roc_auc_score(np.r_[np.zeros(12), np.ones(12)], out["score"]) > 0.75
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"member": "patchcore"}, "member must be one of .*got 'patchcore'"),
+        ({"member_params": {"k": 0}}, "member_params.k must be an integer >= 1"),
+        ({"member_params": {"kk": 1}}, r"member_params.kk is not a parameter; expected one of"),
+    ],
+)
+def test_embedded_refuses_a_bad_member(params, message):
+    with pytest.raises(DetectorParamsError, match=message):
+        create_detector("embedded", **params)

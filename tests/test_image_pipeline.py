@@ -174,11 +174,12 @@ def test_example_image_params_train_their_candidate(folder):
     params = load_params(
         REPO_ROOT / "examples" / "images.yaml", [f"data.path={folder}", "data.image_size=32"]
     )
-    assert params.data.source == "mvtec" and params.train.candidates == ["knn"]
+    assert params.data.source == "mvtec" and params.train.candidates == ["padim"]
     splits = split_image_folder(params.data, params.prepare)
-    detector = create_detector("knn", **params.train.detectors["knn"])
-    scores = detector.fit(splits.train.X).score(splits.test.X)
-    assert scores.shape == (len(splits.test),) and np.isfinite(scores).all()
+    detector = create_detector("padim", **params.train.detectors["padim"])
+    out = detector.fit(splits.train.X).predict(splits.test.X)
+    assert out["score"].shape == (len(splits.test),) and np.isfinite(out["score"]).all()
+    assert out["anomaly_map"].shape == (len(splits.test), 32, 32)
 
 
 def test_example_image_params_need_the_folder():

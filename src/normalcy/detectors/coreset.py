@@ -4,13 +4,18 @@ Shared by `knn` (a bank of rows) and `patchcore` (a bank of patch features, ofte
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Rows per distance update: a chunk's distances and running minima stay in the CPU cache
 # between the matrix-vector product and the minimum, instead of a full pass each.
 CHUNK_ROWS = 65_536
+PROGRESS_SECONDS = 30.0  # a log line at most this often during a long selection
 
 
 def random_projection(rows: torch.Tensor, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -53,7 +58,17 @@ def greedy_coreset(
         (rows[start : start + chunk_rows], row_sq[start : start + chunk_rows], nearest[start:])
         for start in range(0, n, chunk_rows)
     ]
+    started = last_log = time.monotonic()
     for i in range(size - 1):
+        if time.monotonic() - last_log > PROGRESS_SECONDS:
+            last_log = time.monotonic()
+            log.info(
+                "coreset: %d of %d centres chosen from %d rows (%.0f s)",
+                i,
+                size,
+                n,
+                last_log - started,
+            )
         centre = rows[chosen[i]]
         centre_sq = row_sq[chosen[i]]
         for chunk, chunk_sq, chunk_nearest in chunks:

@@ -21,10 +21,12 @@ from normalcy.detectors.specs import (
 )
 
 Stage = Annotated[Int, Ge(0), Le(4)]
+# Detectors that read images themselves: not members of `embedded`.
+IMAGE_DETECTORS = frozenset({"patchcore", "padim", "embedded"})
 
 
-class BackboneSpec(DetectorSpec):
-    """A frozen timm backbone's stages, its weight source, the input size, the patch features."""
+class PretrainedSpec(DetectorSpec):
+    """A frozen timm backbone: its stages, its weight source, the input size."""
 
     backbone: str = "efficientnet_lite0"
     stages: Annotated[
@@ -35,18 +37,26 @@ class BackboneSpec(DetectorSpec):
     weights: Literal["pretrained", "random"] = "pretrained"
     weights_path: str | None = None
     image_size: Annotated[Int, Ge(16)] = 256
-    neighbourhood: PositiveInt = 3
-    feature_dim: PositiveInt | None = None
-    blur_sigma: NonNegativeFloat = 4.0
     batch_size: PositiveInt = 8
     seed: Int = 0
 
     def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
-        problems = []
         if list(self.stages) != sorted(set(self.stages)):
-            problems.append(
+            return [
                 ParamProblem("stages", f"must be increasing without repeats, got {self.stages}")
-            )
+            ]
+        return []
+
+
+class BackboneSpec(PretrainedSpec):
+    """A detector on patch features: the local neighbourhood, the channels, the map's blur."""
+
+    neighbourhood: PositiveInt = 3
+    feature_dim: PositiveInt | None = None
+    blur_sigma: NonNegativeFloat = 4.0
+
+    def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
+        problems = super().cross_problems(given)
         if self.neighbourhood % 2 == 0:
             problems.append(
                 ParamProblem(
@@ -70,3 +80,30 @@ class PaDiMSpec(BackboneSpec):
     random_channels: PositiveInt = 100
     covariance_eps: PositiveFloat = 0.01
     neighbourhood: PositiveInt = 1
+
+
+@spec("embedded")
+class EmbeddedSpec(PretrainedSpec):
+    member: str = "knn"
+    member_params: dict[str, Any] | None = None
+    stages: Annotated[
+        list[Stage],
+        MinLen(1),
+        Expect("a non-empty increasing list of backbone stages, each in [0, 4]"),
+    ] = [3, 4]
+    image_size: Annotated[Int, Ge(16)] = 224
+    batch_size: PositiveInt = 16
+
+    def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
+        from normalcy.detectors.registry import known_detectors, param_problems
+
+        problems = super().cross_problems(given)
+        vectors = [name for name in known_detectors() if name not in IMAGE_DETECTORS]
+        if self.member not in vectors:
+            return [
+                *problems,
+                ParamProblem("member", f"must be one of {vectors}, got {self.member!r}"),
+            ]
+        for problem in param_problems(self.member, self.member_params or {}):
+            problems.append(problem._replace(path=f"member_params.{problem.path}", unknown=False))
+        return problems

@@ -1,0 +1,68 @@
+"""The image benchmarks run end to end on a small synthetic MVTec-layout folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tests.image_folders import make_mvtec_folder
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def test_quality_images_writes_the_issue_s_json(tmp_path):
+    make_mvtec_folder(tmp_path / "tiles", n_train=12, n_test_good=4)
+    out = tmp_path / "quality.json"
+    small = {"image_size": 32, "batch_size": 4}
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "quality_images.py"),
+            "--data-dir",
+            str(tmp_path),
+            "--image-size",
+            "32",
+            "--latency-images",
+            "2",
+            "--detector-params",
+            json.dumps({"patchcore": small, "padim": {**small, "random_channels": 16}}),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["summary"]["default_detector"] in report["results"]["tiles"]
+    for name in ("patchcore", "padim"):
+        row = report["results"]["tiles"][name]
+        for key in ("image_auroc", "image_auprc", "pixel_auroc", "aupro"):
+            assert 0.0 <= row[key] <= 1.0, (name, key)
+        assert row["fit_seconds"] > 0 and row["score_ms_per_image"] > 0
+        assert row["uses_pretrained"] is True
+        assert row["per_defect"] == {
+            "hole": {"image_auroc": row["per_defect"]["hole"]["image_auroc"], "n": 2},
+            "scratch": {"image_auroc": row["per_defect"]["scratch"]["image_auroc"], "n": 3},
+        }
+    assert "| tiles | patchcore |" in run.stdout
+
+
+def test_validation_defects_come_with_their_masks():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from image_validation import validation_set
+
+    images = np.full((20, 1, 64, 64), 120.0, dtype=np.float32)
+    fit, val, labels, masks, kinds = validation_set(images, seed=0)
+    assert len(fit) == 16 and len(val) == 4
+    assert labels.tolist() == [0, 1, 0, 1] and kinds.tolist()[::2] == ["good", "good"]
+    changed = np.abs(val[:, 0] - 120.0) > 1.0
+    assert not changed[labels == 0].any()
+    for i in np.flatnonzero(labels):
+        assert masks[i].any() and changed[i][masks[i] == 1].mean() > 0.9
