@@ -286,6 +286,52 @@ def test_image_instances_are_nested_arrays_checked_by_position() -> None:
     assert "names no features" in raised.value.detail
 
 
+def png_base64(pixels: np.ndarray) -> str:
+    """A grayscale uint8 image as a base64-encoded PNG file."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_images_arrive_as_base64_files_decoded_as_in_training() -> None:
+    from fastapi import HTTPException
+
+    from normalcy.data.images import decode_image
+    from normalcy.scoring import InputSpec
+    from normalcy.serving import parse_request
+
+    rng = np.random.default_rng(0)
+    small, large = rng.integers(0, 256, (8, 8)), rng.integers(0, 256, (16, 12))
+    exact = InputSpec("input", (1, 8, 8), np.dtype(np.float32))
+    X, key, _ = parse_request({"images": [png_base64(small)]}, exact, 10)
+    assert key == "images" and X.shape == (1, 1, 8, 8)
+    np.testing.assert_array_equal(X[0, 0], small)  # PNG is lossless: the very pixels
+    # A model trained on an image folder resizes any size the way its training images were.
+    resizing = InputSpec("input", (1, 8, 8), np.dtype(np.float32), image_resize="bilinear")
+    X, _, _ = parse_request({"images": [png_base64(large), png_base64(small)]}, resizing, 10)
+    import base64
+
+    expected = decode_image(base64.b64decode(png_base64(large)), 1, (8, 8))
+    np.testing.assert_array_equal(X[0], expected)
+    vector = InputSpec("input", (64,), np.dtype(np.float32))
+    cases = [
+        (exact, [png_base64(large)], "images[0]: 16x12 pixels; this model takes 8x8 images"),
+        (exact, ["not base64!"], "images[0]: not base64"),
+        (exact, [base64.b64encode(b"no image here").decode()], "images[0]: unreadable"),
+        (exact, [png_base64(small), 7], "images[1]: expected a base64 string, got int 7"),
+        (vector, [png_base64(small)], "'images' is for image models"),
+    ]
+    for spec, images, message in cases:
+        with pytest.raises(HTTPException) as raised:
+            parse_request({"images": images}, spec, 10)
+        assert raised.value.status_code == 422 and message in raised.value.detail, message
+
+
 @pytest.mark.integration
 def test_served_rows_go_to_the_prediction_log(model, tmp_path) -> None:
     from normalcy.scoring.prediction_log import PredictionLog, read_prediction_log

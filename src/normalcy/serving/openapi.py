@@ -49,6 +49,12 @@ def score_body_schema(spec: InputSpec, max_rows: int) -> dict[str, Any]:
         "properties": {
             "records": {"type": "array", "items": record, **rows},
             "instances": {"type": "array", "items": instance, **rows},
+            "images": {
+                "type": "array",
+                "items": {"type": "string", "contentEncoding": "base64"},
+                **rows,
+                "description": "image models: PNG/JPEG/BMP/TIFF files, base64-encoded",
+            },
             ANOMALY_MAP_NAME: {"type": "boolean", "description": "image models that have one"},
             "explain": {
                 "type": "integer",
@@ -57,18 +63,24 @@ def score_body_schema(spec: InputSpec, max_rows: int) -> dict[str, Any]:
                 "description": "each row's top-K features (models with contributions)",
             },
         },
-        "oneOf": [{"required": ["records"]}, {"required": ["instances"]}],
+        "oneOf": [
+            {"required": ["records"]},
+            {"required": ["instances"]},
+            {"required": ["images"]},
+        ],
         "additionalProperties": False,
     }
 
 
-SCORE_DESCRIPTION = """Scores for `records` or `instances`; 422 names the field that is wrong.
+SCORE_DESCRIPTION = """Scores for `records`, `instances` or `images`; 422 names the field that is
+wrong.
 
-Body: `{"records": [{feature: value, ...}, ...]}` or `{"instances": [[value, ...], ...]}`,
-optionally `"anomaly_map": true` (image models that have one) and `"explain": K` (models with
-per-feature contributions: adds `top1_feature, top1_contribution, ..., topK_feature,
-topK_contribution`, largest contribution first; 422 when the model has none or K is outside
-1..d). A body over the size limit gets 413 before it is parsed."""
+Body: `{"records": [{feature: value, ...}, ...]}`, `{"instances": [[value, ...], ...]}` or, for
+image models, `{"images": ["<base64 PNG/JPEG>", ...]}` (decoded and resized as the training
+images were), optionally `"anomaly_map": true` (image models that have one) and `"explain": K`
+(models with per-feature contributions: adds `top1_feature, top1_contribution, ...,
+topK_feature, topK_contribution`, largest contribution first; 422 when the model has none or K
+is outside 1..d). A body over the size limit gets 413 before it is parsed."""
 
 SCORE_RESPONSE_SCHEMA = {
     "type": "object",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import reprlib
 from typing import Any
 
@@ -11,7 +13,7 @@ from fastapi import HTTPException
 from normalcy.scoring import ANOMALY_MAP_NAME, InputError, InputSpec, check_rows
 
 _NUMBER_TYPES = (int, float)  # exact types: JSON true/false (bool) is not a number here
-_REQUEST_KEYS = ("records", "instances")
+_REQUEST_KEYS = ("records", "instances", "images")
 EXPLAIN_KEY = "explain"  # optional: K, for each row's top-K features
 
 
@@ -107,6 +109,43 @@ def rows_from_instances(instances: list, spec: InputSpec) -> np.ndarray:
     )
 
 
+def rows_from_images(images: list, spec: InputSpec) -> np.ndarray:
+    """Base64 PNG/JPEG/BMP/TIFF strings -> `[N, c, h, w]`, decoded and resized as the training
+    images were (`normalcy.data.images.decode_image`); an image the model cannot take, or a
+    string that is not base64 of an image, is refused naming its index."""
+    from normalcy.data.images import decode_image
+    from normalcy.data.sources import DataError
+
+    if not spec.is_image or len(spec.shape) != 3 or spec.shape[0] not in (1, 3):
+        raise unprocessable(
+            f"'images' is for image models; this model takes rows of shape {list(spec.shape)} "
+            f"({spec.describe()}): send 'records' or 'instances'"
+        )
+    channels, height, width = spec.shape
+    size = (height, width) if spec.image_resize == "bilinear" else None
+    X = np.empty((len(images), channels, height, width), dtype=np.float32)
+    for i, encoded in enumerate(images):
+        if not isinstance(encoded, str):
+            got = _describe_value(encoded)
+            raise unprocessable(f"images[{i}]: expected a base64 string, got {got}")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except binascii.Error as exc:
+            raise unprocessable(f"images[{i}]: not base64 ({exc})") from None
+        try:
+            image = decode_image(data, channels, size, name=f"images[{i}]")
+        except DataError as exc:  # not an image file, or a corrupted one
+            raise unprocessable(str(exc)) from None
+        if image.shape != X.shape[1:]:
+            raise unprocessable(
+                f"images[{i}]: {image.shape[1]}x{image.shape[2]} pixels; this model takes "
+                f"{height}x{width} images (it was not trained on an image folder, so it does not "
+                "resize): resize before sending"
+            )
+        X[i] = image
+    return X
+
+
 def parse_request(payload: Any, spec: InputSpec, max_rows: int) -> tuple[np.ndarray, str, bool]:
     """(checked rows, which key they came in, whether the anomaly map is wanted) for a request
     body; raises HTTPException 422 (bad input, naming the field) or 413 (too many rows)."""
@@ -123,9 +162,9 @@ def parse_request(payload: Any, spec: InputSpec, max_rows: int) -> tuple[np.ndar
         if unknown:
             problem = f"unknown field(s) {reprlib.repr(unknown)}"
         raise unprocessable(
-            f"send exactly one of 'records' (a list of {{feature: value}} objects) or "
-            f"'instances' (a list of arrays), optionally with '{ANOMALY_MAP_NAME}': true and "
-            f"'{EXPLAIN_KEY}': K; {problem}"
+            f"send exactly one of 'records' (a list of {{feature: value}} objects), "
+            f"'instances' (a list of arrays) or 'images' (base64 image files), optionally "
+            f"with '{ANOMALY_MAP_NAME}': true and '{EXPLAIN_KEY}': K; {problem}"
         )
     key = given[0]
     rows = payload[key]
@@ -142,7 +181,8 @@ def parse_request(payload: Any, spec: InputSpec, max_rows: int) -> tuple[np.ndar
         raise unprocessable(
             f"'{ANOMALY_MAP_NAME}' must be true or false, got {reprlib.repr(want_map)}"
         )
-    X = rows_from_records(rows, spec) if key == "records" else rows_from_instances(rows, spec)
+    readers = {"records": rows_from_records, "instances": rows_from_instances}
+    X = readers.get(key, rows_from_images)(rows, spec)
     try:
         return check_rows(X, spec, key), key, want_map
     except InputError as exc:
