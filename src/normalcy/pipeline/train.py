@@ -123,7 +123,7 @@ def fit_candidates(
     winner = select_winner(results)
     winner.extra["selection"] = f"best {winner.metric_name} on the validation split" + (
         f" (the consensus needs the candidates {params.consensus_members})"
-        if label_free and params.selection == CONSENSUS
+        if label_free and params.selection == CONSENSUS and len(results) > 1
         else ""
     )
     log.info("selection: %s", winner.extra["selection"])
