@@ -30,6 +30,7 @@ class PixelZScoreGraph(nn.Module):
 
 class PixelZScore(Detector):
     name = NAME
+    input_kind = "image"  # the suites that iterate over registered detectors feed it images
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

@@ -15,6 +15,18 @@ pytestmark = pytest.mark.integration
 PARAMS = str(REPO_ROOT / "params.yaml")
 
 
+@pytest.fixture(autouse=True)
+def prefect_logging_on_the_real_stderr():
+    """Deploying sets Prefect's logging up again, and its console handler keeps the stream it
+    found: pytest's capture, closed after the test. Set it up once more afterwards (this
+    fixture is torn down after `capsys`), so later flows in the session do not log to a closed
+    file."""
+    yield
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging(incremental=False)
+
+
 async def _create_process_pool(name: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
