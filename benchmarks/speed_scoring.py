@@ -11,8 +11,9 @@ otherwise), exports the graph with normalcy.export.export_onnx, and measures in 
   computation (the graph exported without calibration scores: score and is_anomaly);
 - ratio = ORT rows/s / torch rows/s (> 1: onnxruntime is faster);
 - the production graph too (exported with calibration scores, so it also computes the conformal
-  p_value: a blocked lookup in the sorted calibration scores, about 2 sqrt(n) comparisons per
-  row), as `ort_pvalue_graph_*`. onnxruntime
+  p_value: a binary search tree over the sorted calibration scores, about log2(n) comparisons
+  per row), as `ort_pvalue_graph_*`, and `p_value keeps`: its throughput at batch 1024 over
+  the graph without p_value, the two measured in turn three times each. onnxruntime
   runs every node whatever outputs are requested, so this is what `normalcy score` pays;
 - FLOPs per row, counted on the ONNX graph: every MatMul/Gemm whose weight is a constant of
   shape [K, M] costs K*M multiply-adds per row, i.e. 2*K*M FLOPs (Conv nodes are counted as
@@ -50,6 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CARDIO = REPO_ROOT.parent / "shared" / "data" / "tabular" / "6_cardio.npz"
 TRAIN_PARAMS = {"epochs": 3, "pretrain_epochs": 1, "warmup_epochs": 1, "seed": 0}
 MEASURE_SECONDS = 1.0  # per measurement, after a warm-up
+ROUNDS = 3  # alternating measurements of the graphs with and without p_value
 HTTP_DETECTOR = "autoencoder"
 HTTP_SECONDS = 3.0
 
@@ -227,21 +229,30 @@ def measure(detector: object, path: Path, X: np.ndarray, threads: int) -> dict:
     return result
 
 
-def measure_ort_graph(path: Path, X: np.ndarray, threads: int) -> dict:
-    """rows/s at batch 1024 and p50/p99 at batch 1 of every output of the graph at `path`."""
+def measure_ort_graph(path: Path, plain_path: Path, X: np.ndarray, threads: int) -> dict:
+    """rows/s at batch 1024 and p50/p99 at batch 1 of every output of the graph at `path`, and
+    the share of the plain graph's throughput it keeps: both measured in turn, ROUNDS times
+    each, side by side so that a busy neighbour slows both alike (ratio of the medians)."""
     from normalcy.scoring import SessionSettings, load_session
 
-    session = load_session(path, settings=SessionSettings(intra_op_threads=threads))
+    settings = SessionSettings(intra_op_threads=threads)
+    session, plain = (
+        load_session(path, settings=settings),
+        load_session(plain_path, settings=settings),
+    )
     name = session.get_inputs()[0].name
     b1024, b1 = tile_rows(X, 1024), X[:1].copy()
     ms = latencies_ms(lambda: session.run(None, {name: b1}))
+    with_p, without_p = [], []
+    for _ in range(ROUNDS):
+        with_p.append(throughput(lambda: session.run(None, {name: b1024}), 1024))
+        without_p.append(throughput(lambda: plain.run(None, {name: b1024}), 1024))
     return {
-        "ort_pvalue_graph_rows_per_s_b1024": throughput(
-            lambda: session.run(None, {name: b1024}), 1024
-        ),
+        "ort_pvalue_graph_rows_per_s_b1024": float(np.median(with_p)),
         "ort_pvalue_graph_p50_ms_b1": float(np.percentile(ms, 50)),
         "ort_pvalue_graph_p99_ms_b1": float(np.percentile(ms, 99)),
         "ort_pvalue_graph_rows_per_s_b1": float(1e3 / ms.mean()),
+        "p_value_keeps_b1024": float(np.median(with_p) / np.median(without_p)),
     }
 
 
@@ -320,9 +331,9 @@ def print_table(results: dict, machine_gflops: float) -> None:
     print(
         "\n| detector | ORT rows/s b1024 | torch rows/s b1024 | ratio b1024 | ORT p50/p99 ms b1 "
         "| torch p50/p99 ms b1 | ratio b1 | FLOPs/row | ORT GFLOP/s b1024 | of machine "
-        "| ORT+p_value rows/s b1024 |"
+        "| ORT+p_value rows/s b1024 | p_value keeps |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         gflops = r.get("ort_gflops_b1024")
         share = f"{gflops / machine_gflops:.1%}" if gflops else "n/a"
@@ -331,7 +342,8 @@ def print_table(results: dict, machine_gflops: float) -> None:
             f"| {r['ratio_b1024']:.2f} | {r['ort_p50_ms_b1']:.3f}/{r['ort_p99_ms_b1']:.3f} "
             f"| {r['torch_p50_ms_b1']:.3f}/{r['torch_p99_ms_b1']:.3f} | {r['ratio_b1']:.2f} "
             f"| {_fmt(r['flops_per_row'])} | {_fmt(gflops)} | {share} "
-            f"| {_fmt(r.get('ort_pvalue_graph_rows_per_s_b1024'))} |"
+            f"| {_fmt(r.get('ort_pvalue_graph_rows_per_s_b1024'))} "
+            f"| {_fmt(r.get('p_value_keeps_b1024'), 2)} |"
         )
 
 
@@ -384,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             with threadpool_limits(limits=threads):
                 results[name] = measure(detector, path, X, threads)
                 if p_value_path is not None:
-                    results[name].update(measure_ort_graph(p_value_path, X, threads))
+                    results[name].update(measure_ort_graph(p_value_path, path, X, threads))
                     results[name]["n_calibration_scores"] = n_calibration
             results[name]["machine_gflops"] = machine_gflops
             results[name]["threads"] = threads

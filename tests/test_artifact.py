@@ -1,5 +1,5 @@
-"""The torch-free artifact package: no torch import, and the calibration head's blocked p-value
-lookup against the brute-force count, on plain ONNX graphs run by onnxruntime."""
+"""The torch-free artifact package: no torch import, and the calibration head's search-tree
+p-value count against the brute-force count, on plain ONNX graphs run by onnxruntime."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from onnx import TensorProto, helper
 import normalcy.artifact
 from normalcy.artifact.calibration_head import (
     attach_head,
-    calibration_blocks,
     conformal_p_values,
     graph_calibration,
-    scores_of_blocks,
+    scores_of_tree,
+    search_tree,
 )
 from normalcy.artifact.metadata import save_model
 from normalcy.artifact.recalibration import recalibrate_graph
@@ -119,7 +119,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_blocked_p_values_equal_the_brute_force_count(case: str, tmp_path: Path) -> None:
+def test_tree_p_values_equal_the_brute_force_count(case: str, tmp_path: Path) -> None:
     calibration = np.asarray(CASES[case], dtype=np.float32)
     rng = np.random.default_rng(len(calibration))
     scores = probe_scores(calibration, rng)
@@ -146,29 +146,121 @@ def test_blocked_p_values_equal_the_brute_force_count(case: str, tmp_path: Path)
     np.testing.assert_array_equal(graph_calibration(out)[1], np.sort(other))
 
 
+def tree_depth(tree: dict[str, list]) -> int:
+    """The number of comparisons on the longest path from the root (node 0) to a leaf."""
+    depth, frontier = 0, [0]
+    while True:
+        branches = [i for i in frontier if tree["nodes_modes"][i] != "LEAF"]
+        if not branches:
+            return depth
+        depth += 1
+        frontier = [
+            c
+            for i in branches
+            for c in (tree["nodes_truenodeids"][i], tree["nodes_falsenodeids"][i])
+        ]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 15, 16, 17, 99, 100, 1655, 5000])
-def test_block_layout_pads_at_least_once_and_stays_near_sqrt_n(n: int) -> None:
-    calibration = np.random.default_rng(n).normal(size=n)
-    blocks = calibration_blocks(calibration)
-    n_blocks, size = blocks.shape
-    padding = n_blocks * size - n
-    assert 1 <= padding <= size  # the bottom row starts with NaN; never a whole empty row
-    assert size * size >= n + 1 and size <= np.sqrt(n + 1) + 1
-    assert np.all(np.isnan(blocks[-1, :padding])) and not np.isnan(blocks[:-1]).any()
-    ascending = blocks[::-1].reshape(-1)[padding:]  # bottom row first: every value ascending
-    np.testing.assert_array_equal(ascending, np.sort(calibration.astype(np.float32)))
-    np.testing.assert_array_equal(scores_of_blocks(blocks), ascending)
+def test_search_tree_is_balanced_and_holds_every_score(n: int) -> None:
+    calibration = np.random.default_rng(n).normal(size=n).round(2)  # ties from n = 100 on
+    tree = search_tree(calibration)
+    n_distinct = len(np.unique(calibration.astype(np.float32)))
+    assert len(tree["target_nodeids"]) == n_distinct + 1  # one leaf per gap between values
+    assert tree_depth(tree) == int(np.ceil(np.log2(n_distinct + 1)))  # balanced: log2, not n
+    leaves = np.sort(np.asarray(tree["target_weights"], dtype=np.float32))
+    assert leaves[-1] == 1.0 and leaves[0] == np.float32(1) / np.float32(n + 1)
+    assert np.all(np.diff(leaves) > 0)  # one count per leaf, all different
+    np.testing.assert_array_equal(scores_of_tree(tree), np.sort(calibration.astype(np.float32)))
 
 
-def test_the_head_compares_about_sqrt_n_per_row(tmp_path: Path) -> None:
-    """No [N, n] comparison: every head tensor per row is of size B or b, not n."""
+def test_a_large_calibration_set_gives_its_counts_back_and_a_huge_one_is_refused() -> None:
+    calibration = np.round(np.random.default_rng(7).normal(size=300_000), 3)  # ~6000 distinct
+    tree = search_tree(calibration)
+    np.testing.assert_array_equal(scores_of_tree(tree), np.sort(calibration.astype(np.float32)))
+    with pytest.raises(ValueError, match="at most 4194304.*subsample"):
+        search_tree(np.zeros(2**22 + 1))
+
+
+def test_the_head_compares_no_row_with_all_n(tmp_path: Path) -> None:
+    """No [N, n] comparison: the count is one search-tree node, not an elementwise compare."""
     calibration = np.random.default_rng(0).normal(size=1655)
     path = identity_graph(tmp_path / "p.onnx", 0.0, calibration)
     model = onnx.load(str(path))
-    (stored,) = [t for t in model.graph.initializer if t.name == "calibration_scores"]
-    assert list(stored.dims) == [41, 41]
-    compares = [n for n in model.graph.node if n.op_type == "GreaterOrEqual"]
-    assert len(compares) == 2
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("TreeEnsembleRegressor") == 1 and "GreaterOrEqual" not in ops
+    assert {o.domain: o.version for o in model.opset_import}["ai.onnx.ml"] == 3
+    assert not any(t.dims and max(t.dims) >= 1655 for t in model.graph.initializer)
+
+
+def blocked_head_graph(path: Path, threshold: float, calibration: np.ndarray) -> Path:
+    """A file as the previous head wrote it: the sorted scores in a [B, b] matrix (NaN padding
+    below the smallest, top block first), row q found by comparing with every row's first value,
+    then gathered and compared value by value."""
+    ascending = np.sort(calibration.astype(np.float32))
+    size = int(np.sqrt(len(ascending))) + 1
+    n_blocks = -(-(len(ascending) + 1) // size)
+    padding = np.full(n_blocks * size - len(ascending), np.nan, dtype=np.float32)
+    blocks = np.concatenate([padding, ascending]).reshape(n_blocks, size)[::-1].copy()
+    h, f32 = "normalcy_head/", TensorProto.FLOAT
+    inits = [
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("axis_0", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("first", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("threshold", f32, [], [threshold]),
+        helper.make_tensor("calibration_scores", f32, list(blocks.shape), blocks.ravel().tolist()),
+        helper.make_tensor("size", f32, [], [float(size)]),
+        helper.make_tensor("one", f32, [], [1.0]),
+        helper.make_tensor("n_plus_1", f32, [], [len(ascending) + 1.0]),
+    ]
+
+    def node(op: str, inputs: list[str], output: str, **attrs: object) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [output], name=h + output, **attrs)
+
+    nodes = [
+        helper.make_node("Squeeze", ["input", "axes"], ["score"]),
+        node("Greater", ["score", "threshold"], "is_anomaly"),
+        node("Gather", ["calibration_scores", "first"], "firsts", axis=1),
+        node("GreaterOrEqual", ["firsts", "score"], "above"),
+        node("Cast", ["above"], "above_f", to=f32),
+        node("ReduceSum", ["above_f", "axis_0"], "whole", keepdims=0),
+        node("Cast", ["whole"], "row", to=TensorProto.INT64),
+        node("Gather", ["calibration_scores", "row"], "block", axis=0),
+        node("Unsqueeze", ["score", "axes"], "column"),
+        node("GreaterOrEqual", ["block", "column"], "within"),
+        node("Cast", ["within"], "within_f", to=f32),
+        node("ReduceSum", ["within_f", "axes"], "partial", keepdims=0),
+        node("Mul", ["whole", "size"], "whole_count"),
+        node("Add", ["whole_count", "partial"], "count"),
+        node("Add", ["count", "one"], "numerator"),
+        node("Div", ["numerator", "n_plus_1"], "p_value"),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("score", f32, ["N"]),
+        helper.make_tensor_value_info("is_anomaly", TensorProto.BOOL, ["N"]),
+        helper.make_tensor_value_info("p_value", f32, ["N"]),
+    ]
+    x = helper.make_tensor_value_info("input", f32, ["N", 1])
+    model = helper.make_model(
+        helper.make_graph(nodes, "blocked", [x], outputs, inits),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    return save_model(model, path)
+
+
+def test_a_blocked_head_gives_its_scores_back_and_is_replaced_by_the_tree(tmp_path: Path) -> None:
+    calibration = np.round(np.random.default_rng(3).gamma(2.0, size=300), 1).astype(np.float32)
+    older = blocked_head_graph(tmp_path / "blocked.onnx", 2.0, calibration)
+    scores = probe_scores(calibration, np.random.default_rng(0))
+    before = graph_p_values(older, scores)
+    np.testing.assert_array_equal(counts_of(before, 300), brute_force_counts(scores, calibration))
+    threshold, stored = graph_calibration(older)
+    assert threshold == 2.0
+    np.testing.assert_array_equal(stored, np.sort(calibration))
+    out = recalibrate_graph(older, threshold, stored, tmp_path / "tree.onnx")
+    np.testing.assert_array_equal(graph_p_values(out, scores), before)  # bit for bit
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "Gather" not in ops and "TreeEnsembleRegressor" in ops
 
 
 def test_a_file_without_p_value_has_no_calibration(tmp_path: Path) -> None:
@@ -219,7 +311,7 @@ def test_an_older_all_pairs_head_gives_its_scores_back_and_is_replaced(tmp_path:
     np.testing.assert_array_equal(stored, np.sort(calibration))
     scores = probe_scores(calibration, np.random.default_rng(0))
     before = graph_p_values(legacy, scores)
-    out = recalibrate_graph(legacy, threshold, stored, tmp_path / "blocked.onnx")
+    out = recalibrate_graph(legacy, threshold, stored, tmp_path / "tree.onnx")
     np.testing.assert_array_equal(graph_p_values(out, scores), before)  # same p-values, bit for bit
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
-    assert "Shape" not in ops and "Gather" in ops  # the old head is gone, the lookup in place
+    assert "Shape" not in ops and "TreeEnsembleRegressor" in ops  # old head gone, tree in place

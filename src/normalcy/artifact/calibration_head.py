@@ -4,15 +4,14 @@
     p_value    = (1 + #{calibration scores >= score}) / (n + 1)
 
 The count is exact (float32 comparisons, as in `conformal_p_values`) but does not compare a score
-with all n calibration scores. The sorted scores are cut into B blocks of b consecutive values
-(b = ceil(sqrt(n + 1))), padded with at least one NaN below the smallest, and stored as the
-[B, b] initializer `calibration_scores`, one block per row from the top block down, each row
-ascending. A score is compared with the first (smallest) value of every row: the q rows whose
-first value is >= score lie wholly at or above it, and they are rows 0..q-1, so row q is the
-only one that can hold values on both sides. That row is gathered and compared value by value:
-count = q * b + #{row q >= score}, about 2 sqrt(n) comparisons per row instead of n. NaN is
-never >= anything, so the padding counts for no score (and keeps q < B, a -inf score included),
-and a NaN score counts nothing, as the brute-force comparison does.
+with all n calibration scores: p_value is one `TreeEnsembleRegressor` node (ONNX-ML, run natively
+by onnxruntime) whose single tree is a balanced binary search tree over the distinct sorted
+calibration scores d_0 < ... < d_{K-1}. Each branch asks `score <= d_m`; leaf i covers
+(d_{i-1}, d_i] and holds the p-value of c_i = #{c >= d_i}, (1 + c_i) / (n + 1) divided in
+float32, so a row costs about log2(K) comparisons and no arithmetic (16 us per batch of 1024 at
+n = 1655, against 51 us for the earlier blocked sqrt(n) lookup). NaN is never <= anything, so a
+NaN score ends in the last leaf and counts nothing, as the brute-force comparison does; -inf
+ends in the first and counts all n.
 """
 
 from __future__ import annotations
@@ -28,10 +27,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from normalcy.artifact.metadata import load_model, output_specs
 from normalcy.artifact.names import (
-    CALIBRATION_NAME,
     DECISION_NAME,
     HEAD_OUTPUTS,
     HEAD_PREFIX,
+    ML_DOMAIN,
+    ML_OPSET,
     P_VALUE_NAME,
     SCORE_NAME,
     THRESHOLD_NAME,
@@ -90,19 +90,86 @@ def subsample_calibration(
     return arr[np.sort(rows)]
 
 
-def calibration_blocks(calibration_scores: np.ndarray) -> np.ndarray:
-    """The layout of the blocked p-value lookup: the calibration scores sorted, with NaN padding
-    below the smallest (1 to b values), cut into blocks of b = ceil(sqrt(n + 1)) consecutive
-    values, as a float32 matrix [B, b] whose row 0 is the top block (each row ascending)."""
+MAX_TREE_SCORES = 2**22  # leaf p-values give their counts back exactly below this many scores
+
+
+def leaf_p_values(counts: np.ndarray, n: int) -> np.ndarray:
+    """(1 + count) / (n + 1) divided in float32, the values the tree's leaves hold."""
+    return (1 + np.asarray(counts)).astype(np.float32) / np.float32(n + 1)
+
+
+def search_tree(calibration_scores: np.ndarray) -> dict[str, list]:
+    """The p-value tree's ONNX-ML attributes: a balanced binary search tree over the distinct
+    calibration scores whose leaves, left to right, hold the p-values of the counts
+    #{c >= d_i} for i = 0..K (the last count 0, its p-value 1 / (n + 1)).
+
+    Node 0 is the root; children are numbered depth first. Built without recursion depth
+    worries: the tree is balanced, so the stack never exceeds log2(K) + 1 entries."""
     cal = np.sort(calibration_array(calibration_scores))
-    size = math.isqrt(len(cal)) + 1  # ceil(sqrt(n + 1)) for n >= 1, and b * b >= n + 1
-    n_blocks = -(-(len(cal) + 1) // size)
-    padding = np.full(n_blocks * size - len(cal), np.nan, dtype=np.float32)
-    return np.concatenate([padding, cal]).reshape(n_blocks, size)[::-1].copy()
+    if len(cal) > MAX_TREE_SCORES:
+        raise ValueError(
+            f"{len(cal)} calibration scores; the p-value head stores at most {MAX_TREE_SCORES} "
+            "(subsample them: a random subsample still gives valid p-values)"
+        )
+    distinct = np.unique(cal)
+    counts = np.append(len(cal) - np.searchsorted(cal, distinct, side="left"), 0)
+    leaf_values = leaf_p_values(counts, len(cal))
+    modes: list[str] = []
+    values: list[float] = []
+    true_ids: list[int] = []
+    false_ids: list[int] = []
+    leaf_ids: list[int] = []
+    leaf_weights: list[float] = []
+
+    def grow(low: int, high: int) -> int:  # leaves low..high; returns the subtree's root id
+        node = len(modes)
+        modes.append("LEAF")
+        values.append(0.0)
+        true_ids.append(0)
+        false_ids.append(0)
+        if low == high:
+            leaf_ids.append(node)
+            leaf_weights.append(float(leaf_values[low]))
+            return node
+        middle = (low + high) // 2
+        modes[node], values[node] = "BRANCH_LEQ", float(distinct[middle])
+        true_ids[node] = grow(low, middle)
+        false_ids[node] = grow(middle + 1, high)
+        return node
+
+    grow(0, len(distinct))
+    n_nodes, n_leaves = len(modes), len(leaf_ids)
+    return {
+        "nodes_treeids": [0] * n_nodes,
+        "nodes_nodeids": list(range(n_nodes)),
+        "nodes_featureids": [0] * n_nodes,
+        "nodes_modes": modes,
+        "nodes_values": values,
+        "nodes_truenodeids": true_ids,
+        "nodes_falsenodeids": false_ids,
+        "nodes_missing_value_tracks_true": [0] * n_nodes,
+        "target_treeids": [0] * n_leaves,
+        "target_nodeids": leaf_ids,
+        "target_ids": [0] * n_leaves,
+        "target_weights": leaf_weights,
+    }
+
+
+def scores_of_tree(attributes: dict[str, list]) -> np.ndarray:
+    """The calibration scores a p-value tree was grown from, sorted: the distinct values are the
+    branch thresholds, and each one's multiplicity is the drop between neighbouring leaf counts
+    (strictly decreasing from left to right). The smallest leaf, 1 / (n + 1), gives n."""
+    branches = [m != "LEAF" for m in attributes["nodes_modes"]]
+    distinct = np.sort(np.asarray(attributes["nodes_values"], dtype=np.float32)[branches])
+    p_values = np.sort(np.asarray(attributes["target_weights"], dtype=np.float64))[::-1]
+    n_plus_1 = np.rint(1.0 / p_values[-1])
+    counts = np.rint(p_values * n_plus_1).astype(np.int64) - 1
+    return np.repeat(distinct, counts[:-1] - counts[1:])
 
 
 def scores_of_blocks(blocks: np.ndarray) -> np.ndarray:
-    """The calibration scores stored in a [B, b] block matrix, sorted (the padding dropped)."""
+    """The calibration scores stored in an earlier head's [B, b] block matrix (NaN padding below
+    the smallest, top block first), sorted."""
     flat = np.asarray(blocks, dtype=np.float32)[::-1].reshape(-1)
     return flat[np.isfinite(flat)]  # the scores themselves are finite (calibration_array)
 
@@ -140,9 +207,10 @@ def _batch_dim(graph: onnx.GraphProto) -> str | int:
 class _HeadWriter:
     """Appends constants and nodes to a graph under fresh names with the head's prefix."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
-        self.taken = _names_in_use(graph)
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.taken = _names_in_use(model.graph)
 
     def constant(self, base: str, value: np.ndarray) -> str:
         tensor = numpy_helper.from_array(np.asarray(value))
@@ -159,30 +227,33 @@ class _HeadWriter:
 
 
 def _write_p_value(head: _HeadWriter, calibration: np.ndarray) -> None:
-    """The blocked count of the module docstring, as ONNX nodes writing P_VALUE_NAME."""
-    blocks = calibration_blocks(calibration)
-    size = blocks.shape[1]
-    constant = head.constant
-    blocks_name = constant(CALIBRATION_NAME, blocks)
-    axis = constant(HEAD_PREFIX + "axis_1", np.asarray([1], dtype=np.int64))
-    f32 = TensorProto.FLOAT
-    first = constant(HEAD_PREFIX + "first", np.asarray([0], dtype=np.int64))
-    firsts = head.node("Gather", [blocks_name, first], axis=1)  # [B, 1], folded to a constant
-    # [B, N], not [N, B]: onnxruntime broadcasts one constant against a whole row of scores at a
-    # time, several times faster than one score against a short row of constants.
-    above = head.node("GreaterOrEqual", [firsts, SCORE_NAME])  # rows wholly at or above
-    axis_0 = constant(HEAD_PREFIX + "axis_0", np.asarray([0], dtype=np.int64))
-    whole = head.node("ReduceSum", [head.node("Cast", [above], to=f32), axis_0], keepdims=0)
-    boundary = head.node("Cast", [whole], to=TensorProto.INT64)  # row q
-    block = head.node("Gather", [blocks_name, boundary], axis=0)  # [N, b]
-    column = head.node("Unsqueeze", [SCORE_NAME, axis])  # [N, 1]
-    within = head.node("GreaterOrEqual", [block, column])  # [N, b]
-    partial = head.node("ReduceSum", [head.node("Cast", [within], to=f32), axis], keepdims=0)
-    whole_count = head.node("Mul", [whole, constant(HEAD_PREFIX + "block_size", _f32(size))])
-    count = head.node("Add", [whole_count, partial])
-    numerator = head.node("Add", [count, constant(HEAD_PREFIX + "one", _f32(1.0))])
-    denominator = constant(HEAD_PREFIX + "n_plus_1", _f32(len(calibration) + 1))
-    head.node("Div", [numerator, denominator], P_VALUE_NAME)
+    """The search-tree count of the module docstring, as ONNX nodes writing P_VALUE_NAME."""
+    _use_ml_opset(head.model)
+    axis = head.constant(HEAD_PREFIX + "axis_1", np.asarray([1], dtype=np.int64))
+    column = head.node("Unsqueeze", [SCORE_NAME, axis])  # [N, 1]: the tree reads one feature
+    p_value = head.node(
+        "TreeEnsembleRegressor",
+        [column],
+        domain=ML_DOMAIN,
+        n_targets=1,
+        aggregate_function="SUM",
+        post_transform="NONE",
+        **search_tree(calibration),
+    )
+    head.node("Squeeze", [p_value, axis], P_VALUE_NAME)
+
+
+def _use_ml_opset(model: onnx.ModelProto) -> None:
+    """Import the ONNX-ML domain at the version whose TreeEnsembleRegressor the head writes
+    (later versions replace that operator with TreeEnsemble)."""
+    imports = {o.domain: o for o in model.opset_import}
+    if ML_DOMAIN not in imports:
+        model.opset_import.append(helper.make_opsetid(ML_DOMAIN, ML_OPSET))
+    elif imports[ML_DOMAIN].version != ML_OPSET:
+        raise ValueError(
+            f"the graph imports {ML_DOMAIN} version {imports[ML_DOMAIN].version}; the calibration "
+            f"head needs version {ML_OPSET}"
+        )
 
 
 def _f32(value: float) -> np.ndarray:
@@ -196,7 +267,7 @@ def attach_head(
     output. Outputs end up ordered score, is_anomaly, p_value, then the rest as they were."""
     graph = model.graph
     batch = _batch_dim(graph)
-    head = _HeadWriter(graph)
+    head = _HeadWriter(model)
     threshold_name = head.constant(THRESHOLD_NAME, _f32(check_threshold(threshold)))
     head.node("Greater", [SCORE_NAME, threshold_name], DECISION_NAME)
     outputs = [helper.make_tensor_value_info(DECISION_NAME, TensorProto.BOOL, [batch])]
@@ -265,16 +336,22 @@ def head_metadata(
 
 def graph_calibration(onnx_path: str | Path) -> tuple[float, np.ndarray | None]:
     """(threshold, calibration scores sorted ascending) stored in a file's calibration head;
-    None for the scores when the head has no p_value. Reads this head's block matrix and the
-    older head's plain vector alike."""
+    None for the scores when the head has no p_value. Reads this head's search tree and the
+    earlier heads' block matrix and plain vector alike."""
     graph = load_model(onnx_path).graph
     initializers = {t.name: t for t in graph.initializer}
     decision = next((n for n in graph.node if DECISION_NAME in n.output), None)
     if decision is None or decision.input[1] not in initializers:
         raise ValueError(f"{onnx_path}: no '{DECISION_NAME}' head with a threshold initializer")
     threshold = float(numpy_helper.to_array(initializers[decision.input[1]]))
+    for node in graph.node:
+        if node.name.startswith(HEAD_PREFIX) and node.op_type == "TreeEnsembleRegressor":
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            attributes["nodes_modes"] = [m.decode() for m in attributes["nodes_modes"]]
+            return threshold, scores_of_tree(attributes)
     head = [n for n in graph.node if n.name.startswith(HEAD_PREFIX) and n.input[0] in initializers]
-    # The blocked lookup gathers from the [B, b] matrix; an older head compared with a vector.
+    # Earlier heads: a blocked lookup gathered from a [B, b] matrix, the first compared with a
+    # vector.
     # Blocks first: a graph optimizer may fold the block firsts into a vector compared likewise.
     for op, ndim, scores in (("Gather", 2, scores_of_blocks), ("GreaterOrEqual", 1, np.sort)):
         for node in head:

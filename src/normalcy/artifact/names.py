@@ -21,8 +21,11 @@ TRANSFORMATION_LOG_PROBS_NAME = "transformation_log_probs"
 HEAD_OUTPUTS = (DECISION_NAME, P_VALUE_NAME)  # written by the calibration head, not by torch
 
 THRESHOLD_NAME = "threshold"
-CALIBRATION_NAME = "calibration_scores"
 HEAD_PREFIX = "normalcy_head/"  # names of the calibration head's nodes and constants
+# The p-value head's binary search tree is an ONNX-ML TreeEnsembleRegressor, an operator of
+# versions 1-4 of that domain (version 5 replaces it with TreeEnsemble).
+ML_DOMAIN = "ai.onnx.ml"
+ML_OPSET = 3
 
 METADATA_KEY = "normalcy"  # the model's metadata_props key holding the JSON metadata
 

@@ -9,7 +9,6 @@ from torch import nn
 
 from normalcy.artifact.calibration_head import (
     calibration_array,
-    calibration_blocks,
     check_threshold,
 )
 from normalcy.artifact.names import ANOMALY_MAP_NAME, DECISION_NAME, P_VALUE_NAME, SCORE_NAME
@@ -63,9 +62,9 @@ class ScoringGraph(nn.Module):
     module's other outputs (anomaly_map, explanations), as an ordered dict by output name.
 
     `is_anomaly = score > threshold` and `p_value = (1 + #{c >= score}) / (n + 1)` over the
-    calibration scores `c`, counted with the same blocked lookup as the ONNX head
-    (`normalcy.artifact.calibration_head`) in float32, so decisions and p-values are the same
-    in torch and in the file. Without calibration scores there is no p_value (an export for a
+    calibration scores `c`, counted in float32 as the ONNX head's search tree counts them
+    (`normalcy.artifact.calibration_head`), so decisions and p-values are the same in torch and
+    in the file. Without calibration scores there is no p_value (an export for a
     quick check; the pipeline always passes them).
     """
 
@@ -82,26 +81,24 @@ class ScoringGraph(nn.Module):
             "threshold",
             torch.tensor(check_threshold(threshold), dtype=torch.float32, device=device),
         )
-        blocks, self.n_calibration = None, 0
+        ascending = None
         if calibration_scores is not None:
-            calibration = calibration_array(calibration_scores)
-            blocks = torch.from_numpy(calibration_blocks(calibration)).to(device)
-            self.n_calibration = len(calibration)
-        self.register_buffer("calibration_blocks", blocks)
+            ascending = torch.from_numpy(np.sort(calibration_array(calibration_scores))).to(device)
+        self.register_buffer("calibration_scores", ascending)
 
     def p_value(self, score: torch.Tensor) -> torch.Tensor:
-        """The conformal p-value of each score, counted as the ONNX head counts it."""
-        blocks = self.calibration_blocks
-        column = score.unsqueeze(1)
-        whole = (blocks[:, 0] >= column).sum(dim=1)  # rows wholly at or above: rows 0..q-1
-        count = whole * blocks.shape[1] + (blocks[whole] >= column).sum(dim=1)
-        return (count.to(torch.float32) + 1.0) / (self.n_calibration + 1.0)
+        """The conformal p-value of each score, counted as the ONNX head counts it: a binary
+        search in the sorted scores; a NaN score counts nothing."""
+        ascending = self.calibration_scores
+        below = torch.searchsorted(ascending, score.contiguous(), side="left")  # #{c < score}
+        count = torch.where(torch.isnan(score), 0, len(ascending) - below)
+        return (count.to(torch.float32) + 1.0) / (len(ascending) + 1.0)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = named_outputs(self.scoring_module(x))
         score = outputs.pop(SCORE_NAME)
         head = {SCORE_NAME: score, DECISION_NAME: score > self.threshold}
-        if self.calibration_blocks is not None:
+        if self.calibration_scores is not None:
             head[P_VALUE_NAME] = self.p_value(score)
         return {**head, **outputs}
 

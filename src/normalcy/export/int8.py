@@ -19,8 +19,8 @@ def quantize_int8(onnx_path: str | Path, out_path: str | Path) -> Path:
     `quant_pre_process` (shape inference and basic, portable graph optimizations) runs first, as
     onnxruntime recommends; it folds part of the calibration head into constants, which
     `recalibrate_graph` handles. Should it fail on some graph, the graph is quantized as
-    exported. The calibration head's nodes are excluded (its Gather of the stored calibration
-    scores would otherwise be quantized too), so the head stays float32 and its p-values exact.
+    exported. The calibration head's nodes are excluded, so the head stays float32 and its
+    p-values exact.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
