@@ -316,3 +316,25 @@ def under_prefix(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch
     """The entries of `state` under `prefix.`, with the prefix removed."""
     start = f"{prefix}."
     return {key[len(start) :]: value for key, value in state.items() if key.startswith(start)}
+
+
+def require_fitted(detector: str, action: str, *parts: object) -> None:
+    """Refuse `action` (saving, building the scoring module) while a fitted part is missing."""
+    if any(part is None for part in parts):
+        raise RuntimeError(f"{detector}: call fit() before {action}")
+
+
+def saved_parts(
+    **parts: nn.Module | dict[str, torch.Tensor] | torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """A detector's `fitted_state` from its parts: a module's or a dict's tensors under the
+    part's name, a tensor (or None) as it is."""
+    state: dict[str, Any] = {}
+    for name, part in parts.items():
+        if isinstance(part, nn.Module):
+            state.update(with_prefix(name, part.state_dict()))
+        elif isinstance(part, dict):
+            state.update(with_prefix(name, part))
+        else:
+            state[name] = part
+    return state

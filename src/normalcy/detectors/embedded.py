@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 from normalcy.detectors.backbones import FeatureExtractor, build_architecture, load_backbone
-from normalcy.detectors.base import Detector, FitData, under_prefix, with_prefix
+from normalcy.detectors.base import (
+    Detector,
+    FitData,
+    require_fitted,
+    saved_parts,
+    under_prefix,
+)
 from normalcy.detectors.image_features import check_images
 from normalcy.detectors.networks import ScoringModule
-from normalcy.detectors.preprocessing import (
-    build_preprocessing,
-    fit_preprocessing,
-    floored,
-)
+from normalcy.detectors.preprocessing import build_preprocessing, fit_preprocessing, floored
 from normalcy.detectors.registry import create_detector, register
 
 
@@ -112,17 +114,12 @@ class Embedded(Detector):
         self.fitted_member = member.fit(self.embed(data.train), val, labels)
 
     def scoring_module(self) -> ScoringModule:
-        if self.embedding is None or self.fitted_member is None:
-            raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
+        require_fitted(self.name, "scoring_module()", self.embedding, self.fitted_member)
         return ScoringModule(self.embedding, self.fitted_member.scoring_module()).eval()
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
-        if self.embedding is None or self.fitted_member is None:
-            raise RuntimeError(f"{self.name}: call fit() before saving")
-        return {
-            **with_prefix("embedding", self.embedding.state_dict()),
-            **with_prefix("member", self.fitted_member.fitted_state()),
-        }
+        require_fitted(self.name, "saving", self.embedding, self.fitted_member)
+        return saved_parts(embedding=self.embedding, member=self.fitted_member.fitted_state())
 
     def load_fitted_state(
         self, state: dict[str, torch.Tensor], input_shape: tuple[int, ...]

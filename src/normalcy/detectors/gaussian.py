@@ -18,9 +18,16 @@ from sklearn.covariance import EmpiricalCovariance, LedoitWolf, MinCovDet
 from torch import nn
 
 from normalcy.artifact.names import FEATURE_CONTRIBUTIONS_NAME
-from normalcy.detectors.base import Detector, FitData, Prediction, under_prefix, with_prefix
+from normalcy.detectors.base import (
+    Detector,
+    FitData,
+    Prediction,
+    require_fitted,
+    saved_parts,
+    under_prefix,
+)
 from normalcy.detectors.networks import ScoringModule
-from normalcy.detectors.preprocessing import build_preprocessing, fit_preprocessing
+from normalcy.detectors.preprocessing import fit_preprocessing, load_preprocessing
 from normalcy.detectors.registry import register
 from normalcy.detectors.specs import parse_preprocessing
 
@@ -63,23 +70,17 @@ class QuadraticFormDetector(Detector):
         self.form = QuadraticForm(torch.as_tensor(center), torch.as_tensor(matrix))
 
     def scoring_module(self) -> ScoringModule:
-        if self.preprocess is None or self.form is None:
-            raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
+        require_fitted(self.name, "scoring_module()", self.preprocess, self.form)
         return ScoringModule(self.preprocess, self.form).eval()
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
-        if self.preprocess is None or self.form is None:
-            raise RuntimeError(f"{self.name}: call fit() before saving")
-        return {
-            **with_prefix("preprocess", self.preprocess.state_dict()),
-            **with_prefix("form", self.form.state_dict()),
-        }
+        require_fitted(self.name, "saving", self.preprocess, self.form)
+        return saved_parts(preprocess=self.preprocess, form=self.form)
 
     def load_fitted_state(
         self, state: dict[str, torch.Tensor], input_shape: tuple[int, ...]
     ) -> None:
-        self.preprocess = build_preprocessing(self.preprocessing, input_shape)
-        self.preprocess.load_state_dict(under_prefix("preprocess", state))
+        self.preprocess = load_preprocessing(self.preprocessing, input_shape, state)
         form = under_prefix("form", state)
         self.form = QuadraticForm(form["center"], form["matrix"])
         self.input_shape = tuple(input_shape)

@@ -23,9 +23,16 @@ from normalcy.detectors.backbones import (
     build_architecture,
     load_backbone,
 )
-from normalcy.detectors.base import Detector, FitData, Prediction, under_prefix, with_prefix
+from normalcy.detectors.base import (
+    Detector,
+    FitData,
+    Prediction,
+    require_fitted,
+    saved_parts,
+    under_prefix,
+)
 from normalcy.detectors.networks import ScoringModule
-from normalcy.detectors.preprocessing import build_preprocessing, fit_preprocessing
+from normalcy.detectors.preprocessing import fit_preprocessing, load_preprocessing
 
 
 class LocallyAwarePatches(nn.Module):
@@ -228,8 +235,7 @@ class BackboneDetector(Detector):
         )
 
     def scoring_module(self) -> ScoringModule:
-        if self.preprocess is None or self.extractor is None:
-            raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
+        require_fitted(self.name, "scoring_module()", self.preprocess, self.extractor)
         head = PatchScoreHead(
             self.extractor, self.patch_module(), self.patch_head(), self.output_size, self.blur()
         )
@@ -238,19 +244,15 @@ class BackboneDetector(Detector):
     def fitted_state(self) -> dict[str, torch.Tensor]:
         """The preprocessing, the backbone's weights (so a saved detector loads without any
         weight source) and the method's state."""
-        if self.preprocess is None or self.extractor is None:
-            raise RuntimeError(f"{self.name}: call fit() before saving")
-        return {
-            **with_prefix("preprocess", self.preprocess.state_dict()),
-            **with_prefix("extractor", self.extractor.model.state_dict()),
-            **with_prefix("method", self.method_state()),
-        }
+        require_fitted(self.name, "saving", self.preprocess, self.extractor)
+        return saved_parts(
+            preprocess=self.preprocess, extractor=self.extractor.model, method=self.method_state()
+        )
 
     def load_fitted_state(
         self, state: dict[str, torch.Tensor], input_shape: tuple[int, ...]
     ) -> None:
-        self.preprocess = build_preprocessing(self.preprocessing, input_shape)
-        self.preprocess.load_state_dict(under_prefix("preprocess", state))
+        self.preprocess = load_preprocessing(self.preprocessing, input_shape, state)
         model = build_architecture(self.backbone, self.stages)
         model.load_state_dict(under_prefix("extractor", state))
         self.extractor = FeatureExtractor(model)

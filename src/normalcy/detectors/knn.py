@@ -10,13 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from normalcy.detectors.base import Detector, FitData, Prediction, under_prefix, with_prefix
+from normalcy.detectors.base import (
+    Detector,
+    FitData,
+    Prediction,
+    require_fitted,
+    saved_parts,
+)
 from normalcy.detectors.coreset import greedy_coreset
 from normalcy.detectors.networks import ScoringModule
-from normalcy.detectors.preprocessing import (
-    build_preprocessing,
-    fit_preprocessing,
-)
+from normalcy.detectors.preprocessing import fit_preprocessing, load_preprocessing
 from normalcy.detectors.registry import register
 from normalcy.detectors.specs import parse_preprocessing
 
@@ -173,23 +176,18 @@ class KNN(Detector):
         self.bank = rows[self.coreset_indices].contiguous()
 
     def scoring_module(self) -> ScoringModule:
-        if self.preprocess is None or self.bank is None:
-            raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
+        require_fitted(self.name, "scoring_module()", self.preprocess, self.bank)
         return ScoringModule(self.preprocess, KthNeighbourDistance(self.bank, self.k)).eval()
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
-        if self.preprocess is None or self.bank is None:
-            raise RuntimeError(f"{self.name}: call fit() before saving")
-        return {
-            **with_prefix("preprocess", self.preprocess.state_dict()),
-            "bank": self.bank,
-            "coreset_indices": self.coreset_indices,
-        }
+        require_fitted(self.name, "saving", self.preprocess, self.bank)
+        return saved_parts(
+            preprocess=self.preprocess, bank=self.bank, coreset_indices=self.coreset_indices
+        )
 
     def load_fitted_state(
         self, state: dict[str, torch.Tensor], input_shape: tuple[int, ...]
     ) -> None:
-        self.preprocess = build_preprocessing(self.preprocessing, input_shape)
-        self.preprocess.load_state_dict(under_prefix("preprocess", state))
+        self.preprocess = load_preprocessing(self.preprocessing, input_shape, state)
         self.bank, self.coreset_indices = state["bank"], state["coreset_indices"]
         self.input_shape = tuple(input_shape)

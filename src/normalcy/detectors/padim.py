@@ -40,7 +40,9 @@ def position_gaussians(rows: torch.Tensor, covariance_eps: float) -> tuple[torch
     centred = rows - mean.unsqueeze(1)
     covariance = centred.transpose(1, 2) @ centred / max(rows.shape[1] - 1, 1)
     covariance += covariance_eps * torch.eye(rows.shape[2], dtype=torch.float64)
-    return mean.float(), torch.linalg.inv(covariance).float()
+    # contiguous: the inverse comes back column-major, and bmm would sum in another order than
+    # for the same matrix loaded from a saved detector (scores off in the 7th digit)
+    return mean.float(), torch.linalg.inv(covariance).float().contiguous()
 
 
 @register("padim")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normalcy.detectors.base import under_prefix
 from normalcy.detectors.specs import parse_preprocessing
 
 # A scale below this fraction of the median non-zero scale is raised to it: a nearly constant
@@ -179,6 +180,15 @@ def build_preprocessing(spec: str | Mapping[str, Any], input_shape: tuple[int, .
     `state_dict` is loaded into."""
     kind, options = parse_preprocessing(spec)
     return PREPROCESSING[kind].build(tuple(input_shape), **options).eval()
+
+
+def load_preprocessing(
+    spec: str | Mapping[str, Any], input_shape: tuple[int, ...], state: dict[str, torch.Tensor]
+) -> nn.Module:
+    """The preprocessing a detector saved under `preprocess.` in its state, rebuilt and loaded."""
+    module = build_preprocessing(spec, input_shape)
+    module.load_state_dict(under_prefix("preprocess", state))
+    return module
 
 
 def output_shape(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:

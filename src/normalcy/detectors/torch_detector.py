@@ -12,13 +12,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from normalcy.detectors.attribution import explained_by_leaving_features_out
-from normalcy.detectors.base import Detector, FitData, under_prefix, with_prefix
-from normalcy.detectors.networks import ScoringModule
-from normalcy.detectors.preprocessing import (
-    build_preprocessing,
-    fit_preprocessing,
-    output_shape,
+from normalcy.detectors.base import (
+    Detector,
+    FitData,
+    require_fitted,
+    saved_parts,
+    under_prefix,
 )
+from normalcy.detectors.networks import ScoringModule
+from normalcy.detectors.preprocessing import fit_preprocessing, load_preprocessing, output_shape
 from normalcy.detectors.specs import parse_preprocessing
 from normalcy.detectors.training import (
     Rows,
@@ -169,8 +171,7 @@ class TorchDetector(Detector):
         return ScoringModule(self.preprocess, head).eval()
 
     def score_only_module(self) -> ScoringModule:
-        if self.preprocess is None or self.network is None:
-            raise RuntimeError(f"{self.name}: call fit() before scoring_module()")
+        require_fitted(self.name, "scoring_module()", self.preprocess, self.network)
         return ScoringModule(self.preprocess, self.score_head()).eval()
 
     def build_fitted_module(self, name: str) -> nn.Module:
@@ -178,27 +179,20 @@ class TorchDetector(Detector):
         raise NotImplementedError(f"{self.name}: no way to rebuild fitted module {name!r}")
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
-        if self.preprocess is None or self.network is None:
-            raise RuntimeError(f"{self.name}: call fit() before saving")
-        state = {
-            **with_prefix("preprocess", self.preprocess.state_dict()),
-            **with_prefix("network", self.network.state_dict()),
-        }
+        require_fitted(self.name, "saving", self.preprocess, self.network)
+        extras = {}
         for name in (*self.fitted_attributes, "feature_baseline"):
             value = getattr(self, name)
-            if isinstance(value, nn.Module):
-                state.update(with_prefix(name, value.state_dict()))
-            elif isinstance(value, torch.Tensor):
-                state[name] = value
-            elif value is not None:  # a number, kept as a 0-d float64 tensor
-                state[name] = torch.tensor(float(value), dtype=torch.float64)
-        return state
+            if value is not None and not isinstance(value, nn.Module | torch.Tensor):
+                value = torch.tensor(float(value), dtype=torch.float64)  # a number, 0-d float64
+            if value is not None:
+                extras[name] = value
+        return saved_parts(preprocess=self.preprocess, network=self.network, **extras)
 
     def load_fitted_state(
         self, state: dict[str, torch.Tensor], input_shape: tuple[int, ...]
     ) -> None:
-        self.preprocess = build_preprocessing(self.preprocessing, input_shape)
-        self.preprocess.load_state_dict(under_prefix("preprocess", state))
+        self.preprocess = load_preprocessing(self.preprocessing, input_shape, state)
         self.network_input_shape = output_shape(self.preprocess, input_shape)
         self.network = self.build_network(self.network_input_shape)
         self.network.load_state_dict(under_prefix("network", state))
