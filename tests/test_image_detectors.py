@@ -1,6 +1,6 @@
-"""PatchCore and PaDiM on synthetic textures: maps at the input resolution that find the pasted
-defect, the bank and Gaussians as graph constants, the reweighted score exported, RGB input, and
-the params each refuses."""
+"""PatchCore, PaDiM and FastFlow on synthetic textures: maps at the input resolution that find
+the pasted defect, the bank, Gaussians and flows as graph constants, the reweighted score and
+the flows exported, RGB input, and the params each refuses."""
 
 import math
 
@@ -24,10 +24,10 @@ def case():
     return textures(40, 0), textures(12, 1), defective, masks
 
 
-@pytest.mark.parametrize("name", ["patchcore", "padim"])
+@pytest.mark.parametrize("name", ["patchcore", "padim", "fastflow"])
 def test_maps_are_at_the_input_size_and_find_the_defect(name, case):
     train, normal, defective, masks = case
-    detector = create_detector(name, **SMALL).fit(train)
+    detector = create_detector(name, **SMALL).fit(train, textures(12, 5))
     out = detector.predict(np.concatenate([normal, defective]))
     assert out["anomaly_map"].shape == (24, 32, 32)
     np.testing.assert_allclose(out["score"], detector.score(np.concatenate([normal, defective])))
@@ -97,6 +97,11 @@ def test_rgb_images_are_read_as_rgb(case):
         ("patchcore", {"weights": "imagenet"}, r"weights must be one of \['pretrained', 'random'"),
         ("padim", {"covariance_eps": 0}, "covariance_eps must be > 0"),
         ("padim", {"image_size": 8}, "image_size must be an integer >= 16"),
+        ("fastflow", {"n_blocks": 0}, "n_blocks must be an integer >= 1"),
+        ("fastflow", {"stages": [2, 7]}, "stages must be a non-empty increasing list"),
+        ("fastflow", {"hidden_ratio": 0.0}, "hidden_ratio must be > 0"),
+        ("fastflow", {"neighbourhood": 4}, "neighbourhood must be odd"),
+        ("fastflow", {"threads": 0}, "threads must be an integer >= 1"),
     ],
 )
 def test_bad_params_are_refused_before_any_work(name, params, message):
@@ -147,3 +152,38 @@ def test_embedded_runs_a_vector_detector_on_pooled_backbone_features(case):
 def test_embedded_refuses_a_bad_member(params, message):
     with pytest.raises(DetectorParamsError, match=message):
         create_detector("embedded", **params)
+
+
+def test_fastflow_coupling_log_det_is_the_exact_jacobian():
+    from normalcy.detectors.fastflow import ConvAffineCoupling
+
+    torch.manual_seed(0)
+    block = ConvAffineCoupling(torch.tensor([2, 0, 3, 1]), hidden=3, kernel=3, log_scale_bound=2)
+    for parameter in block.parameters():  # away from the identity start
+        torch.nn.init.normal_(parameter, std=0.5)
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    block = block.double()
+    jacobian = torch.autograd.functional.jacobian(lambda v: block(v)[0], x).reshape(36, 36)
+    _, log_det = block(x)
+    assert abs(float(log_det)) > 0.1  # a real scaling, not the identity
+    torch.testing.assert_close(log_det[0], torch.linalg.slogdet(jacobian).logabsdet)
+
+
+def test_fastflow_is_seeded_stops_on_validation_and_exports_three_stages(case, tmp_path):
+    train, normal, defective, _ = case
+    params = {"stages": [1, 2, 3], "neighbourhood": 3, "n_blocks": 2, "epochs": 6, **SMALL}
+    detector = create_detector("fastflow", **params).fit(train, textures(12, 5))
+    again = create_detector("fastflow", **params).fit(train, textures(12, 5))
+    test = np.concatenate([normal, defective])
+    np.testing.assert_array_equal(detector.score(test), again.score(test))
+    history = detector.history
+    assert len(history.val_loss) == 6 and history.best_epoch == int(np.argmin(history.val_loss))
+    assert history.val_loss[history.best_epoch] < history.val_loss[0]  # the flows learned
+    assert len(detector.flows.flows) == 3
+    module = detector.scoring_module()
+    threshold = float(np.median(detector.score(test)))
+    path = export_onnx(module, threshold, test[:2], tmp_path / "fastflow.onnx")
+    report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()
+    assert report.outputs_compared[:2] == ["score", "is_anomaly"]
+    assert "anomaly_map" in report.outputs_compared

@@ -25,7 +25,7 @@ def bounded(raw: torch.Tensor, bound: float) -> torch.Tensor:
     return bound * torch.tanh(raw / bound)
 
 
-def _zero_last_layer(network: nn.Sequential) -> None:
+def zero_last_layer(network: nn.Sequential) -> None:
     """Start each layer as the identity map (log-scale 0, shift 0): stable early training."""
     last = network[-1]
     nn.init.zeros_(last.weight)
@@ -39,7 +39,7 @@ class AffineCoupling(nn.Module):
         super().__init__()
         self.register_buffer("mask", mask)
         self.conditioner = mlp(len(mask), hidden_dims, 2 * len(mask))
-        _zero_last_layer(self.conditioner)
+        zero_last_layer(self.conditioner)
         self.bound = bound
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +70,7 @@ class AutoregressiveAffine(nn.Module):
         super().__init__()
         d = len(order)
         self.made = mlp(d, hidden_dims, 2 * d)
-        _zero_last_layer(self.made)
+        zero_last_layer(self.made)
         degrees = [order + 1]  # input i may influence outputs of degree > order[i] + 1
         for width in hidden_dims:
             degrees.append(torch.arange(width) % max(d - 1, 1) + 1)

@@ -1,8 +1,9 @@
 """What every detector on frozen backbone feature maps shares: the image input, the backbone,
 locally aware patch features, the anomaly map at the input resolution, and their fitted state.
 
-A method (`patchcore`, `padim`) supplies `fit_patches` (learn from the training images' patch
-features) and `patch_head` (patch features -> per-patch scores); this class builds the graph
+A method (`patchcore`, `padim`, `fastflow`) supplies `fit_patches` (learn from the training
+images' patch features) and `patch_head` (patch features -> per-patch scores), and may replace
+`patch_module` (how stage maps become patch features); this class builds the graph
 raw images -> resize + ImageNet normalization -> backbone -> patch features -> patch scores ->
 `score` (max over patches) and `anomaly_map` (upsampled to the input size, Gaussian-blurred)."""
 
@@ -27,6 +28,7 @@ from normalcy.detectors.base import (
     Detector,
     FitData,
     Prediction,
+    concatenate,
     require_fitted,
     saved_parts,
     under_prefix,
@@ -150,6 +152,9 @@ class BackboneDetector(Detector):
 
     input_kind: ClassVar[str] = "image"
     min_train_rows = 1
+    # A method that stops early on the validation images' features sets this; the others skip
+    # extracting them.
+    uses_val_patches: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -185,12 +190,16 @@ class BackboneDetector(Detector):
         return {"kind": "image", "image_size": self.image_size, "normalization": "imagenet"}
 
     @abstractmethod
-    def fit_patches(self, patches: torch.Tensor, generator: torch.Generator) -> None:
-        """Learn from the training images' patch features `[N, D, h, w]`."""
+    def fit_patches(
+        self, patches: Any, generator: torch.Generator, val_patches: Any | None = None
+    ) -> None:
+        """Learn from the training images' patch features (`patch_module`'s output, `[N, D, h,
+        w]` unless a method replaces it); `val_patches`: the validation images' features, only
+        for a method with `uses_val_patches` and only when there are validation images."""
 
     @abstractmethod
     def patch_head(self) -> nn.Module:
-        """Patch features `[N, D, h, w]` -> patch scores `[N, h, w]`, from what was learned."""
+        """Patch features -> patch scores `[N, h, w]`, from what was learned."""
 
     @abstractmethod
     def method_state(self) -> dict[str, torch.Tensor]:
@@ -200,14 +209,16 @@ class BackboneDetector(Detector):
     def load_method_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `method_state` returned."""
 
-    def patch_module(self) -> LocallyAwarePatches:
+    def patch_module(self) -> nn.Module:
+        """Stage maps -> patch features: by default one locally aware map (see the class)."""
         return LocallyAwarePatches(self.neighbourhood, self.feature_dim)
 
-    def patch_features(self, images: np.ndarray) -> torch.Tensor:
-        """Patch features `[N, D, h, w]` of raw images, in batches, without gradients."""
+    def patch_features(self, images: np.ndarray) -> Any:
+        """`patch_module`'s output for raw images (a tensor, or a tuple of tensors joined one
+        by one), in batches, without gradients."""
         patches = self.patch_module()
         with torch.no_grad():
-            return torch.cat(
+            return concatenate(
                 [
                     patches(self.extractor(self.preprocess(chunk)))
                     for chunk in torch.as_tensor(images).split(self.batch_size)
@@ -222,7 +233,12 @@ class BackboneDetector(Detector):
         )
         self.output_size = tuple(data.train.shape[2:])
         generator = torch.Generator().manual_seed(self.seed)
-        self.fit_patches(self.patch_features(data.train), generator)
+        val_patches = (
+            self.patch_features(data.val)
+            if self.uses_val_patches and data.val is not None
+            else None
+        )
+        self.fit_patches(self.patch_features(data.train), generator, val_patches)
 
     def blur(self) -> GaussianBlur:
         """The map blur at the output resolution: `blur_sigma` is in pixels of the resized

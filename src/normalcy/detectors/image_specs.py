@@ -1,5 +1,6 @@
-"""Params specs of the detectors on backbone features (`patchcore`, `padim`), torch-free like
-`specs.py`, which imports this module so that every spec is known wherever specs are."""
+"""Params specs of the detectors on backbone features (`patchcore`, `padim`, `fastflow`,
+`embedded`), torch-free like `specs.py`, which imports this module so that every spec is known
+wherever specs are."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from normalcy.detectors.specs import (
     ParamProblem,
     PositiveFloat,
     PositiveInt,
+    TrainingSpec,
     UnitFraction,
     spec,
 )
 
 Stage = Annotated[Int, Ge(0), Le(4)]
 # Detectors that read images themselves: not members of `embedded`.
-IMAGE_DETECTORS = frozenset({"patchcore", "padim", "embedded"})
+IMAGE_DETECTORS = frozenset({"patchcore", "padim", "fastflow", "embedded"})
 
 
 class PretrainedSpec(DetectorSpec):
@@ -80,6 +82,20 @@ class PaDiMSpec(BackboneSpec):
     random_channels: PositiveInt = 100
     covariance_eps: PositiveFloat = 0.01
     neighbourhood: PositiveInt = 1
+
+
+@spec("fastflow")
+class FastFlowSpec(BackboneSpec, TrainingSpec):
+    """Flows per stage on the backbone's maps; `batch_size` (the backbone's) also batches the
+    flows' training."""
+
+    n_blocks: PositiveInt = 8
+    hidden_ratio: PositiveFloat = 1.0
+    log_scale_bound: PositiveFloat = 2.0
+    neighbourhood: PositiveInt = 1
+    weight_decay: NonNegativeFloat = 1e-5
+    patience: PositiveInt = 5
+    threads: PositiveInt | None = None  # null: normalcy.threads' rule
 
 
 @spec("embedded")

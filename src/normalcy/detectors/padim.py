@@ -72,7 +72,9 @@ class PaDiM(BackboneDetector):
         self.mean: torch.Tensor | None = None
         self.precision: torch.Tensor | None = None
 
-    def fit_patches(self, patches: torch.Tensor, generator: torch.Generator) -> None:
+    def fit_patches(
+        self, patches: torch.Tensor, generator: torch.Generator, val_patches: None = None
+    ) -> None:
         n_channels = patches.shape[1]
         order = torch.randperm(n_channels, generator=generator)
         self.channels = order[: min(self.random_channels, n_channels)].sort().values

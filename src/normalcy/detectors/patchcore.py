@@ -112,7 +112,9 @@ class PatchCore(BackboneDetector):
         self.bank: torch.Tensor | None = None
         self.neighbours: torch.Tensor | None = None
 
-    def fit_patches(self, patches: torch.Tensor, generator: torch.Generator) -> None:
+    def fit_patches(
+        self, patches: torch.Tensor, generator: torch.Generator, val_patches: None = None
+    ) -> None:
         rows = patch_rows(patches).reshape(-1, patches.shape[1])
         size = max(1, math.ceil(self.coreset_fraction * len(rows)))
         chosen = greedy_coreset(rows, size, generator, self.projection_dim)
