@@ -6,8 +6,9 @@ scored through their exported ONNX graphs by onnxruntime.
 
 DIR is one MVTec-layout category folder (train/good, test/<defect or good>, ground_truth) or a
 folder of them. Per category it runs the pipeline's own pieces: `load_mvtec` (images resized to
-`--image-size`, masks binarized at > 127), `Detector.fit` on train/good less a held-out tenth,
-`export_onnx` with the held-out scores as calibration (threshold at their 99th percentile), and
+`--image-size`, masks binarized at > 127), `Detector.fit` on train/good less a held-out tenth
+(the held-out tenth as its validation rows: `fastflow` stops early on them), `export_onnx` with
+the held-out scores as calibration (threshold at their 99th percentile), and
 onnxruntime (`normalcy.scoring.score_outputs`) for the test part's `score` and `anomaly_map`.
 Metrics on raw scores and maps (`normalcy.evaluation`): image AUROC/AUPRC, pixel AUROC, AUPRO to
 FPR 0.3 and a per-defect image AUROC. `score_ms_per_image` is the median onnxruntime latency of
@@ -53,6 +54,7 @@ DEFAULT_DETECTOR = "padim"  # as examples/images.yaml, chosen on validation data
 DETECTOR_PARAMS: dict[str, dict[str, Any]] = {
     "patchcore": {},
     "padim": {},
+    "fastflow": {},
 }
 HELD_OUT_FRACTION = 0.1
 CALIBRATION_QUANTILE = 0.99
@@ -99,12 +101,12 @@ def latency_ms(session: ort.InferenceSession, images: np.ndarray) -> float:
 def fit_and_export(
     name: str, params: dict[str, Any], train: np.ndarray, folder: Path
 ) -> tuple[Any, Path, float]:
-    """(fitted detector, its ONNX file, fit seconds): fit on all but the held-out tenth, export
-    with the held-out scores as calibration."""
+    """(fitted detector, its ONNX file, fit seconds): fit on all but the held-out tenth (its
+    validation rows), export with the held-out scores as calibration."""
     fit_rows, held_rows = held_out_split(len(train))
     detector = create_detector(name, **params)
     start = time.perf_counter()
-    detector.fit(train[fit_rows])
+    detector.fit(train[fit_rows], train[held_rows])
     fit_seconds = time.perf_counter() - start
     calibration = detector.score(train[held_rows])
     threshold = float(np.quantile(calibration, CALIBRATION_QUANTILE))

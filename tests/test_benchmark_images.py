@@ -29,7 +29,13 @@ def test_quality_images_writes_the_issue_s_json(tmp_path):
             "--latency-images",
             "2",
             "--detector-params",
-            json.dumps({"patchcore": small, "padim": {**small, "random_channels": 16}}),
+            json.dumps(
+                {
+                    "patchcore": small,
+                    "padim": {**small, "random_channels": 16},
+                    "fastflow": {**small, "n_blocks": 2, "epochs": 2},
+                }
+            ),
             "--out",
             str(out),
         ],
@@ -41,7 +47,7 @@ def test_quality_images_writes_the_issue_s_json(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["summary"]["default_detector"] in report["results"]["tiles"]
-    for name in ("patchcore", "padim"):
+    for name in ("patchcore", "padim", "fastflow"):
         row = report["results"]["tiles"][name]
         for key in ("image_auroc", "image_auprc", "pixel_auroc", "aupro"):
             assert 0.0 <= row[key] <= 1.0, (name, key)

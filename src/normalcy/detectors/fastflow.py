@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from normalcy.detectors.base import saved_parts, under_prefix
 from normalcy.detectors.flow import LOG_2PI, bounded, zero_last_layer
-from normalcy.detectors.image_features import BackboneDetector
+from normalcy.detectors.image_features import BackboneDetector, local_average
 from normalcy.detectors.registry import register
 from normalcy.detectors.training import TrainingHistory, train_network
 from normalcy.threads import count_parameters, torch_threads, training_threads
@@ -30,18 +30,7 @@ class StageMaps(nn.Module):
         self.neighbourhood = int(neighbourhood)
 
     def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        if self.neighbourhood == 1:
-            return tuple(maps)
-        return tuple(
-            F.avg_pool2d(
-                feature_map,
-                self.neighbourhood,
-                stride=1,
-                padding=self.neighbourhood // 2,
-                count_include_pad=False,
-            )
-            for feature_map in maps
-        )
+        return tuple(local_average(feature_map, self.neighbourhood) for feature_map in maps)
 
 
 def subnet(in_channels: int, hidden: int, out_channels: int, kernel: int) -> nn.Sequential:

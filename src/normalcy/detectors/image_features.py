@@ -37,6 +37,16 @@ from normalcy.detectors.networks import ScoringModule
 from normalcy.detectors.preprocessing import fit_preprocessing, load_preprocessing
 
 
+def local_average(feature_map: torch.Tensor, neighbourhood: int) -> torch.Tensor:
+    """Each position averaged over its `neighbourhood` x `neighbourhood` window (PatchCore's local
+    neighbourhood aggregation; borders average only the positions inside the map)."""
+    if neighbourhood == 1:
+        return feature_map
+    return F.avg_pool2d(
+        feature_map, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False
+    )
+
+
 class LocallyAwarePatches(nn.Module):
     """Feature maps of several stages -> one patch feature map `[N, D, h, w]` at the first
     (shallowest) stage's resolution: each map averaged over a `neighbourhood` x `neighbourhood`
@@ -52,14 +62,7 @@ class LocallyAwarePatches(nn.Module):
         size = maps[0].shape[-2:]
         pooled = []
         for feature_map in maps:
-            if self.neighbourhood > 1:
-                feature_map = F.avg_pool2d(
-                    feature_map,
-                    self.neighbourhood,
-                    stride=1,
-                    padding=self.neighbourhood // 2,
-                    count_include_pad=False,
-                )
+            feature_map = local_average(feature_map, self.neighbourhood)
             if feature_map.shape[-2:] != size:
                 feature_map = F.interpolate(
                     feature_map, size=size, mode="bilinear", align_corners=False
