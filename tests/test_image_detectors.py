@@ -102,6 +102,7 @@ def test_rgb_images_are_read_as_rgb(case):
         ("fastflow", {"hidden_ratio": 0.0}, "hidden_ratio must be > 0"),
         ("fastflow", {"neighbourhood": 4}, "neighbourhood must be odd"),
         ("fastflow", {"threads": 0}, "threads must be an integer >= 1"),
+        ("fastflow", {"position_score": "max"}, r"position_score must be one of .*likelihood"),
     ],
 )
 def test_bad_params_are_refused_before_any_work(name, params, message):
@@ -187,3 +188,19 @@ def test_fastflow_is_seeded_stops_on_validation_and_exports_three_stages(case, t
     assert report.passed, report.message()
     assert report.outputs_compared[:2] == ["score", "is_anomaly"]
     assert "anomaly_map" in report.outputs_compared
+
+
+def test_fastflow_position_scores_are_the_likelihood_and_its_nll(case):
+    train, normal, defective, _ = case
+    params = {"stages": [2], "n_blocks": 2, "epochs": 2, **SMALL}
+    detector = create_detector("fastflow", position_score="nll", **params).fit(train)
+    patches = detector.patch_features(np.concatenate([normal, defective]))
+    with torch.no_grad():
+        nll = detector.flows(patches)
+        z = detector.flows.flows[0](patches[0])[0]
+        detector.flows.position_score = "likelihood"
+        likelihood = detector.flows(patches)
+    expected = (0.5 * z**2 + 0.5 * math.log(2 * math.pi)).mean(dim=1)
+    torch.testing.assert_close(nll, expected)
+    torch.testing.assert_close(likelihood, -torch.exp(-expected))
+    assert float(nll[12:].amax(dim=(1, 2)).mean()) > float(nll[:12].amax(dim=(1, 2)).mean())

@@ -20,6 +20,8 @@ from normalcy.detectors.registry import register
 from normalcy.detectors.training import TrainingHistory, train_network
 from normalcy.threads import count_parameters, torch_threads, training_threads
 
+POSITION_SCORES = ("likelihood", "nll")
+
 
 class StageMaps(nn.Module):
     """The chosen stages' feature maps as they are (a tuple, one per stage), each optionally
@@ -112,15 +114,17 @@ def standard_normal_nll(z: torch.Tensor) -> torch.Tensor:
 
 class FeatureFlows(nn.Module):
     """One `StageFlow` per stage. `loss`: the exact NLL per dimension, summed over stages (the
-    training objective); `forward`: the anomaly map at the first stage's resolution, FastFlow's
-    -exp(mean over channels of log N(z; 0, 1)) per position and stage, upsampled and averaged
-    over stages. The -exp puts every stage in [-1, 0): a plain NLL average let the coarsest
-    stage's larger values swamp the finer ones (pixel AUROC 0.74 against 0.93 on the pasted
-    squares of tests/test_image_detectors.py)."""
+    training objective); `forward`: the anomaly map at the first stage's resolution, per
+    position and stage the mean over channels of -log N(z; 0, 1) (`position_score: nll`) or
+    FastFlow's -exp(mean log N(z; 0, 1)) (`likelihood`), upsampled and averaged over stages.
+    The -exp puts every stage in [-1, 0), so no stage swamps the others (on the pasted squares
+    of tests/test_image_detectors.py the coarsest one did: pixel AUROC 0.74 against 0.93), but
+    it saturates at 0 for every clearly anomalous position."""
 
-    def __init__(self, flows: Sequence[StageFlow]) -> None:
+    def __init__(self, flows: Sequence[StageFlow], position_score: str) -> None:
         super().__init__()
         self.flows = nn.ModuleList(flows)
+        self.position_score = position_score
 
     def loss(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         total = 0.0
@@ -135,7 +139,9 @@ class FeatureFlows(nn.Module):
         stage_maps = []
         for flow, feature_map in zip(self.flows, maps, strict=True):
             position_nll = standard_normal_nll(flow(feature_map)[0]).mean(dim=1, keepdim=True)
-            stage_map = -torch.exp(-position_nll)
+            stage_map = (
+                -torch.exp(-position_nll) if self.position_score == "likelihood" else position_nll
+            )
             if stage_map.shape[-2:] != size:
                 stage_map = F.interpolate(
                     stage_map, size=size, mode="bilinear", align_corners=False
@@ -158,8 +164,9 @@ class FastFlow(BackboneDetector):
     3x3 and 1x1 kernels, `hidden_ratio` x the stage's channels wide) on the per-channel
     standardized feature map, trained with Adam on the training images' exact NLL and stopped
     early on the validation images' NLL (seeded; threads by `normalcy.threads`). Patch score:
-    -exp(mean log-likelihood of the position's channels under the base Gaussian), averaged over
-    stages (see `FeatureFlows`); image score and map as the other image detectors'."""
+    -exp(mean log-likelihood of the position's channels under the base Gaussian), or their mean
+    NLL (`position_score`), averaged over stages (see `FeatureFlows`); image score and map as
+    the other image detectors'."""
 
     name = "fastflow"
     uses_val_patches: ClassVar[bool] = True
@@ -169,6 +176,7 @@ class FastFlow(BackboneDetector):
         n_blocks: int = 8,
         hidden_ratio: float = 1.0,
         log_scale_bound: float = 2.0,
+        position_score: str = "likelihood",
         neighbourhood: int = 1,
         epochs: int = 40,
         learning_rate: float = 1e-3,
@@ -188,11 +196,17 @@ class FastFlow(BackboneDetector):
         ):
             if value <= 0:
                 raise ValueError(f"fastflow: {name} must be > 0, got {value!r}")
+        if position_score not in POSITION_SCORES:
+            raise ValueError(
+                f"fastflow: position_score must be one of {list(POSITION_SCORES)}, "
+                f"got {position_score!r}"
+            )
         if threads is not None and threads < 1:
             raise ValueError(f"fastflow: threads must be >= 1 or null (automatic), got {threads}")
         self.n_blocks = n_blocks
         self.hidden_ratio = hidden_ratio
         self.log_scale_bound = log_scale_bound
+        self.position_score = position_score
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -216,7 +230,8 @@ class FastFlow(BackboneDetector):
                         channels, self.n_blocks, self.hidden_ratio, self.log_scale_bound, generator
                     )
                     for channels in self.extractor.channels
-                ]
+                ],
+                self.position_score,
             )
 
     def fit_patches(

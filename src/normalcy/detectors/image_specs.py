@@ -92,6 +92,7 @@ class FastFlowSpec(BackboneSpec, TrainingSpec):
     n_blocks: PositiveInt = 8
     hidden_ratio: PositiveFloat = 1.0
     log_scale_bound: PositiveFloat = 2.0
+    position_score: Literal["likelihood", "nll"] = "likelihood"
     neighbourhood: PositiveInt = 1
     weight_decay: NonNegativeFloat = 1e-5
     patience: PositiveInt = 5
