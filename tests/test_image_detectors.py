@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import TensorDataset
 
 from normalcy.detectors import create_detector
 from normalcy.detectors.image_features import GaussianBlur, gaussian_kernel
 from normalcy.detectors.registry import DetectorParamsError
+from normalcy.detectors.training import mean_loss
 from normalcy.export import export_onnx, parity_check
 from tests.image_cases import pasted_defects, textures
 
@@ -173,13 +175,17 @@ def test_fastflow_coupling_log_det_is_the_exact_jacobian():
 def test_fastflow_is_seeded_stops_on_validation_and_exports_three_stages(case, tmp_path):
     train, normal, defective, _ = case
     params = {"stages": [1, 2, 3], "neighbourhood": 3, "n_blocks": 2, "epochs": 6, **SMALL}
-    detector = create_detector("fastflow", **params).fit(train, textures(12, 5))
-    again = create_detector("fastflow", **params).fit(train, textures(12, 5))
+    val = textures(12, 5)
+    detector = create_detector("fastflow", **params).fit(train, val)
+    again = create_detector("fastflow", **params).fit(train, val)
     test = np.concatenate([normal, defective])
     np.testing.assert_array_equal(detector.score(test), again.score(test))
     history = detector.history
     assert len(history.val_loss) == 6 and history.best_epoch == int(np.argmin(history.val_loss))
     assert history.val_loss[history.best_epoch] < history.val_loss[0]  # the flows learned
+    # the monitored loss is the kept flows' NLL on the validation images, not on the training ones
+    val_nll = mean_loss(detector.flows.loss, TensorDataset(*detector.patch_features(val)), 8)
+    assert val_nll == pytest.approx(history.val_loss[history.best_epoch], rel=1e-5)
     assert len(detector.flows.flows) == 3
     module = detector.scoring_module()
     threshold = float(np.median(detector.score(test)))
