@@ -121,14 +121,30 @@ def dask_runner(params: TrainParams) -> Iterator[tuple[DaskTaskRunner, int | Non
     else:
         workers, budget = local_cluster_size(params)
         cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True}
-        # no dashboard: its fixed port would clash between runs on one host
         runner = DaskTaskRunner(
-            cluster_class=LocalCluster, cluster_kwargs={**cluster, "dashboard_address": None}
+            cluster_class=LocalCluster,
+            cluster_kwargs={**cluster, "dashboard_address": None, "env": prefect_api_env()},
         )
     with runner:
         with _reaching(parallel):
             runner.client  # noqa: B018  starts the local cluster, or connects, now
         yield runner, budget
+
+
+def prefect_api_env() -> dict[str, str]:
+    """PREFECT_API_URL for local workers: the configured API, else this process's temporary one
+    (without it each worker would start a temporary API of its own, ~20 s, and record its task
+    runs there)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url is None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the one this process's flow already uses
+        server.start()  # a no-op when it is running
+        url = server.api_url
+    return {"PREFECT_API_URL": str(url)}
 
 
 @task(name="fit-candidate", task_run_name="fit-{name}", cache_policy=NO_CACHE)
