@@ -54,8 +54,9 @@ def reference_score(detector, x: torch.Tensor) -> torch.Tensor:
             starts = range(d - k + 1)
             windows = torch.stack([row[j : j + k] for j in starts])
             complements = torch.stack([torch.cat([row[:j], row[j + k :]]) for j in starts])
-            w = F.normalize(network.window_encoder(windows), dim=1)
-            c = F.normalize(network.complement_encoder(complements), dim=1)
+            # one row's [m, part] stack; the encoders normalize per window position
+            w = F.normalize(network.window_encoder(windows[None])[0], dim=1)
+            c = F.normalize(network.complement_encoder(complements[None])[0], dim=1)
             logits = c @ w.T / detector.temperature
             losses.append(F.cross_entropy(logits, torch.arange(len(starts))))
     return torch.stack(losses)

@@ -8,10 +8,12 @@ similarity of each complement to its window against the row's other windows: the
 between a part of the features and the rest is what normal rows share. A row whose complements
 no longer pick out their own windows is anomalous; its anomaly score is the same loss.
 
-Two departures from the authors' code, both for a simpler graph: the encoders are the shared MLP
-(no batch normalization, no Tanh first layer), and embeddings are normalized once, per embedding
-(the cosine similarity of the paper). All windows serve as negatives (the authors subsample them
-only past 1000 windows, which the paper's rule for `k` never reaches below 1150 features).
+The encoders follow the authors' code: a linear layer per width, then an activation (Tanh
+after the complement encoder's first layer, LeakyReLU(0.2) elsewhere, the output included), and
+a batch normalization per window position after each hidden layer; in eval mode it is a fixed
+affine map, so a row's score never depends on the rows scored with it. Embeddings are
+normalized per embedding (the paper's cosine similarity). All windows serve as negatives (the
+authors subsample them only past 1000 windows, which the paper's rule for `k` never reaches).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normalcy.detectors.networks import mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
 
@@ -49,6 +50,25 @@ def window_indices(n_features: int, window_size: int) -> tuple[torch.Tensor, tor
     inside.scatter_(1, windows, True)
     complements = torch.arange(n_features).expand_as(inside)[~inside].reshape(len(windows), -1)
     return windows, complements
+
+
+def part_encoder(
+    in_features: int,
+    hidden_dims: Sequence[int],
+    out_features: int,
+    n_windows: int,
+    first_activation: nn.Module,
+) -> nn.Sequential:
+    """The authors' encoder on `[N, m, in_features]` parts: Linear + activation per layer,
+    `first_activation` after the first, LeakyReLU(0.2) after the others (the output too), and a
+    BatchNorm over the `m` window positions after each hidden layer."""
+    dims = [in_features, *hidden_dims, out_features]
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers += [nn.Linear(d_in, d_out), first_activation if i == 0 else nn.LeakyReLU(0.2)]
+        if i < len(dims) - 2:
+            layers.append(nn.BatchNorm1d(n_windows))
+    return nn.Sequential(*layers)
 
 
 class InternalContrastiveLoss(nn.Module):
@@ -80,9 +100,8 @@ class InternalContrastiveLoss(nn.Module):
         self, rows: torch.Tensor, features: torch.Tensor, size: int, encoder: nn.Module
     ) -> torch.Tensor:
         """`[N, m, u]` unit embeddings of each row's `m` parts of `size` features."""
-        parts = rows.index_select(1, features).reshape(-1, size)
-        embeddings = F.normalize(encoder(parts), dim=1)
-        return embeddings.reshape(-1, self.n_windows, embeddings.shape[1])
+        parts = rows.index_select(1, features).reshape(-1, self.n_windows, size)
+        return F.normalize(encoder(parts), dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.flatten(1)
@@ -148,9 +167,11 @@ class ICL(TorchDetector):
         n_features = math.prod(input_shape)
         window_size = self.window_size_for(n_features)
         windows, complements = window_indices(n_features, window_size)
+        n_windows, complement_size = len(windows), n_features - window_size
+        width = self.embedding_dim
         return InternalContrastiveLoss(
-            mlp(window_size, self.window_hidden_dims, self.embedding_dim),
-            mlp(n_features - window_size, self.hidden_dims, self.embedding_dim),
+            part_encoder(window_size, self.window_hidden_dims, width, n_windows, nn.LeakyReLU(0.2)),
+            part_encoder(complement_size, self.hidden_dims, width, n_windows, nn.Tanh()),
             windows,
             complements,
             self.temperature,
