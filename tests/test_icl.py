@@ -18,15 +18,12 @@ def small_icl(**params):
     return create_detector("icl", **{**SMALL, **params})
 
 
-@pytest.fixture(scope="module")
-def rows():
-    return low_rank_data(200, 0), low_rank_data(60, 1), low_rank_data(40, 2)
+TRAIN, VAL, TEST = (low_rank_data(n, seed) for n, seed in ((200, 0), (60, 1), (40, 2)))
 
 
 @pytest.fixture(scope="module")
-def fitted(rows):
-    train, val, _ = rows
-    return small_icl(seed=0, epochs=6).fit(train, val)
+def fitted():
+    return small_icl(seed=0, epochs=6).fit(TRAIN, VAL)
 
 
 @pytest.mark.parametrize(
@@ -62,48 +59,45 @@ def reference_score(detector, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(losses)
 
 
-def test_score_is_the_internal_contrastive_loss_per_row(fitted, rows):
-    test = rows[2]
-    expected = reference_score(fitted, torch.from_numpy(test))
-    np.testing.assert_allclose(fitted.score(test), expected.numpy(), rtol=1e-4, atol=1e-4)
+def test_score_is_the_internal_contrastive_loss_per_row(fitted):
+    expected = reference_score(fitted, torch.from_numpy(TEST))
+    np.testing.assert_allclose(fitted.score(TEST), expected.numpy(), rtol=1e-4, atol=1e-4)
     # a row's score does not depend on the rows scored with it
-    one_by_one = np.concatenate([fitted.score(test[i : i + 1]) for i in range(5)])
-    np.testing.assert_allclose(one_by_one, fitted.score(test[:5]), rtol=1e-5, atol=1e-5)
+    one_by_one = np.concatenate([fitted.score(TEST[i : i + 1]) for i in range(5)])
+    np.testing.assert_allclose(one_by_one, fitted.score(TEST[:5]), rtol=1e-5, atol=1e-5)
 
 
-def test_early_stopping_keeps_the_best_validation_epoch(fitted, rows):
+def test_early_stopping_keeps_the_best_validation_epoch(fitted):
     history = fitted.history
     assert len(history.val_loss) == 6
     best = min(history.val_loss)
     assert history.val_loss[history.best_epoch] == best
     # the kept weights give exactly the best epoch's validation loss (loss = mean score)
-    assert fitted.score(rows[1]).mean() == pytest.approx(best, rel=1e-5)
+    assert fitted.score(VAL).mean() == pytest.approx(best, rel=1e-5)
 
 
-def test_patience_ends_training_early(rows):
-    train, val, _ = rows
-    detector = small_icl(epochs=200, patience=1, learning_rate=0.05).fit(train, val)
+def test_patience_ends_training_early():
+    detector = small_icl(epochs=200, patience=1, learning_rate=0.05).fit(TRAIN, VAL)
     assert len(detector.history.val_loss) < 200
 
 
-def test_same_seed_same_scores_other_seed_other_scores(fitted, rows):
-    train, val, test = rows
-    again = small_icl(seed=0, epochs=6).fit(train, val)
-    np.testing.assert_array_equal(again.score(test), fitted.score(test))
-    other = small_icl(seed=1, epochs=6).fit(train, val)
-    assert not np.allclose(other.score(test), fitted.score(test))
+def test_same_seed_same_scores_other_seed_other_scores(fitted):
+    again = small_icl(seed=0, epochs=6).fit(TRAIN, VAL)
+    np.testing.assert_array_equal(again.score(TEST), fitted.score(TEST))
+    other = small_icl(seed=1, epochs=6).fit(TRAIN, VAL)
+    assert not np.allclose(other.score(TEST), fitted.score(TEST))
 
 
-def test_a_window_size_that_leaves_no_complement_is_refused_before_training(rows):
+def test_a_window_size_that_leaves_no_complement_is_refused_before_training():
     detector = small_icl(window_size=8)
     with pytest.raises(ValueError, match=r"window_size must be in \[1, 7\].*8 features.*got 8"):
-        detector.fit(rows[0])
+        detector.fit(TRAIN)
     assert detector.network is None and detector.history is None
 
 
-def test_rows_of_one_feature_are_refused(rows):
+def test_rows_of_one_feature_are_refused():
     with pytest.raises(ValueError, match="at least 2 features.*got 1"):
-        small_icl().fit(rows[0][:, :1])
+        small_icl().fit(TRAIN[:, :1])
 
 
 @pytest.mark.parametrize(
