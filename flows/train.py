@@ -12,7 +12,7 @@ from normalcy.data.versioning import snapshot_data
 from normalcy.detectors import Detector
 from normalcy.evaluation.selection import CandidateResult
 from normalcy.export import ParityError
-from normalcy.pipeline import clean, evaluate, export, prepare, tracking, train, validate
+from normalcy.pipeline import clean, evaluate, export, parallel, prepare, tracking, train, validate
 from normalcy.pipeline.evaluate import Evaluation
 from normalcy.pipeline.export import Exported
 from normalcy.promotion import PromotionDecision
@@ -126,6 +126,7 @@ def publish_and_promote(
 def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """prepare, DVC snapshot, validate, clean, candidates, calibrate, export, register."""
     params = load_params(params_path, overrides)
+    parallel.check_parallel(params.train)  # before any work: no cluster, no training
     registry.setup_tracking(params.mlflow)
     with model_lock(params), mlflow.start_run(tags=run_tags(params.mlflow.model_name)) as active:
         registry.log_params_flat(params.flat())

@@ -32,7 +32,7 @@ from normalcy.export.parity import p_value_mismatches
 from normalcy.scoring import load_session, read_metadata, score_onnx
 
 TOLERANCES = {"max_abs": 1e-4, "max_rel": 1e-3, "min_agreement": 1.0}
-METHODS = ["autoencoder", "deep_svdd"]
+METHODS = ["autoencoder", "deep_svdd", "icl"]
 OUTPUTS = ["score", "is_anomaly", "p_value"]
 
 

@@ -164,8 +164,13 @@ def test_iforest_onnx_graph_equals_sklearn(tmp_path):
     train = blobs(200, 0)
     detector = create_detector("iforest", n_estimators=10, max_samples=32).fit(train)
     test = np.concatenate([blobs(50, 1), boundary_rows(detector.forest, train[0])])
-    ort_score, _ = onnx_scores(detector, test, tmp_path / "iforest.onnx")
+    ort_score, model = onnx_scores(detector, test, tmp_path / "iforest.onnx")
     np.testing.assert_allclose(ort_score, -detector.forest.score_samples(test), rtol=1e-6)
+    # the forest is onnxruntime's native tree ensemble, not depth rounds of gathers
+    trees = next(n for n in model.graph.node if n.op_type == "TreeEnsembleRegressor")
+    assert "Gather" not in {n.op_type for n in model.graph.node}
+    treeids = next(a.ints for a in trees.attribute if a.name == "nodes_treeids")
+    assert sorted(set(treeids)) == list(range(10))
 
 
 def test_iforest_max_samples():

@@ -138,7 +138,14 @@ def test_embedded_runs_a_vector_detector_on_pooled_backbone_features(case):
     embedded = detector.embed(train)
     np.testing.assert_allclose(embedded.mean(axis=0), 0, atol=1e-3)
     out = detector.predict(test)
-    assert list(out) == ["score", "nearest_row"]  # the member's outputs, unchanged
+    assert list(out) == ["score", "embedding", "nearest_row"]  # the member's, and drift's
+    assert out["embedding"].shape == (len(test), width)  # the pooled features, unstandardized
+    np.testing.assert_allclose(
+        (out["embedding"] - detector.embedding.shift.numpy()) / detector.embedding.scale.numpy(),
+        detector.embed(test),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     np.testing.assert_allclose(out["score"], detector.fitted_member.score(detector.embed(test)))
     # a global embedding sees a small defect less sharply than patch features do
     assert roc_auc_score(np.r_[np.zeros(12), np.ones(12)], out["score"]) > 0.75

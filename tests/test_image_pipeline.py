@@ -203,3 +203,37 @@ def test_large_images_drift_on_per_image_statistics():
     assert not detect_drift(ref, rows, names, scores, scores, 0.01).drifted
     small = rng.uniform(size=(10, 1, 8, 8))  # digits-sized images stay per pixel
     assert drift_features(small, small, ["p"] * 64)[0] is small
+
+
+def test_image_drift_compares_the_embedding_when_every_statistic_stays(tmp_path):
+    """Pixels shuffled within each image keep its mean, std, darkest and brightest exactly: the
+    per-image statistics cannot see it; the champion's own backbone embedding does. The
+    embedding comes out of the exported graph, scored as the monitor scores a batch."""
+    from normalcy.export import export_onnx
+    from normalcy.monitoring import ChampionBundle, has_embedding, score_batch
+    from normalcy.scoring import score_outputs
+    from tests.image_cases import textures
+
+    train, reference, batch = textures(30, 0), textures(40, 1), textures(40, 2)
+    rng = np.random.default_rng(0)
+    shuffled = np.stack([rng.permutation(image.ravel()).reshape(image.shape) for image in batch])
+    detector = create_detector("padim", image_size=32).fit(train)
+    path = export_onnx(detector.scoring_module(), 1.0, train[:2], tmp_path / "padim.onnx")
+    assert has_embedding(path)
+    embedded = score_outputs(str(path), reference, names=["embedding"])["embedding"]
+    width = sum(detector.extractor.channels)  # each stage's channels, averaged over positions
+    assert embedded.shape == (40, width)
+    champion = ChampionBundle("1", "run", path, {}, reference, np.zeros(1), [], {}, embedded)
+    scores = np.zeros(40)
+    for images, drifts in ((batch, False), (shuffled, True)):
+        scored = score_batch(images, champion)
+        assert scored.embeddings.shape == (40, width) and scored.scores.shape == (40,)
+        ref, rows, names = drift_features(reference, images, [], (embedded, scored.embeddings))
+        assert rows.shape == (40, 4 + width) and names[4] == "embedding_0"
+        report = detect_drift(ref, rows, names, scores, scores, 0.01)
+        assert report.drifted is drifts
+        moved = {f.feature for f in report.features if f.drifted}
+        assert not moved & {"mean_brightness", "std_brightness", "darkest", "brightest"}
+        assert bool(moved) is drifts
+        stats_only = drift_features(reference, images, [])  # 32 px: per pixel, not statistics
+        assert stats_only[0] is reference

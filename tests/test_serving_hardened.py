@@ -24,6 +24,7 @@ from normalcy.scoring import SCORE_NAME, SessionSettings, load_session, score_ou
 from normalcy.serving import BatchOptions, create_app, load_model
 from normalcy.serving.auth import token_from_env
 from normalcy.serving.batching import MicroBatcher, group_by_model, split_outputs
+from normalcy.serving.limits import load_json
 from normalcy.serving.server import wait_until_healthy
 from normalcy.threads import worker_threads
 from tests.test_scoring import FEATURES, export_model
@@ -100,6 +101,29 @@ def test_malformed_values_get_422_never_500(server, model) -> None:
         response = server.post("/score", content=body.encode())
         assert response.status_code == 422, (body[:80], response.text[:300])
         assert message in response.json()["detail"], (message, response.text[:300])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"instances": [[1, 2.5, -0.0, 1e-310]], "explain": 3}',  # orjson's fast path
+        b'{"instances": [[NaN, -Infinity, 1]]}',  # not JSON: only the standard parser takes it
+        b'{"records": [{"x0": 123456789012345678901234567890}]}',  # orjson: a float at once
+        '{"records": [{"x0": 1.5}]}'.encode("utf-16"),  # JSON in UTF-16
+        b'{"a": 1, "a": 2}',  # a repeated key: the last wins in both
+    ],
+)
+def test_the_fast_parser_accepts_exactly_what_the_standard_one_does(body: bytes) -> None:
+    """Same structure and, once numbers become the float64 features they feed, same values."""
+
+    def as_features(value: object) -> object:
+        if isinstance(value, dict):
+            return {key: as_features(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [as_features(item) for item in value]
+        return float(value) if isinstance(value, int | float) else value
+
+    assert json.dumps(as_features(load_json(body))) == json.dumps(as_features(json.loads(body)))
 
 
 def test_openapi_documents_the_body_and_every_error(model) -> None:

@@ -129,6 +129,27 @@ class CleanParams(_Section):
     log_path: str = "artifacts/cleaning_log.json"
 
 
+class ParallelParams(_Section):
+    """How candidates are fitted: one after another, or as Prefect tasks on a Dask cluster."""
+
+    backend: Literal["sequential", "dask"] = "sequential"
+    workers: int | None = Field(None, ge=1)  # dask local cluster: processes (null: usable CPUs)
+    scheduler_address: str | None = Field(None, pattern=r"^([a-z]+://)?[^\s:/]+:\d+$")
+    connect_timeout_s: float = Field(10.0, gt=0)  # dask: give up on the scheduler after this
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> ParallelParams:
+        given = [key for key in ("workers", "scheduler_address") if getattr(self, key) is not None]
+        if self.backend == "sequential" and given:
+            raise ValueError(f"train.parallel.{given[0]} applies to backend dask only")
+        if len(given) == 2:
+            raise ValueError(
+                "train.parallel.workers sizes the local cluster; with scheduler_address the "
+                "remote cluster's workers are used: give one of them"
+            )
+        return self
+
+
 class TrainParams(_Section):
     seed: int = 0
     candidates: list[str] = Field(
@@ -147,6 +168,7 @@ class TrainParams(_Section):
     consensus_members: list[str] = Field(default_factory=lambda: ["iforest", "knn"], min_length=2)
     selection_margin: float = Field(0.0, ge=0)
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    parallel: ParallelParams = Field(default_factory=ParallelParams)
 
 
 class EvaluateParams(_Section):

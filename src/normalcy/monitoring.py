@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from normalcy import registry
+from normalcy.artifact.names import DECISION_NAME, EMBEDDING_NAME, SCORE_NAME
 from normalcy.config import MlflowParams, MonitorParams
 from normalcy.data.sources import load_batch
 from normalcy.data.window import fold_batch
@@ -21,7 +22,7 @@ from normalcy.drift_sequential import (
 )
 from normalcy.errors import NoChampionError
 from normalcy.pipeline import artifacts
-from normalcy.scoring import read_metadata, score_onnx
+from normalcy.scoring import load_session, output_names, read_metadata, score_outputs
 from normalcy.validation.suite import (
     IMAGE_STATISTICS,
     PER_PIXEL_LIMIT,
@@ -44,6 +45,12 @@ class ChampionBundle:
     reference_scores: np.ndarray
     feature_names: list[str]
     validation_spec: dict
+    reference_embeddings: np.ndarray | None = None  # an image model's, for drift
+
+
+def has_embedding(onnx_path: str | Path) -> bool:
+    """Whether the graph gives the `embedding` output that image drift compares."""
+    return EMBEDDING_NAME in output_names(load_session(str(onnx_path)))
 
 
 def fetch_champion(params: MlflowParams, workdir: str | Path) -> ChampionBundle:
@@ -64,8 +71,20 @@ def fetch_champion(params: MlflowParams, workdir: str | Path) -> ChampionBundle:
         champion.run_id, artifacts.RUN_VALIDATION_SPEC, workdir
     )
     spec = json.loads(Path(spec_path).read_text())
+    embeddings = None
+    if has_embedding(champion.onnx_path):  # the reference images as the champion sees them
+        embeddings = score_outputs(str(champion.onnx_path), X, names=[EMBEDDING_NAME])
+        embeddings = embeddings[EMBEDDING_NAME]
     return ChampionBundle(
-        champion.version, champion.run_id, champion.onnx_path, metadata, X, scores, names, spec
+        champion.version,
+        champion.run_id,
+        champion.onnx_path,
+        metadata,
+        X,
+        scores,
+        names,
+        spec,
+        embeddings,
     )
 
 
@@ -81,11 +100,15 @@ class ScoredBatch:
     rows: np.ndarray
     scores: np.ndarray
     alerts: np.ndarray
+    embeddings: np.ndarray | None = None  # an image model's, for drift
 
 
 def score_batch(rows: np.ndarray, champion: ChampionBundle) -> ScoredBatch:
-    scores, alerts = score_onnx(str(champion.onnx_path), rows)
-    return ScoredBatch(rows, scores, alerts)
+    names = [SCORE_NAME, DECISION_NAME]
+    if champion.reference_embeddings is not None:
+        names.append(EMBEDDING_NAME)
+    out = score_outputs(str(champion.onnx_path), rows, names=names)
+    return ScoredBatch(rows, out[SCORE_NAME], out[DECISION_NAME], out.get(EMBEDDING_NAME))
 
 
 def validate_monitor_batch(batch: np.ndarray, champion: ChampionBundle) -> ValidationReport:
@@ -110,16 +133,29 @@ def target_alert_rate(champion: ChampionBundle) -> float:
 
 
 def drift_features(
-    reference: np.ndarray, batch: np.ndarray, feature_names: list[str]
+    reference: np.ndarray,
+    batch: np.ndarray,
+    feature_names: list[str],
+    embeddings: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(reference, batch, names) as the drift tests see them: rows as they are, except large
-    images (more than `PER_PIXEL_LIMIT` values, as in validation), which are compared by their
-    per-image statistics (mean and std brightness, darkest, brightest): a KS test per pixel
-    position would be tens of thousands of tests of one thing, and blind to a shifted camera."""
-    if reference.ndim != 4 or int(np.prod(reference.shape[1:])) <= PER_PIXEL_LIMIT:
+    """(reference, batch, names) as the drift tests see them: rows as they are, except images
+    that are large (more than `PER_PIXEL_LIMIT` values, as in validation) or come with the
+    model's `embeddings` (reference, batch). Those are compared by their per-image statistics
+    (mean and std brightness, darkest, brightest) and, when given, the backbone embedding the
+    model scores from: a KS test per pixel position would be tens of thousands of tests of one
+    thing, blind to a shifted camera, and a texture can change while every statistic stays."""
+    large = int(np.prod(reference.shape[1:])) > PER_PIXEL_LIMIT
+    if reference.ndim != 4 or not (large or embeddings is not None):
         return reference, batch, feature_names
     stats = [image_statistics(x).to_numpy() for x in (reference, batch)]
-    return stats[0], stats[1], list(IMAGE_STATISTICS)
+    if embeddings is None:
+        return stats[0], stats[1], list(IMAGE_STATISTICS)
+    width = embeddings[0].shape[1]
+    names = [*IMAGE_STATISTICS, *(f"embedding_{i}" for i in range(width))]
+    combined = [
+        np.hstack([s, e.astype(np.float64)]) for s, e in zip(stats, embeddings, strict=True)
+    ]
+    return combined[0], combined[1], names
 
 
 def check_drift(
@@ -130,9 +166,12 @@ def check_drift(
 ) -> DriftReport:
     """Per-feature KS tests (BH inside), a shift of the score distribution, the alert rate
     against the champion's target, the CUSUM across batches and the MMD on whole rows, at one
-    overall level (large images: on per-image statistics, see `drift_features`)."""
+    overall level (images: on per-image statistics and embeddings, see `drift_features`)."""
+    embeddings = None
+    if champion.reference_embeddings is not None and batch.embeddings is not None:
+        embeddings = (champion.reference_embeddings, batch.embeddings)
     reference, rows, names = drift_features(
-        champion.reference_X, batch.rows, champion.feature_names
+        champion.reference_X, batch.rows, champion.feature_names, embeddings
     )
     return detect_drift(
         reference,

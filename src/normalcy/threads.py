@@ -10,7 +10,8 @@ process held one core).
 The rule (params override it: `train.threads`, `clean.threads`, `scoring.intra_op_threads`;
 null = this rule):
 - CPUs available = the process's CPU affinity, capped by the cgroup CPU quota (v2 `cpu.max`,
-  v1 `cpu.cfs_quota_us / cpu.cfs_period_us`), rounded down, at least 1.
+  v1 `cpu.cfs_quota_us / cpu.cfs_period_us`), rounded down, at least 1; inside `cpu_budget(n)`
+  (a candidate fitted beside others, see normalcy.pipeline.parallel) at most n.
 - Training: one thread for a network under `SMALL_MODEL_PARAMETERS` parameters (its operators
   are too small for threads to pay off), otherwise every available CPU.
 - Scoring with onnxruntime: every available CPU (batches are large and the graph is fixed).
@@ -23,6 +24,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,10 @@ from typing import Any
 SMALL_MODEL_PARAMETERS = 1_000_000
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+# CPUs the code running in this context may use when it shares the process's CPUs with other
+# work (None: all of them). A context variable, so one task's budget does not leak to another.
+_CPU_BUDGET: ContextVar[int | None] = ContextVar("cpu_budget", default=None)
 
 
 def _cgroup_v2_quota(root: Path) -> float | None:
@@ -70,12 +76,29 @@ def affinity_cpus() -> int:
 
 
 def available_cpus(root: Path = CGROUP_ROOT) -> int:
-    """Whole CPUs this process may use: affinity capped by the cgroup quota, at least 1."""
+    """Whole CPUs this process may use: affinity capped by the cgroup quota and by the
+    `cpu_budget` in force, at least 1."""
     cpus = affinity_cpus()
     quota = cgroup_cpu_quota(root)
     if quota is not None:
         cpus = min(cpus, math.floor(quota))
+    budget = _CPU_BUDGET.get()
+    if budget is not None:
+        cpus = min(cpus, budget)
     return max(1, cpus)
+
+
+@contextmanager
+def cpu_budget(cpus: int) -> Iterator[None]:
+    """Run the block as if only `cpus` CPUs were available (every thread count chosen inside
+    follows), then restore the previous budget."""
+    if cpus < 1:
+        raise ValueError(f"a CPU budget must be >= 1, got {cpus}")
+    token = _CPU_BUDGET.set(cpus)
+    try:
+        yield
+    finally:
+        _CPU_BUDGET.reset(token)
 
 
 def training_threads(

@@ -16,6 +16,10 @@ ANOMALY_MAP_NAME = "anomaly_map"
 FEATURE_CONTRIBUTIONS_NAME = "feature_contributions"
 LEGACY_CONTRIBUTIONS_NAMES = ("feature_errors",)
 CONTRIBUTIONS_NAMES = (FEATURE_CONTRIBUTIONS_NAME, *LEGACY_CONTRIBUTIONS_NAMES)
+# An image model's backbone features averaged over positions, per stage, concatenated `[N, D]`:
+# what drift compares for images (pixels moved by a shifted camera say little; these say what
+# the detector sees). Not written to tables or responses unless asked for by name.
+EMBEDDING_NAME = "embedding"
 # GOAD's log p(m | T_m x) per random transformation `[N, M]`: the score is minus their sum.
 TRANSFORMATION_LOG_PROBS_NAME = "transformation_log_probs"
 HEAD_OUTPUTS = (DECISION_NAME, P_VALUE_NAME)  # written by the calibration head, not by torch

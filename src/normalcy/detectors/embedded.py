@@ -11,16 +11,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from normalcy.artifact.names import EMBEDDING_NAME
 from normalcy.detectors.backbones import FeatureExtractor, build_architecture, load_backbone
 from normalcy.detectors.base import (
     Detector,
     FitData,
+    Prediction,
+    as_prediction,
     require_fitted,
     saved_parts,
     under_prefix,
 )
-from normalcy.detectors.image_features import check_images
-from normalcy.detectors.networks import ScoringModule
+from normalcy.detectors.image_features import check_images, pooled_features
 from normalcy.detectors.preprocessing import build_preprocessing, fit_preprocessing, floored
 from normalcy.detectors.registry import create_detector, register
 
@@ -39,11 +41,29 @@ class PooledEmbedding(nn.Module):
         self.register_buffer("scale", torch.ones(width))
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self.extractor(self.image(x))
-        return torch.cat([feature_map.mean(dim=(2, 3)) for feature_map in maps], dim=1)
+        return pooled_features(self.extractor(self.image(x)))
+
+    def standardized(self, pooled: torch.Tensor) -> torch.Tensor:
+        return (pooled - self.shift) / self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.pooled(x) - self.shift) / self.scale
+        return self.standardized(self.pooled(x))
+
+
+class EmbeddedScoring(nn.Module):
+    """Images -> `PooledEmbedding` -> the vector member's `Prediction`, with the unstandardized
+    pooled features added as the `embedding` that drift compares (as every image model has)."""
+
+    def __init__(self, embedding: PooledEmbedding, member: nn.Module) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.member = member
+
+    def forward(self, x: torch.Tensor) -> Prediction:
+        pooled = self.embedding.pooled(x)
+        member = as_prediction(self.member(self.embedding.standardized(pooled)))
+        explanations = {**(member.explanations or {}), EMBEDDING_NAME: pooled}
+        return member._replace(explanations=explanations)
 
 
 @register("embedded")
@@ -113,9 +133,9 @@ class Embedded(Detector):
         labels = data.val_labels if member.uses_labels else None
         self.fitted_member = member.fit(self.embed(data.train), val, labels)
 
-    def scoring_module(self) -> ScoringModule:
+    def scoring_module(self) -> EmbeddedScoring:
         require_fitted(self.name, "scoring_module()", self.embedding, self.fitted_member)
-        return ScoringModule(self.embedding, self.fitted_member.scoring_module()).eval()
+        return EmbeddedScoring(self.embedding, self.fitted_member.scoring_module()).eval()
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
         require_fitted(self.name, "saving", self.embedding, self.fitted_member)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normalcy.artifact.names import EMBEDDING_NAME
 from normalcy.detectors.backbones import (
     FeatureExtractor,
     build_architecture,
@@ -112,7 +113,8 @@ class PatchScoreHead(nn.Module):
     """Normalized images -> backbone -> patch features -> `patch_scores` (a method's module,
     `[N, D, h, w]` -> `[N, h, w]`, or with its own image score `([N, h, w], [N])`) ->
     `Prediction`: score = the largest patch score (or the method's), anomaly_map
-    = patch scores bilinearly upsampled to `output_size` and blurred."""
+    = patch scores bilinearly upsampled to `output_size` and blurred, and the stages' pooled
+    features as the `embedding` that drift compares."""
 
     def __init__(
         self,
@@ -130,7 +132,8 @@ class PatchScoreHead(nn.Module):
         self.blur = blur
 
     def forward(self, x: torch.Tensor) -> Prediction:
-        scores = self.patch_scores(self.patches(self.extractor(x)))
+        features = self.extractor(x)
+        scores = self.patch_scores(self.patches(features))
         if isinstance(scores, tuple):  # the method scores the image itself (a reweighting)
             scores, image_score = scores
         else:
@@ -138,7 +141,13 @@ class PatchScoreHead(nn.Module):
         maps = F.interpolate(
             scores.unsqueeze(1), size=self.output_size, mode="bilinear", align_corners=False
         )
-        return Prediction(image_score, self.blur(maps).squeeze(1))
+        embedding = pooled_features(features)
+        return Prediction(image_score, self.blur(maps).squeeze(1), {EMBEDDING_NAME: embedding})
+
+
+def pooled_features(feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each stage's feature map averaged over positions, concatenated: `[N, sum of channels]`."""
+    return torch.cat([feature_map.mean(dim=(2, 3)) for feature_map in feature_maps], dim=1)
 
 
 def check_images(x: np.ndarray, who: str, what: str) -> None:

@@ -275,17 +275,6 @@ class AnoGANSpec(AdversarialSpec):
     criterion_rows: PositiveInt = 512
 
 
-@spec("goad")
-class GOADSpec(TorchSpec):
-    n_transforms: Annotated[Int, Ge(2)] = 32
-    transform_dim: PositiveInt = 32
-    hidden_dims: Widths = [64]
-    feature_dim: PositiveInt = 32
-    margin: NonNegativeFloat = 1.0
-    triplet_weight: NonNegativeFloat = 0.1
-    eps: NonNegativeFloat = 0.0
-
-
 @spec("outlier_exposure")
 class OutlierExposureSpec(TorchSpec):
     hidden_dims: Widths = [64, 32]
@@ -333,23 +322,6 @@ class IForestSpec(DetectorSpec):
     ] = "auto"
     seed: Int = 0
     batch_size: PositiveInt = 4096
-
-
-@spec("dte")
-class DTESpec(TorchSpec):
-    hidden_dims: Widths = [256, 512, 256]
-    n_bins: Annotated[Int, Ge(2)] = 7
-    n_steps: Annotated[Int, Ge(2)] = 400
-    beta_start: Annotated[Number, Gt(0), Lt(1)] = 1e-4
-    beta_end: Annotated[Number, Gt(0), Lt(1)] = 0.01
-
-    def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
-        problems = []
-        if self.n_steps < self.n_bins:
-            problems.append(ParamProblem("n_steps", f"must be >= n_bins={self.n_bins}"))
-        if self.beta_start > self.beta_end:
-            problems.append(ParamProblem("beta_end", f"must be >= beta_start={self.beta_start}"))
-        return problems
 
 
 @spec("pca")
@@ -485,5 +457,7 @@ def _bounds(metadata: list[Any] | tuple[Any, ...]) -> str:
     return ""
 
 
-# The image detectors' specs register themselves here too (kept apart for this module's size).
+# The image detectors' and the pretext-task detectors' specs register themselves here too (kept
+# apart for this module's size).
 from normalcy.detectors import image_specs as _image_specs  # noqa: E402, F401
+from normalcy.detectors import pretext_specs as _pretext_specs  # noqa: E402, F401

@@ -96,6 +96,40 @@ def fit_detector(detector: Detector, train: Split, val: Split) -> Detector:
     return detector.fit(train.X, val.X, val_labels=val.y, train_labels=train.y)
 
 
+class CandidateError(RuntimeError):
+    """Fitting or validating one candidate failed; the message names the candidate and the
+    cause (also chained where it ran in this process)."""
+
+
+def fit_candidate(
+    name: str, train: Split, val: Split, params: TrainParams
+) -> tuple[Detector, CandidateResult]:
+    """`fit_best_variant`, with any failure raised as a `CandidateError` naming the candidate,
+    the same whether it ran here or in a Dask worker."""
+    try:
+        return fit_best_variant(name, train, val, params)
+    except Exception as failure:
+        raise CandidateError(
+            f"candidate {name!r} failed: {type(failure).__name__}: {failure}"
+        ) from failure
+
+
+def fit_each(
+    names: list[str], train: Split, val: Split, params: TrainParams
+) -> dict[str, tuple[Detector, CandidateResult]]:
+    """Every named candidate fitted, in the order given: one after another, or as Prefect tasks
+    on a Dask cluster (`train.parallel`, see normalcy.pipeline.parallel)."""
+    if params.parallel.backend == "dask":
+        from normalcy.pipeline.parallel import fit_in_parallel
+
+        return fit_in_parallel(names, train, val, params)
+    fitted = {}
+    for position, name in enumerate(names, start=1):
+        log.info("candidate %d/%d: %s", position, len(names), name)
+        fitted[name] = fit_candidate(name, train, val, params)
+    return fitted
+
+
 def fit_candidates(
     train: Split, val: Split, params: TrainParams
 ) -> tuple[dict[str, Detector], list[CandidateResult], CandidateResult]:
@@ -103,14 +137,10 @@ def fit_candidates(
 
     The `ensemble` candidate is not trained again: it combines the `ensemble_top_k` best
     exportable candidates (by the same validation metric) after score normalization."""
-    detectors: dict[str, Detector] = {}
-    results: list[CandidateResult] = []
     trained = [name for name in params.candidates if name != ENSEMBLE]
-    for position, name in enumerate(trained, start=1):
-        log.info("candidate %d/%d: %s", position, len(params.candidates), name)
-        detector, result = fit_best_variant(name, train, val, params)
-        results.append(result)
-        detectors[name] = detector
+    fitted = fit_each(trained, train, val, params)
+    detectors = {name: detector for name, (detector, _) in fitted.items()}
+    results = [result for _, result in fitted.values()]
     if ENSEMBLE in params.candidates:
         started = time.perf_counter()
         detector = ensemble_of_best(detectors, results, val, params.ensemble_top_k)

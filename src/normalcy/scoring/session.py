@@ -19,6 +19,7 @@ import onnxruntime as ort
 from normalcy.artifact.names import (
     ANOMALY_MAP_NAME,
     DECISION_NAME,
+    EMBEDDING_NAME,
     METADATA_KEY,
     ROW_OUTPUTS,
     SCORE_NAME,
@@ -142,9 +143,11 @@ def output_names(session: ort.InferenceSession) -> list[str]:
 def per_row_outputs(available: list[str] | tuple[str, ...]) -> list[str]:
     """The outputs a table row or a JSON response carries by default: score, is_anomaly and
     p_value first (those present), then every other output (named explanations) in graph
-    order. `anomaly_map` is left out: it is an image per row, asked for explicitly."""
+    order. `anomaly_map` (an image per row) and an image model's `embedding` (what drift
+    compares) are left out: they are asked for by name."""
     first = [name for name in ROW_OUTPUTS if name in available]
-    rest = [name for name in available if name not in ROW_OUTPUTS and name != ANOMALY_MAP_NAME]
+    asked_for = (*ROW_OUTPUTS, ANOMALY_MAP_NAME, EMBEDDING_NAME)
+    rest = [name for name in available if name not in asked_for]
     return first + rest
 
 

@@ -6,13 +6,20 @@ more memory than the limit or turn a malformed value into a server error.
 - numbers: an integer literal longer than `MAX_INT_DIGITS` digits is refused while parsing
   (Python would build it, then fail to make a float of it);
 - nesting: the JSON parser's recursion limit becomes a 422, not a RecursionError.
-NaN/Infinity literals pass the parser and are refused by `check_rows`, naming feature and row."""
+NaN/Infinity literals pass the parser and are refused by `check_rows`, naming feature and row.
+
+A body is parsed by orjson first (strict JSON, ~10x faster than the standard library on a row
+of numbers; an integer beyond 64 bits becomes the float64 it would become as a feature anyway).
+What orjson refuses (NaN literals, UTF-16, deep nesting, an integer too long for a float...) goes
+through `json` with the checks above, so the service accepts what `json` alone would, and says
+the same when it refuses."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import orjson
 from fastapi import HTTPException, Request
 
 from normalcy.serving.parsing import unprocessable
@@ -73,6 +80,10 @@ def _bounded_int(text: str) -> int:
 def load_json(body: bytes) -> Any:
     """The parsed body; 422 for invalid JSON, an out-of-range integer or nesting deeper than
     the parser's recursion limit, each said in the message."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(body, parse_int=_bounded_int)
     except NumberOutOfRange as exc:

@@ -1,0 +1,198 @@
+"""Candidates fitted in parallel (`train.parallel.backend: dask`): each candidate, with its
+preprocessing variants, is one Prefect task on a Dask cluster of process workers.
+
+Why: the candidates are independent, and most of them train on one thread (small networks,
+see normalcy.threads), so one fit at a time leaves the other CPUs idle. Each task gets a CPU
+budget (its worker's share of the CPUs): the threads rule and torch's thread count are applied
+inside it, so parallel fits do not oversubscribe the CPUs. Each candidate seeds itself, so the
+fitted candidates and their metrics are the sequential run's.
+
+Needs the `parallel` extra (prefect-dask, distributed); imported only when the backend is dask."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from normalcy.config import ParallelParams, TrainParams
+from normalcy.data.splits import Split
+from normalcy.detectors import Detector
+from normalcy.evaluation.selection import CandidateResult
+from normalcy.threads import available_cpus, cpu_budget, torch_threads
+
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
+
+log = logging.getLogger(__name__)
+
+
+class ParallelSetupError(ValueError):
+    """`train.parallel` cannot run here (too many workers or threads for the CPUs, or no
+    scheduler at the address); raised before any candidate is fitted."""
+
+
+@dataclass
+class FittedCandidate:
+    """What a candidate task sends back: the fitted detector, its result, where and how long."""
+
+    detector: Detector
+    result: CandidateResult
+    worker: str
+    seconds: float
+
+
+def local_cluster_size(params: TrainParams, cpus: int | None = None) -> tuple[int, int]:
+    """(worker processes, CPU budget of each) for a local cluster: `train.parallel.workers`
+    (default: every available CPU) sharing the available CPUs; ParallelSetupError, naming the
+    numbers, when the workers or `train.threads` do not fit."""
+    cpus = available_cpus() if cpus is None else cpus
+    workers = params.parallel.workers or cpus
+    if workers > cpus:
+        raise ParallelSetupError(
+            f"train.parallel.workers={workers} on {cpus} available CPUs: each worker needs a CPU "
+            f"of its own; use at most {cpus} (or null for one per CPU)"
+        )
+    budget = cpus // workers
+    if params.threads is not None and params.threads > budget:
+        raise ParallelSetupError(
+            f"train.threads={params.threads} per fit x {workers} workers is more threads than "
+            f"the {cpus} available CPUs; use train.threads <= {budget} or null (automatic)"
+        )
+    return workers, budget
+
+
+def check_parallel(params: TrainParams) -> None:
+    """Fail before any training when `train.parallel` cannot run: a local cluster that does not
+    fit the CPUs, a missing `parallel` extra, or a scheduler that does not answer."""
+    parallel = params.parallel
+    if parallel.backend != "dask":
+        return
+    try:
+        import prefect_dask  # noqa: F401
+    except ImportError as missing:
+        raise ParallelSetupError(
+            f"train.parallel.backend dask needs the `parallel` extra ({missing}); "
+            "pip install 'normalcy[parallel]' or set train.parallel.backend: sequential"
+        ) from None
+    if parallel.scheduler_address is None:
+        local_cluster_size(params)
+        return
+    from distributed import Client
+
+    with _reaching(parallel):
+        Client(parallel.scheduler_address, timeout=parallel.connect_timeout_s).close()
+
+
+@contextmanager
+def _reaching(parallel: ParallelParams) -> Iterator[None]:
+    """Say which scheduler did not answer, and what to do, instead of distributed's OSError."""
+    try:
+        yield
+    except (OSError, TimeoutError) as failure:
+        raise ParallelSetupError(
+            f"train.parallel.scheduler_address {parallel.scheduler_address!r}: no Dask scheduler "
+            f"answered within {parallel.connect_timeout_s:g} s ({failure}); start one "
+            "(`dask scheduler`), correct the address, or set train.parallel.backend: sequential"
+        ) from None
+
+
+@contextmanager
+def dask_runner(params: TrainParams) -> Iterator[tuple[DaskTaskRunner, int | None]]:
+    """(a started DaskTaskRunner whose cluster is up or connected, each task's CPU budget: None
+    on a remote cluster, where the worker decides). A local cluster is shut down on exit."""
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    parallel = params.parallel
+    if parallel.scheduler_address is not None:
+        runner = DaskTaskRunner(
+            address=parallel.scheduler_address,
+            client_kwargs={"timeout": parallel.connect_timeout_s},
+        )
+        budget = None
+    else:
+        workers, budget = local_cluster_size(params)
+        cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True}
+        runner = DaskTaskRunner(
+            cluster_class=LocalCluster,
+            cluster_kwargs={**cluster, "dashboard_address": None, "env": prefect_api_env()},
+        )
+    with runner:
+        with _reaching(parallel):
+            runner.client  # noqa: B018  starts the local cluster, or connects, now
+        yield runner, budget
+
+
+def prefect_api_env() -> dict[str, str]:
+    """PREFECT_API_URL for local workers: the configured API, else this process's temporary one
+    (without it each worker would start a temporary API of its own, ~20 s, and record its task
+    runs there)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url is None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the one this process's flow already uses
+        server.start()  # a no-op when it is running
+        url = server.api_url
+    return {"PREFECT_API_URL": str(url)}
+
+
+@task(name="fit-candidate", task_run_name="fit-{name}", cache_policy=NO_CACHE)
+def fit_candidate_task(
+    name: str, train: Split, val: Split, params: TrainParams, budget: int | None
+) -> FittedCandidate:
+    """Fit one candidate and its variants inside its CPU budget, on a Dask worker."""
+    from distributed import get_worker
+
+    from normalcy.pipeline.train import fit_candidate
+
+    worker = get_worker()
+    budget = budget or max(1, available_cpus() // worker.state.nthreads)
+    started = time.perf_counter()
+    with cpu_budget(budget), torch_threads(budget):
+        detector, result = fit_candidate(name, train, val, params)
+    return FittedCandidate(detector, result, worker.address, time.perf_counter() - started)
+
+
+def fit_in_parallel(
+    names: list[str], train: Split, val: Split, params: TrainParams
+) -> dict[str, tuple[Detector, CandidateResult]]:
+    """Every named candidate fitted as its own task, in the order given; the first failure
+    (a `CandidateError` naming the candidate) cancels the rest and is raised."""
+    check_parallel(params)
+    started = time.perf_counter()
+    with dask_runner(params) as (runner, budget):
+        log.info("dask cluster ready in %.1f s", time.perf_counter() - started)
+        futures = {
+            name: runner.submit(
+                fit_candidate_task,
+                {"name": name, "train": train, "val": val, "params": params, "budget": budget},
+            )
+            for name in names
+        }
+        names_by_run = {future.task_run_id: name for name, future in futures.items()}
+        fitted: dict[str, FittedCandidate] = {}
+        try:
+            for future in as_completed(list(futures.values())):
+                name = names_by_run[future.task_run_id]
+                fitted[name] = done = future.result()
+                log.info(
+                    "candidate %d/%d done: %s on worker %s: %s = %.4f (%.1f s)",
+                    *(len(fitted), len(names), name, done.worker),
+                    *(done.result.metric_name, done.result.metric, done.seconds),
+                )
+        except BaseException:
+            for future in futures.values():
+                future.wrapped_future.cancel()
+            raise
+    return {name: (fitted[name].detector, fitted[name].result) for name in names}

@@ -1,0 +1,166 @@
+"""Candidates fitted as Prefect tasks on a real Dask LocalCluster (train.parallel)."""
+
+import socket
+
+import numpy as np
+import pytest
+
+from normalcy.config import ConfigError, DataParams, PrepareParams, TrainParams, load_params
+from normalcy.data.sources import load_dataset
+from normalcy.data.splits import split_dataset
+from normalcy.pipeline import train
+from normalcy.pipeline.parallel import ParallelSetupError, local_cluster_size
+from normalcy.threads import available_cpus, cpu_budget, training_threads
+
+# cheap candidates, one with preprocessing variants, one torch network
+CHEAP = {
+    "candidates": ["knn", "pca", "iforest", "autoencoder"],
+    "epochs": 2,
+    "detectors": {"knn": {"preprocessing": ["standardize", "none"]}},
+}
+LOCAL_DASK = {"backend": "dask", "workers": 2}
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return split_dataset(load_dataset(DataParams()), PrepareParams())
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def in_a_flow(function, *args):
+    """Run `function(*args)` inside a real Prefect flow, as the train flow does."""
+    from prefect import flow
+
+    return flow(name="parallel-training-test")(function)(*args)
+
+
+def open_local_clusters() -> list:
+    from distributed.core import Status
+    from distributed.deploy.spec import SpecCluster
+
+    return [c for c in list(SpecCluster._instances) if c.status != Status.closed]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_parallel_candidates_are_the_sequential_ones(splits, prefect_harness):
+    """Same seeds, same data: the same metrics, choices, winner and scores, bit for bit."""
+    sequential = train.fit_candidates(splits.train, splits.val, TrainParams(**CHEAP))
+    parallel_params = TrainParams(**CHEAP, parallel=LOCAL_DASK)
+    parallel = in_a_flow(train.fit_candidates, splits.train, splits.val, parallel_params)
+    (seq_detectors, seq_results, seq_winner), (par_detectors, par_results, par_winner) = (
+        sequential,
+        parallel,
+    )
+    assert [r.name for r in par_results] == [r.name for r in seq_results]
+    assert [r.metric for r in par_results] == [r.metric for r in seq_results]
+    assert (
+        par_results[0].extra["preprocessing_trials"] == seq_results[0].extra["preprocessing_trials"]
+    )
+    assert par_winner.name == seq_winner.name
+    for name, detector in seq_detectors.items():
+        assert np.array_equal(par_detectors[name].score(splits.val.X), detector.score(splits.val.X))
+    assert open_local_clusters() == []
+
+
+def test_a_failing_candidate_is_named_sequentially(splits):
+    params = TrainParams(candidates=["pca", "knn"], detectors={"knn": {"k": 1000}})
+    with pytest.raises(
+        train.CandidateError, match="candidate 'knn' failed: ValueError: knn: k=1000 needs"
+    ):
+        train.fit_candidates(splits.train, splits.val, params)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_failing_candidate_fails_the_same_way_in_a_worker(splits, prefect_harness):
+    params = TrainParams(
+        candidates=["pca", "knn"], detectors={"knn": {"k": 1000}}, parallel=LOCAL_DASK
+    )
+    with pytest.raises(
+        train.CandidateError, match="candidate 'knn' failed: ValueError: knn: k=1000 needs"
+    ):
+        in_a_flow(train.fit_candidates, splits.train, splits.val, params)
+    assert open_local_clusters() == []  # shut down on failure too
+
+
+def test_an_unreachable_scheduler_fails_before_any_training(splits):
+    address = f"tcp://127.0.0.1:{closed_port()}"
+    parallel = {"backend": "dask", "scheduler_address": address, "connect_timeout_s": 1}
+    params = TrainParams(candidates=["knn", "pca"], parallel=parallel)
+    with pytest.raises(ParallelSetupError, match=f"scheduler_address '{address}': no Dask"):
+        train.fit_candidates(splits.train, splits.val, params)
+
+
+@pytest.mark.integration
+def test_the_train_flow_checks_the_scheduler_before_any_work(
+    tmp_path, prefect_harness, monkeypatch
+):
+    from normalcy.flows.train import train_flow
+
+    monkeypatch.chdir(tmp_path)
+    address = f"tcp://127.0.0.1:{closed_port()}"
+    overrides = [
+        "train.parallel.backend=dask",
+        f"train.parallel.scheduler_address={address}",
+        "train.parallel.connect_timeout_s=1",
+    ]
+    with pytest.raises(ParallelSetupError, match="no Dask scheduler answered within 1 s"):
+        train_flow(str(tmp_path / "absent.yaml"), overrides)
+    assert list(tmp_path.iterdir()) == []  # no data prepared, no MLflow store, no artifact
+
+
+def test_a_local_cluster_must_fit_the_cpus():
+    assert local_cluster_size(TrainParams(parallel=LOCAL_DASK), cpus=2) == (2, 1)
+    assert local_cluster_size(TrainParams(parallel={"backend": "dask"}), cpus=4) == (4, 1)
+    assert local_cluster_size(TrainParams(parallel={"backend": "dask", "workers": 2}), cpus=5) == (
+        2,
+        2,
+    )
+    with pytest.raises(ParallelSetupError, match="workers=3 on 2 available CPUs"):
+        local_cluster_size(TrainParams(parallel={"backend": "dask", "workers": 3}), cpus=2)
+    with pytest.raises(ParallelSetupError, match=r"train.threads=2 per fit x 2 workers"):
+        local_cluster_size(TrainParams(threads=2, parallel=LOCAL_DASK), cpus=2)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.parallel.workers=2", "train.parallel.workers applies to backend dask only"),
+        (
+            "train.parallel.scheduler_address=tcp://10.0.0.5:8786",
+            "train.parallel.scheduler_address applies to backend dask only",
+        ),
+        ("train.parallel.backend=ray", "train.parallel.backend"),
+        ("train.parallel.workers=0", "train.parallel.workers"),
+    ],
+)
+def test_bad_parallel_params_fail_on_loading(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(tmp_path / "absent.yaml", [override])
+
+
+def test_a_scheduler_address_is_host_and_port_and_excludes_workers(tmp_path):
+    dask = "train.parallel.backend=dask"
+    with pytest.raises(ConfigError, match="train.parallel.scheduler_address.*got 'localhost'"):
+        load_params(tmp_path / "absent.yaml", [dask, "train.parallel.scheduler_address=localhost"])
+    both = [dask, "train.parallel.workers=2", "train.parallel.scheduler_address=h:8786"]
+    with pytest.raises(ConfigError, match="give one of them"):
+        load_params(tmp_path / "absent.yaml", both)
+
+
+def test_a_cpu_budget_caps_the_threads_rule_inside_it_only():
+    outside = available_cpus()
+    with cpu_budget(1):
+        assert available_cpus() == 1
+        assert training_threads(5_000_000) == 1  # a large network too
+    assert available_cpus() == outside
+    with pytest.raises(ValueError, match="a CPU budget must be >= 1, got 0"):
+        with cpu_budget(0):
+            pass
