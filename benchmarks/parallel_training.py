@@ -64,7 +64,11 @@ def table_splits(data: DataParams) -> Splits:
 def timed_runs(splits: Splits, params: TrainParams, workers: int, repeats: int) -> dict:
     """Alternating sequential and parallel fits of the same candidates: wall times, cluster
     start-ups and per-candidate fit seconds of each mode."""
-    dask = params.model_copy(update={"parallel": {"backend": "dask", "workers": workers}})
+    dask = params.model_copy(
+        update={
+            "parallel": params.parallel.model_copy(update={"backend": "dask", "workers": workers})
+        }
+    )
     dask = TrainParams.model_validate(dask.model_dump())
     startups = ClusterStartups()
     logging.getLogger(parallel.__name__).setLevel(logging.INFO)  # the start-up line is INFO
