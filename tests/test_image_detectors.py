@@ -217,3 +217,29 @@ def test_fastflow_position_scores_are_the_likelihood_and_its_nll(case):
     torch.testing.assert_close(nll, expected)
     torch.testing.assert_close(likelihood, -torch.exp(-expected))
     assert float(nll[12:].amax(dim=(1, 2)).mean()) > float(nll[:12].amax(dim=(1, 2)).mean())
+
+
+@pytest.mark.parametrize(("threads", "expected"), [(1, 1), (None, "rule")])
+def test_backbone_features_are_extracted_with_the_threads_rule(threads, expected, case):
+    """`threads` (or the rule: a backbone has millions of weights, so every available CPU)
+    holds while the backbone runs in `fit`, and the process's own setting comes back after."""
+    from normalcy.detectors.padim import PaDiM
+    from normalcy.threads import available_cpus
+
+    seen = []
+
+    class Recording(PaDiM):
+        def fit_patches(self, patches, generator, val_patches=None):
+            seen.append(torch.get_num_threads())
+            super().fit_patches(patches, generator, val_patches)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # a count the rule never picks here, to see it change and return
+    try:
+        Recording(threads=threads, **SMALL).fit(case[0])
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [available_cpus() if expected == "rule" else expected]
+    with pytest.raises(ValueError, match="padim: threads must be >= 1 or null"):
+        PaDiM(threads=0)

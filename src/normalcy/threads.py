@@ -101,6 +101,16 @@ def cpu_budget(cpus: int) -> Iterator[None]:
         _CPU_BUDGET.reset(token)
 
 
+def checked_threads(owner: str, threads: int | None) -> int | None:
+    """A detector's `threads` param as given, or a ValueError naming the detector: a whole
+    number >= 1, or None for this module's rule."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+        raise ValueError(f"{owner}: threads must be a whole number >= 1 or null, got {threads!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"{owner}: threads must be >= 1 or null (automatic), got {threads}")
+    return threads
+
+
 def training_threads(
     n_parameters: int, override: int | None = None, cpus: int | None = None
 ) -> int:

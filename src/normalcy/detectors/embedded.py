@@ -25,6 +25,7 @@ from normalcy.detectors.base import (
 from normalcy.detectors.image_features import check_images, pooled_features
 from normalcy.detectors.preprocessing import build_preprocessing, fit_preprocessing, floored
 from normalcy.detectors.registry import create_detector, register
+from normalcy.threads import checked_threads, count_parameters, torch_threads, training_threads
 
 
 class PooledEmbedding(nn.Module):
@@ -88,7 +89,9 @@ class Embedded(Detector):
         image_size: int = 224,
         batch_size: int = 16,
         seed: int = 0,
+        threads: int | None = None,
     ) -> None:
+        self.threads = checked_threads(self.name, threads)
         self.member = member
         self.member_params = dict(member_params or {})
         self.backbone = backbone
@@ -121,17 +124,20 @@ class Embedded(Detector):
         )
         image = fit_preprocessing(self.image_preprocessing, data.train)
         self.embedding = PooledEmbedding(image, extractor).eval()
-        with torch.no_grad():
-            pooled = torch.cat(
-                [self.embedding.pooled(c) for c in torch.as_tensor(data.train).split(64)]
-            )
-        self.embedding.shift.copy_(pooled.mean(dim=0))
-        scale = floored(pooled.std(dim=0).numpy())
-        self.embedding.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+        # the backbone's threads by the rule (or `threads`); the member applies its own
+        with torch_threads(training_threads(count_parameters(extractor), self.threads)):
+            with torch.no_grad():
+                pooled = torch.cat(
+                    [self.embedding.pooled(c) for c in torch.as_tensor(data.train).split(64)]
+                )
+            self.embedding.shift.copy_(pooled.mean(dim=0))
+            scale = floored(pooled.std(dim=0).numpy())
+            self.embedding.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+            train = self.embedding.standardized(pooled).numpy()
+            val = self.embed(data.val) if data.val is not None else None
         member = create_detector(self.member, **self.member_params)
-        val = self.embed(data.val) if data.val is not None else None
         labels = data.val_labels if member.uses_labels else None
-        self.fitted_member = member.fit(self.embed(data.train), val, labels)
+        self.fitted_member = member.fit(train, val, labels)
 
     def scoring_module(self) -> EmbeddedScoring:
         require_fitted(self.name, "scoring_module()", self.embedding, self.fitted_member)

@@ -182,7 +182,6 @@ class FastFlow(BackboneDetector):
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-5,
         patience: int = 5,
-        threads: int | None = None,
         **backbone: Any,
     ) -> None:
         super().__init__(neighbourhood=neighbourhood, **backbone)
@@ -201,8 +200,6 @@ class FastFlow(BackboneDetector):
                 f"fastflow: position_score must be one of {list(POSITION_SCORES)}, "
                 f"got {position_score!r}"
             )
-        if threads is not None and threads < 1:
-            raise ValueError(f"fastflow: threads must be >= 1 or null (automatic), got {threads}")
         self.n_blocks = n_blocks
         self.hidden_ratio = hidden_ratio
         self.log_scale_bound = log_scale_bound
@@ -211,7 +208,6 @@ class FastFlow(BackboneDetector):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.patience = patience
-        self.threads = threads
         self.flows: FeatureFlows | None = None
         self.history: TrainingHistory | None = None
 

@@ -36,6 +36,7 @@ from normalcy.detectors.base import (
 )
 from normalcy.detectors.networks import ScoringModule
 from normalcy.detectors.preprocessing import fit_preprocessing, load_preprocessing
+from normalcy.threads import checked_threads, count_parameters, torch_threads, training_threads
 
 
 def local_average(feature_map: torch.Tensor, neighbourhood: int) -> torch.Tensor:
@@ -180,7 +181,9 @@ class BackboneDetector(Detector):
         blur_sigma: float = 4.0,
         batch_size: int = 8,
         seed: int = 0,
+        threads: int | None = None,
     ) -> None:
+        self.threads = checked_threads(self.name, threads)
         self.backbone = backbone
         self.stages = tuple(int(s) for s in stages)
         self.weights = weights
@@ -245,12 +248,15 @@ class BackboneDetector(Detector):
         )
         self.output_size = tuple(data.train.shape[2:])
         generator = torch.Generator().manual_seed(self.seed)
-        val_patches = (
-            self.patch_features(data.val)
-            if self.uses_val_patches and data.val is not None
-            else None
-        )
-        self.fit_patches(self.patch_features(data.train), generator, val_patches)
+        # the backbone is large (millions of weights): the threads rule gives it every CPU the
+        # process may use (the cgroup quota included), or `threads`
+        with torch_threads(training_threads(count_parameters(self.extractor), self.threads)):
+            val_patches = (
+                self.patch_features(data.val)
+                if self.uses_val_patches and data.val is not None
+                else None
+            )
+            self.fit_patches(self.patch_features(data.train), generator, val_patches)
 
     def blur(self) -> GaussianBlur:
         """The map blur at the output resolution: `blur_sigma` is in pixels of the resized

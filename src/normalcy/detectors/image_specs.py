@@ -41,6 +41,7 @@ class PretrainedSpec(DetectorSpec):
     image_size: Annotated[Int, Ge(16)] = 256
     batch_size: PositiveInt = 8
     seed: Int = 0
+    threads: PositiveInt | None = None  # null: normalcy.threads' rule (every CPU: a backbone)
 
     def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
         if list(self.stages) != sorted(set(self.stages)):
@@ -96,7 +97,6 @@ class FastFlowSpec(BackboneSpec, TrainingSpec):
     neighbourhood: PositiveInt = 1
     weight_decay: NonNegativeFloat = 1e-5
     patience: PositiveInt = 5
-    threads: PositiveInt | None = None  # null: normalcy.threads' rule
 
 
 @spec("embedded")

@@ -30,7 +30,7 @@ from normalcy.detectors.training import (
     seed_everything,
     train_network,
 )
-from normalcy.threads import count_parameters, torch_threads, training_threads
+from normalcy.threads import checked_threads, count_parameters, torch_threads, training_threads
 
 
 class TorchDetector(Detector):
@@ -62,11 +62,7 @@ class TorchDetector(Detector):
         leave_feature_out: bool = False,
     ) -> None:
         parse_preprocessing(preprocessing)  # an unknown kind fails here, before any work
-        if threads is not None and threads < 1:
-            raise ValueError(
-                f"{self.name}: threads must be >= 1 or null (automatic), got {threads}"
-            )
-        self.threads = threads
+        self.threads = checked_threads(self.name, threads)
         self.leave_feature_out = leave_feature_out
         self.epochs = epochs
         self.batch_size = batch_size
