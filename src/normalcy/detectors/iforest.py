@@ -55,20 +55,17 @@ def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.index_select(table, 0, index.reshape(-1)).reshape(index.shape)
 
 
-def tree_ensemble(
-    feature: np.ndarray,
-    threshold: np.ndarray,
-    left: np.ndarray,
-    right: np.ndarray,
-    value: np.ndarray,
-    roots: np.ndarray,
-) -> dict[str, list]:
-    """The flat tables of `IsolationForestGraph` as the attributes of one ONNX-ML
+TABLES = ("feature", "threshold", "left", "right", "value", "roots")  # the compiled forest
+
+
+def tree_ensemble(tables: dict[str, np.ndarray]) -> dict[str, list]:
+    """The flat `TABLES` of `IsolationForestGraph` as the attributes of one ONNX-ML
     `TreeEnsembleRegressor` averaging the trees' leaf values (the mean path length).
 
     Only the nodes reachable from a root are written (the padding is not); node ids are local to
     each tree. `x <= threshold` is BRANCH_LEQ on the same float32 thresholds, so onnxruntime takes
     every branch the torch graph and scikit-learn take."""
+    feature, threshold, left, right, value, roots = (tables[name] for name in TABLES)
     own = np.arange(len(left))
     split = left != own  # a leaf (and the padding) points to itself
     reachable = np.zeros(len(left), dtype=bool)
@@ -136,9 +133,7 @@ class IsolationForestGraph(nn.Module):
         self.register_buffer("roots", torch.as_tensor(roots, dtype=torch.long))
         self.depth = depth
         self.log2_over_c = math.log(2.0) / normalizer
-        self.ensemble = tree_ensemble(
-            *(np.asarray(table) for table in (feature, threshold, left, right, value, roots))
-        )
+        self.ensemble = tree_ensemble({name: getattr(self, name).numpy() for name in TABLES})
 
     def forward(self, x: torch.Tensor) -> Prediction:
         x = x.to(torch.float32).flatten(1)
