@@ -1,48 +1,27 @@
 """The image benchmarks run end to end on a small synthetic MVTec-layout folder."""
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from tests.image_folders import make_mvtec_folder
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+from tests.test_benchmarks import REPO, run_benchmark
 
 
 def test_quality_images_writes_the_issue_s_json(tmp_path):
     make_mvtec_folder(tmp_path / "tiles", n_train=12, n_test_good=4)
     out = tmp_path / "quality.json"
     small = {"image_size": 32, "batch_size": 4}
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "quality_images.py"),
-            "--data-dir",
-            str(tmp_path),
-            "--image-size",
-            "32",
-            "--latency-images",
-            "2",
-            "--detector-params",
-            json.dumps(
-                {
-                    "patchcore": small,
-                    "padim": {**small, "random_channels": 16},
-                    "fastflow": {**small, "n_blocks": 2, "epochs": 2},
-                }
-            ),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
+    detector_params = {
+        "patchcore": small,
+        "padim": {**small, "random_channels": 16},
+        "fastflow": {**small, "n_blocks": 2, "epochs": 2},
+    }
+    run = run_benchmark(
+        "quality_images.py",
+        *("--data-dir", tmp_path, "--image-size", "32", "--latency-images", "2"),
+        *("--detector-params", json.dumps(detector_params), "--out", out),
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())

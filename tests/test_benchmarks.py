@@ -20,10 +20,16 @@ def blob_dataset(path: Path, seed: int) -> None:
     np.savez(path, X=np.vstack([normal, anomalies]), y=np.r_[np.zeros(180), np.ones(20)])
 
 
-def run_benchmark(script: str, *args: object) -> subprocess.CompletedProcess:
-    """`python benchmarks/SCRIPT ARGS...`, its output captured, within 10 minutes."""
+# The checkout's own source and one torch thread, whatever is installed and however many cores.
+BENCHMARK_ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def run_benchmark(script: str, *args: object, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python benchmarks/SCRIPT ARGS...` with `BENCHMARK_ENV`, its output captured."""
     command = [sys.executable, str(REPO / "benchmarks" / script), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=BENCHMARK_ENV
+    )
 
 
 @pytest.mark.integration
@@ -37,24 +43,10 @@ def test_quality_tabular_runs_the_pipeline_and_writes_the_documented_json(tmp_pa
     params["train"]["epochs"] = 5
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "results.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "quality_tabular.py"),
-            "--data-dir",
-            str(data),
-            "--seeds",
-            "0,1",
-            "--detectors",
-            "autoencoder,deep_svdd",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = run_benchmark(
+        "quality_tabular.py",
+        *("--data-dir", data, "--seeds", "0,1", "--detectors", "autoencoder,deep_svdd"),
+        *("--params", tmp_path / "params.yaml", "--out", out),
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| 1_blobs |" in run.stdout and "**mean**" in run.stdout
@@ -76,18 +68,8 @@ def test_quality_tabular_runs_the_pipeline_and_writes_the_documented_json(tmp_pa
 @pytest.mark.integration
 def test_quality_tabular_refuses_unknown_datasets(tmp_path):
     blob_dataset(tmp_path / "1_blobs.npz", 0)
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "quality_tabular.py"),
-            "--data-dir",
-            str(tmp_path),
-            "--datasets",
-            "nope",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = run_benchmark(
+        "quality_tabular.py", "--data-dir", tmp_path, "--datasets", "nope", timeout=120
     )
     assert run.returncode != 0 and "['nope'] not found" in run.stderr
 
@@ -100,19 +82,9 @@ def test_run_under_load_times_both_conditions_and_parses_fit_times(tmp_path):
         "file=sys.stderr)\n"
     )
     out = tmp_path / "load.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "run_under_load.py"),
-            "--repeats",
-            "1",
-            "--command",
-            f"{sys.executable} {fake_run}",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    run = run_benchmark(
+        "run_under_load.py",
+        *("--repeats", "1", "--command", f"{sys.executable} {fake_run}", "--out", out),
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
@@ -132,15 +104,7 @@ def test_drift_benchmark_writes_the_issue_s_json_on_tiny_data(tmp_path):
     out = tmp_path / "drift.json"
     common = ["--stationary-batches", "12", "--drift-streams", "2", "--max-batches", "8"]
     common += ["--batch-rows", "100", "--reference-rows", "250", "--generated-rows", "1500"]
-    run = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "drift.py"), "--data-dir", str(data)]
-        + common
-        + ["--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"},
-    )
+    run = run_benchmark("drift.py", "--data-dir", data, *common, "--out", out, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     payload = json.loads(out.read_text())
     assert {"false_alarm_rate", "n_stationary_batches", "alpha", "detection_delay"} <= set(payload)
@@ -164,26 +128,14 @@ def test_drift_benchmark_writes_the_issue_s_json_on_tiny_data(tmp_path):
 
 
 def test_drift_benchmark_skips_absent_real_data_and_refuses_unknown_tables(tmp_path):
-    script = str(REPO / "benchmarks" / "drift.py")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     tiny = ["--stationary-batches", "4", "--drift-streams", "1", "--max-batches", "2"]
     tiny += ["--batch-rows", "50", "--reference-rows", "100", "--generated-rows", "600"]
-    run = subprocess.run(
-        [sys.executable, script, "--data-dir", str(tmp_path / "absent"), *tiny],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    run = run_benchmark("drift.py", "--data-dir", tmp_path / "absent", *tiny, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "absent not found: real tables skipped" in run.stderr
     assert "| generated_gaussian |" in run.stdout
-    refused = subprocess.run(
-        [sys.executable, script, "--data-dir", str(tmp_path), "--datasets", "nope", *tiny],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    refused = run_benchmark(
+        "drift.py", "--data-dir", tmp_path, "--datasets", "nope", *tiny, timeout=300
     )
     assert refused.returncode != 0 and "['nope'] not found" in refused.stderr
 
