@@ -75,13 +75,7 @@ def check_parallel(params: TrainParams) -> None:
     parallel = params.parallel
     if parallel.backend != "dask":
         return
-    try:
-        import prefect_dask  # noqa: F401
-    except ImportError as missing:
-        raise ParallelSetupError(
-            f"train.parallel.backend dask needs the `parallel` extra ({missing}); "
-            "pip install 'normalcy[parallel]' or set train.parallel.backend: sequential"
-        ) from None
+    _require_extra()
     if parallel.scheduler_address is None:
         local_cluster_size(params)
         return
@@ -89,6 +83,18 @@ def check_parallel(params: TrainParams) -> None:
 
     with _reaching(parallel):
         Client(parallel.scheduler_address, timeout=parallel.connect_timeout_s).close()
+
+
+def _require_extra() -> None:
+    """ParallelSetupError, saying how to install it, when the `parallel` extra is missing."""
+    try:
+        import distributed  # noqa: F401
+        import prefect_dask  # noqa: F401
+    except ImportError as missing:
+        raise ParallelSetupError(
+            f"train.parallel.backend dask needs the `parallel` extra ({missing}); "
+            "pip install 'normalcy[parallel]' or set train.parallel.backend: sequential"
+        ) from None
 
 
 @contextmanager
@@ -107,7 +113,9 @@ def _reaching(parallel: ParallelParams) -> Iterator[None]:
 @contextmanager
 def dask_runner(params: TrainParams) -> Iterator[tuple[DaskTaskRunner, int | None]]:
     """(a started DaskTaskRunner whose cluster is up or connected, each task's CPU budget: None
-    on a remote cluster, where the worker decides). A local cluster is shut down on exit."""
+    on a remote cluster, where the worker decides). A local cluster is shut down on exit.
+    Raises the same ParallelSetupErrors as `check_parallel`, on its own connection attempt."""
+    _require_extra()
     from distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
 
@@ -169,7 +177,6 @@ def fit_in_parallel(
 ) -> dict[str, tuple[Detector, CandidateResult]]:
     """Every named candidate fitted as its own task, in the order given; the first failure
     (a `CandidateError` naming the candidate) cancels the rest and is raised."""
-    check_parallel(params)
     started = time.perf_counter()
     with dask_runner(params) as (runner, budget):
         log.info("dask cluster ready in %.1f s", time.perf_counter() - started)
