@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from onnxruntime import InferenceSession
 
 from normalcy import registry
 from normalcy.artifact.names import DECISION_NAME, EMBEDDING_NAME, SCORE_NAME
@@ -22,7 +23,13 @@ from normalcy.drift_sequential import (
 )
 from normalcy.errors import NoChampionError
 from normalcy.pipeline import artifacts
-from normalcy.scoring import load_session, output_names, read_metadata, score_outputs
+from normalcy.scoring import (
+    as_session,
+    load_session,
+    output_names,
+    read_metadata,
+    score_outputs,
+)
 from normalcy.validation.suite import (
     IMAGE_STATISTICS,
     PER_PIXEL_LIMIT,
@@ -48,9 +55,9 @@ class ChampionBundle:
     reference_embeddings: np.ndarray | None = None  # an image model's, for drift
 
 
-def has_embedding(onnx_path: str | Path) -> bool:
+def has_embedding(session_or_path: InferenceSession | str | Path) -> bool:
     """Whether the graph gives the `embedding` output that image drift compares."""
-    return EMBEDDING_NAME in output_names(load_session(str(onnx_path)))
+    return EMBEDDING_NAME in output_names(as_session(session_or_path))
 
 
 def fetch_champion(params: MlflowParams, workdir: str | Path) -> ChampionBundle:
@@ -66,15 +73,15 @@ def fetch_champion(params: MlflowParams, workdir: str | Path) -> ChampionBundle:
     )
     with np.load(reference_path, allow_pickle=False) as reference:
         X, scores, names = reference["X"], reference["scores"], reference["feature_names"].tolist()
-    metadata = read_metadata(str(champion.onnx_path))
+    session = load_session(str(champion.onnx_path))  # read once: metadata, outputs, embeddings
+    metadata = read_metadata(session)
     spec_path = registry.download_run_artifact(
         champion.run_id, artifacts.RUN_VALIDATION_SPEC, workdir
     )
     spec = json.loads(Path(spec_path).read_text())
     embeddings = None
-    if has_embedding(champion.onnx_path):  # the reference images as the champion sees them
-        embeddings = score_outputs(str(champion.onnx_path), X, names=[EMBEDDING_NAME])
-        embeddings = embeddings[EMBEDDING_NAME]
+    if has_embedding(session):  # the reference images as the champion sees them
+        embeddings = score_outputs(session, X, names=[EMBEDDING_NAME])[EMBEDDING_NAME]
     return ChampionBundle(
         champion.version,
         champion.run_id,
