@@ -126,25 +126,22 @@ def publish_and_promote(
 def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """prepare, DVC snapshot, validate, clean, candidates, calibrate, export, register."""
     params = load_params(params_path, overrides)
-    parallel.check_parallel(params.train)  # before any work: no cluster, no training
-    registry.setup_tracking(params.mlflow)
-    with model_lock(params), mlflow.start_run(tags=run_tags(params.mlflow.model_name)) as active:
-        registry.log_params_flat(params.flat())
-        splits = prepare_data(params)
-        snapshot = version_data.submit(params)  # DVC works in its own processes while GX runs
-        spec = validate_data(splits, params)  # a failure ends the flow once DVC is done too
-        data_version = snapshot.result()
-        mlflow.set_tag("data_version", data_version)
-        cleaned = clean_data(splits, params)
-        detector, winner = train_and_select(cleaned, splits, params)
-        evaluation = evaluate_winner(detector, splits, cleaned, params)
-        run = {
-            "data_version": data_version,
-            "mlflow_run_id": active.info.run_id,
-            "model_name": params.mlflow.model_name,
-        }
-        exported = export_winner(detector, evaluation, splits, params, run)
-        version, decision = publish_and_promote(
-            cleaned, splits, spec, winner, evaluation, exported, params, run
-        )
-        return tracking.training_summary(winner, evaluation, exported, run, version, decision)
+    with parallel.training_cluster(params.train):  # checked before any work, started early
+        registry.setup_tracking(params.mlflow)
+        tags = run_tags(params.mlflow.model_name)
+        with model_lock(params), mlflow.start_run(tags=tags) as active:
+            registry.log_params_flat(params.flat())
+            splits = prepare_data(params)
+            snapshot = version_data.submit(params)  # DVC works in its own processes while GX runs
+            spec = validate_data(splits, params)  # a failure ends the flow once DVC is done too
+            data_version = snapshot.result()
+            mlflow.set_tag("data_version", data_version)
+            cleaned = clean_data(splits, params)
+            detector, winner = train_and_select(cleaned, splits, params)
+            evaluation = evaluate_winner(detector, splits, cleaned, params)
+            run = tracking.run_identity(data_version, active.info.run_id, params.mlflow.model_name)
+            exported = export_winner(detector, evaluation, splits, params, run)
+            version, decision = publish_and_promote(
+                cleaned, splits, spec, winner, evaluation, exported, params, run
+            )
+            return tracking.training_summary(winner, evaluation, exported, run, version, decision)

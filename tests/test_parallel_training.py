@@ -1,5 +1,6 @@
 """Candidates fitted as Prefect tasks on a real Dask LocalCluster (train.parallel)."""
 
+import logging
 import socket
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from normalcy.config import ConfigError, DataParams, PrepareParams, TrainParams, load_params
 from normalcy.data.sources import load_dataset
 from normalcy.data.splits import split_dataset
-from normalcy.pipeline import train
+from normalcy.pipeline import parallel, train
 from normalcy.pipeline.parallel import ParallelSetupError, local_cluster_size
 from normalcy.threads import available_cpus, cpu_budget, training_threads
 
@@ -114,6 +115,45 @@ def test_the_train_flow_checks_the_scheduler_before_any_work(
     with pytest.raises(ParallelSetupError, match="no Dask scheduler answered within 1 s"):
         train_flow(str(tmp_path / "absent.yaml"), overrides)
     assert list(tmp_path.iterdir()) == []  # no data prepared, no MLflow store, no artifact
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_train_flow_starts_its_cluster_before_it_prepares_the_data(
+    tmp_path, prefect_harness, monkeypatch, caplog
+):
+    """The workers' start-up overlaps prepare, validate and clean: one cluster, requested well
+    before training, used by the candidates, and gone when the flow returns."""
+    from normalcy.flows.train import train_flow
+    from tests.test_flows import git_repo, write_params
+
+    root = git_repo(tmp_path / "project")
+    write_params(root, {"train": CHEAP, "versioning": {"enabled": False}})
+    monkeypatch.chdir(root)
+    caplog.set_level(logging.INFO, logger=parallel.__name__)
+    summary = train_flow("params.yaml", ["train.parallel.backend=dask", "train.parallel.workers=2"])
+    assert summary["winner"] in CHEAP["candidates"] + ["consensus"]
+    starts = [r for r in caplog.records if r.getMessage().startswith("starting a local Dask")]
+    ready = [r for r in caplog.records if r.getMessage().startswith("dask cluster ready")]
+    assert len(starts) == 1 and len(ready) == 1
+    waited, requested_before = ready[0].args
+    assert requested_before > 1.0  # prepare, validate and clean ran meanwhile
+    assert open_local_clusters() == []
+
+
+@pytest.mark.integration
+def test_the_flow_cluster_is_shut_down_when_the_flow_fails_before_training(prefect_harness):
+    with pytest.raises(RuntimeError, match="validation failed"):
+        with parallel.training_cluster(TrainParams(**CHEAP, parallel=LOCAL_DASK)) as cluster:
+            assert isinstance(cluster, parallel.StartingCluster)
+            raise RuntimeError("validation failed")
+    assert open_local_clusters() == []
+
+
+def test_sequential_training_starts_no_cluster():
+    with parallel.training_cluster(TrainParams(**CHEAP)) as cluster:
+        assert cluster is None
+    assert open_local_clusters() == []
 
 
 def test_a_local_cluster_must_fit_the_cpus():

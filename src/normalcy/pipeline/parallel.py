@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,6 +31,7 @@ from normalcy.evaluation.selection import CandidateResult
 from normalcy.threads import available_cpus, cpu_budget, torch_threads
 
 if TYPE_CHECKING:
+    from distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
 
 log = logging.getLogger(__name__)
@@ -110,33 +113,115 @@ def _reaching(parallel: ParallelParams) -> Iterator[None]:
         ) from None
 
 
+class StartingCluster:
+    """A local Dask cluster started in a background thread by the train flow, before it prepares,
+    validates and cleans the data: the workers' start-up (~4 s of spawning processes that import
+    torch and normalcy) then overlaps those steps instead of delaying training. `release` shuts
+    it down in the background as well, so evaluation and export do not wait for workers to exit.
+    """
+
+    def __init__(self, params: TrainParams) -> None:
+        workers, self.budget = local_cluster_size(params)
+        log.info("starting a local Dask cluster of %d workers in the background", workers)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="normalcy-dask")
+        self._requested = time.perf_counter()
+        self._cluster = self._thread.submit(start_local_cluster, workers, prefect_api_env())
+        self._closed: Future | None = None
+
+    def address(self) -> str:
+        """The scheduler's address once the cluster is up (waits for it; raises its failure)."""
+        waited = time.perf_counter()
+        address = self._cluster.result().scheduler_address
+        log.info(
+            "dask cluster ready in %.1f s (requested %.1f s before training)",
+            time.perf_counter() - waited,
+            waited - self._requested,
+        )
+        return address
+
+    def release(self) -> None:
+        """Start shutting the cluster down in the background (once)."""
+        if self._closed is None:
+            self._closed = self._thread.submit(close_local_cluster, self._cluster)
+
+    def join(self) -> None:
+        """Shut the cluster down and wait until its workers are gone."""
+        self.release()
+        self._closed.result()
+        self._thread.shutdown()
+
+
+def start_local_cluster(workers: int, env: dict[str, str]) -> LocalCluster:
+    """A LocalCluster of `workers` single-threaded process workers, no dashboard."""
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env
+    )
+
+
+def close_local_cluster(starting: Future) -> None:
+    """Close the cluster `starting` gives, once it has started (nothing when its start failed)."""
+    if starting.exception() is None:
+        starting.result().close()
+
+
+# The cluster a train flow started for its candidates (see `training_cluster`). A context
+# variable, not a task parameter: Prefect serializes the calling task's parameters into every
+# task it submits to Dask, and a cluster handle (threads, futures) cannot travel.
+_flow_cluster: ContextVar[StartingCluster | None] = ContextVar("flow_cluster", default=None)
+
+
+@contextmanager
+def training_cluster(params: TrainParams) -> Iterator[StartingCluster | None]:
+    """Around the train flow: `check_parallel` first, before any other work; then, for a local
+    Dask cluster, start it now in the background (`StartingCluster`) so that the candidates
+    find it up, and shut it down at the latest on exit. Yields the cluster, or None when the
+    backend is sequential or the scheduler is remote."""
+    check_parallel(params)
+    if params.parallel.backend != "dask" or params.parallel.scheduler_address is not None:
+        yield None
+        return
+    cluster = StartingCluster(params)
+    token = _flow_cluster.set(cluster)
+    try:
+        yield cluster
+    finally:
+        _flow_cluster.reset(token)
+        cluster.join()
+
+
 @contextmanager
 def dask_runner(params: TrainParams) -> Iterator[tuple[DaskTaskRunner, int | None]]:
     """(a started DaskTaskRunner whose cluster is up or connected, each task's CPU budget: None
-    on a remote cluster, where the worker decides). A local cluster is shut down on exit.
+    on a remote cluster, where the worker decides). Runs on the train flow's cluster when it
+    started one (`training_cluster`), released (shut down in the background) once the runner
+    is done; else on the remote `scheduler_address`; else on a local cluster of its own, shut
+    down before this returns.
     Raises the same ParallelSetupErrors as `check_parallel`, on its own connection attempt."""
     _require_extra()
-    from distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
 
     parallel = params.parallel
-    if parallel.scheduler_address is not None:
-        runner = DaskTaskRunner(
-            address=parallel.scheduler_address,
-            client_kwargs={"timeout": parallel.connect_timeout_s},
-        )
-        budget = None
-    else:
-        workers, budget = local_cluster_size(params)
-        cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True}
-        runner = DaskTaskRunner(
-            cluster_class=LocalCluster,
-            cluster_kwargs={**cluster, "dashboard_address": None, "env": prefect_api_env()},
-        )
-    with runner:
-        with _reaching(parallel):
-            runner.client  # noqa: B018  starts the local cluster, or connects, now
-        yield runner, budget
+    own = None
+    cluster = _flow_cluster.get() if parallel.scheduler_address is None else None
+    if cluster is None and parallel.scheduler_address is None:
+        cluster = own = StartingCluster(params)
+    try:
+        if cluster is not None:
+            runner, budget = DaskTaskRunner(address=cluster.address()), cluster.budget
+        else:
+            client = {"timeout": parallel.connect_timeout_s}
+            runner, budget = DaskTaskRunner(parallel.scheduler_address, client_kwargs=client), None
+        with runner:
+            with _reaching(parallel):
+                runner.client  # noqa: B018  connects now
+            yield runner, budget
+    finally:
+        if own is not None:
+            own.join()
+        elif cluster is not None:
+            cluster.release()  # the flow's cluster is not needed after training
 
 
 def prefect_api_env() -> dict[str, str]:
@@ -175,11 +260,10 @@ def fit_candidate_task(
 def fit_in_parallel(
     names: list[str], train: Split, val: Split, params: TrainParams
 ) -> dict[str, tuple[Detector, CandidateResult]]:
-    """Every named candidate fitted as its own task, in the order given; the first failure
-    (a `CandidateError` naming the candidate) cancels the rest and is raised."""
-    started = time.perf_counter()
+    """Every named candidate fitted as its own task, in the order given, on `dask_runner`'s
+    cluster; the first failure (a `CandidateError` naming the candidate) cancels the rest and
+    is raised."""
     with dask_runner(params) as (runner, budget):
-        log.info("dask cluster ready in %.1f s", time.perf_counter() - started)
         futures = {
             name: runner.submit(
                 fit_candidate_task,

@@ -133,6 +133,11 @@ def card_metrics(winner: CandidateResult, evaluation: Evaluation, exported: Expo
     return metrics
 
 
+def run_identity(data_version: str, mlflow_run_id: str, model_name: str) -> dict:
+    """What ties a training run's outputs together (export metadata, version tags, summary)."""
+    return {"data_version": data_version, "mlflow_run_id": mlflow_run_id, "model_name": model_name}
+
+
 def training_summary(
     winner: CandidateResult,
     evaluation: Evaluation,

@@ -137,8 +137,10 @@ def fit_candidates(
 
     The `ensemble` candidate is not trained again: it combines the `ensemble_top_k` best
     exportable candidates (by the same validation metric) after score normalization."""
+    started = time.perf_counter()
     trained = [name for name in params.candidates if name != ENSEMBLE]
     fitted = fit_each(trained, train, val, params)
+    log.info("%d candidates fitted in %.1f s", len(fitted), time.perf_counter() - started)
     detectors = {name: detector for name, (detector, _) in fitted.items()}
     results = [result for _, result in fitted.values()]
     if ENSEMBLE in params.candidates:
