@@ -142,6 +142,33 @@ def test_the_train_flow_starts_its_cluster_before_it_prepares_the_data(
 
 
 @pytest.mark.integration
+def test_the_flow_cluster_workers_are_warmed_up_before_any_candidate(prefect_harness):
+    """Every worker has loaded torch's optimizer machinery, the detectors, Prefect's task
+    engine and the running flow's module before a candidate is submitted."""
+    from distributed import Client
+    from prefect import flow
+
+    wanted = ("torch._dynamo", "normalcy.detectors.dagmm", "prefect.task_engine", __name__)
+
+    def loaded() -> dict[str, bool]:
+        import sys
+
+        return {module: module in sys.modules for module in wanted}
+
+    @flow(name="warm-up-test")
+    def start_a_cluster() -> dict:
+        with parallel.training_cluster(TrainParams(**CHEAP, parallel=LOCAL_DASK)) as cluster:
+            with Client(cluster.address()) as client:
+                return client.run(loaded)
+
+    by_worker = start_a_cluster()
+    assert len(by_worker) == 2
+    for modules in by_worker.values():
+        assert all(modules.values()), modules
+    assert open_local_clusters() == []
+
+
+@pytest.mark.integration
 def test_the_flow_cluster_is_shut_down_when_the_flow_fails_before_training(prefect_harness):
     with pytest.raises(RuntimeError, match="validation failed"):
         with parallel.training_cluster(TrainParams(**CHEAP, parallel=LOCAL_DASK)) as cluster:

@@ -125,7 +125,9 @@ class StartingCluster:
         log.info("starting a local Dask cluster of %d workers in the background", workers)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="normalcy-dask")
         self._requested = time.perf_counter()
-        self._cluster = self._thread.submit(start_local_cluster, workers, prefect_api_env())
+        self._cluster = self._thread.submit(
+            start_local_cluster, workers, prefect_api_env(), running_flow_modules()
+        )
         self._closed: Future | None = None
 
     def address(self) -> str:
@@ -151,13 +153,56 @@ class StartingCluster:
         self._thread.shutdown()
 
 
-def start_local_cluster(workers: int, env: dict[str, str]) -> LocalCluster:
-    """A LocalCluster of `workers` single-threaded process workers, no dashboard."""
-    from distributed import LocalCluster
+def start_local_cluster(
+    workers: int, env: dict[str, str], modules: tuple[str, ...] = ()
+) -> LocalCluster:
+    """A LocalCluster of `workers` single-threaded process workers, no dashboard, each worker
+    warmed up (`warm_up_worker`, importing `modules` too)."""
+    from distributed import Client, LocalCluster
 
-    return LocalCluster(
+    cluster = LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env
     )
+    try:
+        with Client(cluster) as client:
+            client.run(warm_up_worker, modules)
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+def running_flow_modules() -> tuple[str, ...]:
+    """The module of the flow this process runs, if any: every task submitted from it carries
+    the flow, which a worker unpickles by importing that module (the train flow's imports
+    MLflow and Great Expectations: seconds)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    module = context.flow.fn.__module__ if context is not None and context.flow else "__main__"
+    return () if module == "__main__" else (module,)
+
+
+def warm_up_worker(modules: tuple[str, ...] = ()) -> None:
+    """Load what a candidate task needs: torch, every detector module, Prefect's task engine,
+    `modules`, and torch's optimizer machinery (its first `step` imports torch._dynamo).
+    Several seconds per worker that would otherwise delay the first candidates, and that the
+    train flow's early start lets overlap its first steps."""
+    import importlib
+
+    import prefect.task_engine  # noqa: F401
+    import torch
+
+    import normalcy.pipeline.train  # noqa: F401
+    from normalcy.detectors.registry import load_builtin_detectors
+
+    load_builtin_detectors()
+    for module in modules:
+        importlib.import_module(module)
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(layer.parameters())
+    layer(torch.zeros(1, 2)).sum().backward()
+    optimizer.step()
 
 
 def close_local_cluster(starting: Future) -> None:
