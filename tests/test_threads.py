@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from normalcy import threads
@@ -94,3 +95,16 @@ def test_a_small_network_trains_on_one_thread_and_the_count_is_restored():
         overridden = Probe(epochs=1, threads=2).fit(rows)
     assert automatic.threads_seen == 1  # a few thousand parameters
     assert overridden.threads_seen == 2
+
+
+def test_a_detector_threads_param_is_a_whole_number_numpy_included():
+    from normalcy.threads import checked_threads
+
+    assert checked_threads("padim", None) is None
+    assert checked_threads("padim", np.int64(2)) == 2
+    assert type(checked_threads("padim", np.int64(2))) is int
+    for wrong in (2.0, True, "2"):
+        with pytest.raises(ValueError, match="padim: threads must be a whole number >= 1 or null"):
+            checked_threads("padim", wrong)
+    with pytest.raises(ValueError, match="padim: threads must be >= 1 or null"):
+        checked_threads("padim", np.int32(0))

@@ -21,6 +21,7 @@ No torch import here: scoring hosts have no torch."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,11 +105,13 @@ def cpu_budget(cpus: int) -> Iterator[None]:
 def checked_threads(owner: str, threads: int | None) -> int | None:
     """A detector's `threads` param as given, or a ValueError naming the detector: a whole
     number >= 1, or None for this module's rule."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
         raise ValueError(f"{owner}: threads must be a whole number >= 1 or null, got {threads!r}")
-    if threads is not None and threads < 1:
+    if threads < 1:
         raise ValueError(f"{owner}: threads must be >= 1 or null (automatic), got {threads}")
-    return threads
+    return int(threads)  # numpy integers too
 
 
 def training_threads(

@@ -13,12 +13,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from normalcy.detectors.base import Prediction, check_input
-from normalcy.detectors.networks import mlp
+from normalcy.detectors.networks import LOG_2PI, mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
 from normalcy.detectors.training import TrainingHistory
 
-LOG_2PI = math.log(2.0 * math.pi)
 MIN_WEIGHT = 1e-12  # floor of a component's total membership / mixture weight: no 0/0, no log 0
 
 

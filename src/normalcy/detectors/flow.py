@@ -11,11 +11,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from normalcy.detectors.networks import mlp
+from normalcy.detectors.networks import LOG_2PI, mlp
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
 
-LOG_2PI = math.log(2.0 * math.pi)
 COUPLINGS = ("realnvp", "maf")
 
 

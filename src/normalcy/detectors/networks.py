@@ -3,12 +3,15 @@ method's head."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from normalcy.detectors.base import Prediction, as_prediction
+
+LOG_2PI = math.log(2.0 * math.pi)  # the Gaussian log-density's constant, shared by the likelihoods
 
 
 def mlp(

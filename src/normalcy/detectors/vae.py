@@ -14,12 +14,12 @@ from torch.utils.data import Dataset
 from normalcy.artifact.names import FEATURE_CONTRIBUTIONS_NAME
 from normalcy.detectors.autoencoder import mirrored_mlps
 from normalcy.detectors.base import Prediction
+from normalcy.detectors.networks import LOG_2PI
 from normalcy.detectors.registry import register
 from normalcy.detectors.torch_detector import TorchDetector
 from normalcy.detectors.training import Rows, TrainingHistory
 
 SCORINGS = ("elbo", "likelihood_ratio")
-LOG_2PI = math.log(2 * math.pi)
 MIN_VARIANCE = 1e-6  # standardized units
 
 
