@@ -114,11 +114,11 @@ def _reaching(parallel: ParallelParams) -> Iterator[None]:
 
 
 class StartingCluster:
-    """A local Dask cluster started in a background thread by the train flow, before it prepares,
-    validates and cleans the data: the workers' start-up (~4 s of spawning processes that import
-    torch and normalcy) then overlaps those steps instead of delaying training. `release` shuts
-    it down in the background as well, so evaluation and export do not wait for workers to exit.
-    """
+    """A local Dask cluster started, and its workers warmed up, in a background thread by the
+    train flow before it prepares, validates and cleans the data: the workers' start-up (seconds
+    of spawning processes that import torch, the detectors and Prefect) then overlaps those
+    steps instead of delaying training. `release` shuts it down in the background as well, so
+    evaluation and export do not wait for the workers to exit."""
 
     def __init__(self, params: TrainParams) -> None:
         workers, self.budget = local_cluster_size(params)
@@ -140,6 +140,10 @@ class StartingCluster:
             waited - self._requested,
         )
         return address
+
+    @property
+    def released(self) -> bool:
+        return self._closed is not None
 
     def release(self) -> None:
         """Start shutting the cluster down in the background (once)."""
@@ -250,6 +254,8 @@ def dask_runner(params: TrainParams) -> Iterator[tuple[DaskTaskRunner, int | Non
     parallel = params.parallel
     own = None
     cluster = _flow_cluster.get() if parallel.scheduler_address is None else None
+    if cluster is not None and cluster.released:  # a second training in the same flow
+        cluster = None
     if cluster is None and parallel.scheduler_address is None:
         cluster = own = StartingCluster(params)
     try:
