@@ -2,7 +2,7 @@
 dask`), inside the real train flow, on a table of >= 10k rows and on a small one (digits).
 
     python benchmarks/parallel_training.py [--data PATH.npz] [--workers 2] [--repeats 2]
-        [--epochs N] [--out benchmarks/results/parallel_training.json]
+        [--epochs N] [--candidates A,B] [--out benchmarks/results/parallel_training.json]
 
 Each run is `normalcy train` in a fresh temporary project (a git repo with params.yaml's
 settings, its own MLflow store and DVC remote), so it pays what a user's run pays. The large
@@ -14,7 +14,8 @@ Measured per run, from the flow's own log: the training step ("N candidates fitt
 every candidate with its preprocessing variants, and with dask the wait for the cluster, which
 the flow starts in the background before it prepares the data), the cluster's start-up (how
 long training still waited for it, and how early it was requested), each candidate's fit
-seconds; and the whole command's wall time. `--epochs` lowers the epoch cap to keep runs short.
+seconds; and the whole command's wall time. `--epochs` lowers the epoch cap to keep runs short;
+`--candidates` replaces params.yaml's list (both for quick checks, not for the figures).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 MAMMOGRAPHY = REPO.parent / "shared" / "data" / "tabular" / "23_mammography.npz"
 ROWS, COLUMNS, ANOMALY_SHARE = 11183, 6, 0.023
 MODES = ("sequential", "dask")
+MODEL_NAME = "normalcy-parallel-benchmark"
 TRAINED = re.compile(r"(\d+) candidates fitted in ([\d.]+) s")
 # "candidate 3/9 done: vae on worker tcp://127.0.0.1:41803: val_auprc = 0.36 (0.4 s)", all variants
 DONE = re.compile(r"candidate \d+/\d+ done: (\w+) on worker \S+: \S+ = \S+ \(([\d.]+) s\)")
@@ -96,7 +98,11 @@ def timed_runs(data: dict, train: dict, workers: int, repeats: int, folder: Path
     for repeat in range(repeats):
         for mode in MODES:
             parallel = {"backend": mode, "workers": workers if mode == "dask" else None}
-            overrides = {"data": data, "train": {**train, "parallel": parallel}}
+            overrides = {
+                "data": data,
+                "train": {**train, "parallel": parallel},
+                "mlflow": {"model_name": MODEL_NAME},  # not the lock of a real 'normalcy' run
+            }
             project = new_project(folder / f"{mode}-{repeat}", overrides)
             runs[mode].append(timed_flow(project))
             print(f"run {repeat + 1}/{repeats} {mode}: {runs[mode][-1]}", flush=True)
@@ -147,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each mode (alternating)")
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap (params.yaml's)")
+    parser.add_argument("--candidates", default=None, help="comma-separated (params.yaml's)")
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks/results/parallel_training.json"
     )
@@ -156,8 +163,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     train = {} if args.epochs is None else {"epochs": args.epochs}
-    candidates = yaml.safe_load((REPO / "params.yaml").read_text())["train"]["candidates"]
-    print(f"candidates: {candidates}, {train or 'params.yaml epochs'}, workers {args.workers}")
+    if args.candidates is not None:
+        train["candidates"] = args.candidates.split(",")
+    defaults = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    candidates = train.get("candidates", defaults["candidates"])
+    epochs = args.epochs or defaults["epochs"]
+    print(f"candidates: {candidates}, epoch cap {epochs}, {args.workers} workers")
     print("timings on a shared 2-core machine: noisy; compare the ratios, not the seconds")
     with tempfile.TemporaryDirectory() as folder:
         if args.data.exists():

@@ -158,3 +158,31 @@ def test_cleaning_quality_reports_what_cleaning_removed(tmp_path):
         assert figures["recall"] == 1.0 and figures["rate_after"] == 0.0
         assert figures["rate_before"] > 0.05
     assert results["iforest+knn_top10"]["removed"] >= 0.09  # the top 10% of rows, at least
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_parallel_training_times_the_real_flow_both_ways(tmp_path):
+    """Four real `normalcy train` runs (a small table and digits, sequential and dask): the
+    training step, the flow, the cluster's early start and every candidate's fit are read."""
+    rng = np.random.default_rng(0)
+    table = tmp_path / "small.npz"
+    np.savez(table, X=rng.normal(size=(800, 4)).astype(np.float32), y=rng.random(800) < 0.05)
+    out = tmp_path / "parallel.json"
+    run = run_benchmark(
+        "parallel_training.py",
+        *("--data", table, "--repeats", "1", "--epochs", "1", "--candidates", "knn,pca"),
+        *("--out", out),
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ratio dask / sequential: training step" in run.stdout
+    tables = json.loads(out.read_text())["tables"]
+    assert list(tables) == ["small.npz", "digits (small)"]
+    for measured in tables.values():
+        for mode in ("sequential", "dask"):
+            (only,) = measured["runs"][mode]
+            assert 0 < only["training_s"] < only["wall_s"]
+            assert set(only["fits"]) == {"knn", "pca"}
+        assert measured["runs"]["dask"][0]["cluster_requested_before_s"] > 0
+        assert measured["runs"]["sequential"][0]["cluster_wait_s"] is None
