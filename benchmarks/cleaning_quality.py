@@ -43,6 +43,13 @@ from normalcy.validation.cleaning import clean_training_split  # noqa: E402
 
 MAX_FIT_ROWS = 10_000
 IFOREST_KNN = {"members": ["iforest", "knn"]}
+# kNN with k at 5% of the rows: above any cluster of contamination up to that share (masking)
+KNN_WIDE = {"k_fraction": 0.05}
+KNN_WIDE_MINMAX = {"k_fraction": 0.05, "preprocessing": "minmax"}
+KNN_WIDER = {"k_fraction": 0.1}
+KNN_WIDER_MINMAX = {"k_fraction": 0.1, "preprocessing": "minmax"}
+IFOREST_KNN_WIDE = {**IFOREST_KNN, "member_params": {"knn": KNN_WIDE}}
+IFOREST_KNN_WIDE_MINMAX = {**IFOREST_KNN, "member_params": {"knn": KNN_WIDE_MINMAX}}
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class Config:
     detector_params: dict
     mad_threshold: float = 3.5
     top_fraction: float | None = None
+    max_iter: int = 3
+    k_follows_removed: bool = False
 
     def clean_params(self) -> CleanParams:
         return CleanParams(
@@ -60,6 +69,8 @@ class Config:
             detector_params=self.detector_params,
             mad_threshold=self.mad_threshold,
             top_fraction=self.top_fraction,
+            max_iter=self.max_iter,
+            k_follows_removed=self.k_follows_removed,
             epochs=30,
             threads=1,
             log_path="/dev/null",
@@ -74,6 +85,17 @@ CONFIGS = {
     "iforest+knn_mad2.5": Config("ensemble", IFOREST_KNN, mad_threshold=2.5),
     "iforest+knn_top10": Config("ensemble", IFOREST_KNN, top_fraction=0.1),
     "autoencoder_top10": Config("autoencoder", {}, top_fraction=0.1),
+    "knn5%_mad2.5": Config("knn", KNN_WIDE, mad_threshold=2.5),
+    "knn5%minmax_mad2.5": Config("knn", KNN_WIDE_MINMAX, mad_threshold=2.5),
+    "iforest+knn5%_mad2.5": Config("ensemble", IFOREST_KNN_WIDE, mad_threshold=2.5),
+    "iforest+knn5%minmax_mad2.5": Config("ensemble", IFOREST_KNN_WIDE_MINMAX, mad_threshold=2.5),
+    "iforest+knn5%_top10": Config("ensemble", IFOREST_KNN_WIDE, top_fraction=0.1),
+    "knn5%minmax_mad2.5_iter6": Config("knn", KNN_WIDE_MINMAX, mad_threshold=2.5, max_iter=6),
+    "knn5%minmax_mad2.5_iter6_follow": Config(
+        "knn", KNN_WIDE_MINMAX, mad_threshold=2.5, max_iter=6, k_follows_removed=True
+    ),
+    "knn10%_mad2.5": Config("knn", KNN_WIDER, mad_threshold=2.5),
+    "knn10%minmax_mad2.5": Config("knn", KNN_WIDER_MINMAX, mad_threshold=2.5),
 }
 
 

@@ -151,9 +151,9 @@ def test_cleaning_quality_reports_what_cleaning_removed(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "### recall" in run.stdout and "| 1_blobs |" in run.stdout
     results = json.loads(out.read_text())["results"]["1_blobs"]
-    assert set(results) == {"none", "iforest", "iforest_mad3.5", "iforest+knn_top10"}
+    assert set(results) == {"none", "iforest", *configs.split(",")}
     # The blobs' anomalies sit 6 standard deviations away: any sound cleaning finds them all.
-    for config in ("iforest_mad3.5", "iforest+knn_top10"):
+    for config in configs.split(","):
         figures = results[config]
         assert figures["recall"] == 1.0 and figures["rate_after"] == 0.0
         assert figures["rate_before"] > 0.05
@@ -186,3 +186,25 @@ def test_parallel_training_times_the_real_flow_both_ways(tmp_path):
             assert set(only["fits"]) == {"knn", "pca"}
         assert measured["runs"]["dask"][0]["cluster_requested_before_s"] > 0
         assert measured["runs"]["sequential"][0]["cluster_wait_s"] is None
+
+
+def test_cleaning_headroom_fits_on_contaminated_cleaned_and_normal_rows(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    blob_dataset(data / "1_blobs.npz", 0)
+    params = tmp_path / "params.yaml"
+    wide = {"k_fraction": 0.2, "preprocessing": "minmax"}  # k above the 10% contamination
+    clean = {"detector": "knn", "detector_params": wide, "mad_threshold": 2.5}
+    params.write_text(yaml.safe_dump({"clean": clean}))
+    out = tmp_path / "headroom.json"
+    run = run_benchmark("cleaning_headroom.py", "--data-dir", data, "--seeds", "0",
+                        "--params", params, "--out", out)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| 1_blobs |" in run.stdout
+    (row,) = json.loads(out.read_text())
+    for member in ("iforest", "knn", "consensus"):
+        for training_set in ("contaminated", "cleaned", "normal"):
+            assert 0.0 <= row[f"{member}/{training_set}"] <= 1.0
+    # anomalies 6 standard deviations away: cleaning removes them all, the normal rows are clean
+    assert row["rate_before"] > 0.05 and row["rate_after"] == 0.0 and row["recall"] == 1.0
+    assert row["knn/cleaned"] == row["knn/normal"] == 1.0

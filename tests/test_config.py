@@ -81,3 +81,10 @@ def test_a_list_of_preprocessings_is_accepted_for_a_candidate(tmp_path):
         tmp_path / "absent.yaml", ["train.detectors.knn.preprocessing=[none, robust]"]
     )
     assert params.train.detectors["knn"]["preprocessing"] == ["none", "robust"]
+
+
+def test_cleaning_knn_k_fraction_is_checked_before_any_work():
+    wide = ["clean.detector=knn", "clean.detector_params={k_fraction: 0.05, preprocessing: minmax}"]
+    assert load_params(PARAMS, wide).clean.detector_params["k_fraction"] == 0.05
+    with pytest.raises(ConfigError, match=r"clean\.detector_params\.k_fraction"):
+        load_params(PARAMS, ["clean.detector=knn", "clean.detector_params={k_fraction: 1.5}"])

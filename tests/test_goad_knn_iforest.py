@@ -96,6 +96,26 @@ def test_knn_scores_training_rows_near_zero_with_k_1():
     assert create_detector("knn", k=1).fit(train).score(train).max() < 1e-2
 
 
+def test_knn_k_fraction_unmasks_a_cluster_of_contamination():
+    """30 near-identical contaminating rows hide each other from k=5 (masking); k at 10% of the
+    bank (40 rows) reaches past the cluster and ranks all 30 above the normal rows."""
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(400, 3)).astype(np.float32)
+    rows[:30] = 6.0 + 0.05 * rng.normal(size=(30, 3))
+    cluster = np.arange(400) < 30
+    masked = create_detector("knn", k=5).fit(rows).score(rows)
+    wide = create_detector("knn", k=5, k_fraction=0.1).fit(rows)
+    assert wide.neighbours(400) == 40
+    assert masked[cluster].max() < np.median(masked[~cluster])
+    assert wide.score(rows)[cluster].min() > wide.score(rows)[~cluster].max()
+
+
+def test_knn_k_fraction_never_lowers_k_and_is_capped_by_the_bank():
+    knn = create_detector("knn", k=5, k_fraction=0.01)
+    assert knn.neighbours(100) == 5
+    assert create_detector("knn", k=1, k_fraction=1.0).neighbours(7) == 7
+
+
 def test_greedy_coreset_covers_the_bank_better_than_a_random_subset():
     rows = torch.as_tensor(blobs(500, 0)[:, :3])
     rows = (rows - rows.mean(0)) / rows.std(0)
@@ -193,6 +213,8 @@ def test_iforest_max_samples():
     [
         ("knn", {"k": 0}, "k must be an integer >= 1"),
         ("knn", {"k": 2.5}, "k must be an integer >= 1"),
+        ("knn", {"k_fraction": 0.0}, r"k_fraction must be in \(0, 1\]"),
+        ("knn", {"k_fraction": 2.0}, r"k_fraction must be in \(0, 1\]"),
         ("knn", {"coreset_fraction": 0.0}, r"coreset_fraction must be in \(0, 1\]"),
         ("knn", {"coreset_fraction": 1.5}, r"coreset_fraction must be in \(0, 1\]"),
         ("knn", {"coreset_fraction": 0.5, "coreset_size": 10}, "not both"),

@@ -53,6 +53,15 @@ def test_params_and_preprocessing_survive_a_round_trip(rows, tmp_path):
     np.testing.assert_array_equal(loaded.score(test), detector.score(test))
 
 
+def test_knn_k_fraction_survives_a_round_trip(rows, tmp_path):
+    """The k that k_fraction gives is recomputed from the saved bank, so scores match."""
+    train, _, test = rows
+    detector = tiny_detector("knn", k_fraction=0.1).fit(train)
+    loaded = load_detector(save_detector(detector, tmp_path / "knn.pt"))
+    assert loaded.k_fraction == 0.1 and loaded.neighbours(len(loaded.bank)) == 20
+    np.testing.assert_array_equal(loaded.score(test), detector.score(test))
+
+
 def test_an_ensemble_from_fitted_members_saves_their_params(rows, tmp_path):
     from normalcy.detectors.ensemble import Ensemble
 

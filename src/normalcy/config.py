@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from normalcy.config_base import ConfigError, Section
+from normalcy.config_monitoring import MonitorParams, RecalibrateParams, ScheduleParams
+
 if TYPE_CHECKING:
     from normalcy.retry import RetryPolicy
 
-
-class ConfigError(ValueError):
-    """params.yaml (or a --set override) is wrong; the message names the key path."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["ConfigError", "MonitorParams", "RecalibrateParams", "ScheduleParams"]
+_Section = Section
 
 
 DEFAULT_IMAGE_SIZE = 256
@@ -124,9 +121,21 @@ class CleanParams(_Section):
     max_iter: int = Field(3, ge=1)
     mad_threshold: float = Field(3.5, gt=0)
     top_fraction: float | None = Field(None, gt=0, lt=0.5)
+    # knn cleaning: each fit's k is at least the share of rows the previous fit removed
+    k_follows_removed: bool = False
     epochs: int = Field(15, ge=1)
     threads: int | None = Field(None, ge=1)  # null: normalcy.threads' rule
     log_path: str = "artifacts/cleaning_log.json"
+
+    @model_validator(mode="after")
+    def _check_k_follows_removed(self) -> CleanParams:
+        if self.k_follows_removed and self.detector != "knn":
+            raise ValueError(
+                f"clean.k_follows_removed sets the k of a knn cleaning detector; got "
+                f"clean.detector {self.detector!r} (set clean.detector: knn, or "
+                "k_follows_removed: false)"
+            )
+        return self
 
 
 class ParallelParams(_Section):
@@ -227,44 +236,6 @@ class MlflowParams(_Section):
     experiment: str = "normalcy"
     model_name: str = "normalcy"
     retry: RetryParams = Field(default_factory=RetryParams)  # of logging and registration
-
-
-class MonitorParams(_Section):
-    batch_path: str = "data/incoming/batch.csv"
-    alpha: float = Field(0.01, gt=0, lt=0.5)  # false-alarm level of the whole drift decision
-    cusum_allowance: float = Field(0.5, gt=0, le=5)  # CUSUM slack k, in standard deviations
-    mmd: bool = True  # the MMD family on whole rows
-    mmd_max_rows: int = Field(300, ge=10)  # rows of each sample the MMD uses (a seeded subsample)
-    mmd_permutations: int = Field(1000, ge=1)
-
-    @model_validator(mode="after")  # beside the keys it checks; the fields go on below
-    def _check_permutations(self) -> MonitorParams:
-        # five families at most share alpha; the MMD's p-value is never below 1 / (1 + B)
-        needed = math.ceil(5 / self.alpha) - 1
-        if self.mmd and self.mmd_permutations < needed:
-            raise ValueError(
-                f"monitor.mmd_permutations must be at least {needed} at monitor.alpha "
-                f"{self.alpha:g} (the MMD's share is alpha / 5 and its smallest p-value "
-                f"1 / (1 + permutations)); got {self.mmd_permutations}"
-            )
-        return self
-
-    reference_size: int = Field(2000, ge=10)
-    recalibrate_on_drift: bool = True
-    retrain_on_drift: bool = False
-
-
-class RecalibrateParams(_Section):
-    promotion: Literal["auto", "manual"] = "auto"
-    min_rows: int = Field(200, ge=10)
-    max_contamination: float = Field(0.2, gt=0, lt=0.5)
-    max_scale_change: float = Field(4.0, gt=1)
-
-
-class ScheduleParams(_Section):
-    monitor_cron: str = "0 * * * *"
-    train_cron: str = "0 3 * * 0"
-    timezone: str = "UTC"
 
 
 class ScoringParams(_Section):

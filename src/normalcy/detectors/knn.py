@@ -100,6 +100,12 @@ class KNN(Detector):
     Outputs: `score` and the explanation `nearest_row` (int64 `[N]`): the index in the bank of
     the nearest stored normal row (`coreset_indices[nearest_row]` is its training row index).
     `preprocessing` (default `standardize`) is the distance's space.
+
+    `k_fraction` raises k to that share of the bank's rows (never below `k`). A cluster of m
+    contaminating rows masks itself from every k < m (each finds its k neighbours among the
+    others: the masking effect, Rousseeuw & van Zomeren 1990), so a kNN that must find the
+    contamination of its own training rows, as in cleaning, needs k above the largest such
+    cluster, which can only be bounded as a share of the rows.
     """
 
     name = "knn"
@@ -107,6 +113,7 @@ class KNN(Detector):
     def __init__(
         self,
         k: int = 5,
+        k_fraction: float | None = None,
         coreset_fraction: float | None = None,
         coreset_size: int | None = None,
         projection_dim: int | None = 128,
@@ -118,6 +125,11 @@ class KNN(Detector):
         parse_preprocessing(preprocessing)
         if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
             raise ValueError(f"knn: k must be an integer >= 1, got {k!r}")
+        if k_fraction is not None and not 0.0 < k_fraction <= 1.0:
+            raise ValueError(
+                f"knn: k_fraction must be in (0, 1] (a share of the bank's rows), got "
+                f"{k_fraction!r}"
+            )
         if coreset_fraction is not None and coreset_size is not None:
             raise ValueError("knn: give coreset_fraction or coreset_size, not both")
         if coreset_fraction is not None and not 0.0 < coreset_fraction <= 1.0:
@@ -134,6 +146,7 @@ class KNN(Detector):
         if batch_size < 1:
             raise ValueError(f"knn: batch_size must be >= 1, got {batch_size!r}")
         self.k = int(k)
+        self.k_fraction = k_fraction
         self.coreset_fraction = coreset_fraction
         self.coreset_size = coreset_size
         self.projection_dim = projection_dim
@@ -153,6 +166,13 @@ class KNN(Detector):
         if self.coreset_fraction is not None:
             return max(1, math.ceil(self.coreset_fraction * n_rows))
         return n_rows
+
+    def neighbours(self, bank_rows: int) -> int:
+        """The k used with a bank of `bank_rows` rows: `k`, or `k_fraction` of the rows when
+        that is larger (at most every row)."""
+        if self.k_fraction is None:
+            return self.k
+        return min(max(self.k, math.ceil(self.k_fraction * bank_rows)), bank_rows)
 
     def _fit(self, data: FitData) -> None:
         train = data.train
@@ -177,7 +197,8 @@ class KNN(Detector):
 
     def scoring_module(self) -> ScoringModule:
         require_fitted(self.name, "scoring_module()", self.preprocess, self.bank)
-        return ScoringModule(self.preprocess, KthNeighbourDistance(self.bank, self.k)).eval()
+        distance = KthNeighbourDistance(self.bank, self.neighbours(len(self.bank)))
+        return ScoringModule(self.preprocess, distance).eval()
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
         require_fitted(self.name, "saving", self.preprocess, self.bank)

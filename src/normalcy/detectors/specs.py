@@ -285,6 +285,7 @@ class OutlierExposureSpec(TorchSpec):
 @spec("knn")
 class KNNSpec(PreprocessedSpec):
     k: PositiveInt = 5
+    k_fraction: UnitFraction | None = None
     coreset_fraction: UnitFraction | None = None
     coreset_size: PositiveInt | None = None
     projection_dim: PositiveInt | None = 128
