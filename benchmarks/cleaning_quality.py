@@ -61,7 +61,6 @@ class Config:
     mad_threshold: float = 3.5
     top_fraction: float | None = None
     max_iter: int = 3
-    k_follows_removed: bool = False
 
     def clean_params(self) -> CleanParams:
         return CleanParams(
@@ -70,7 +69,6 @@ class Config:
             mad_threshold=self.mad_threshold,
             top_fraction=self.top_fraction,
             max_iter=self.max_iter,
-            k_follows_removed=self.k_follows_removed,
             epochs=30,
             threads=1,
             log_path="/dev/null",
@@ -91,9 +89,6 @@ CONFIGS = {
     "iforest+knn5%minmax_mad2.5": Config("ensemble", IFOREST_KNN_WIDE_MINMAX, mad_threshold=2.5),
     "iforest+knn5%_top10": Config("ensemble", IFOREST_KNN_WIDE, top_fraction=0.1),
     "knn5%minmax_mad2.5_iter6": Config("knn", KNN_WIDE_MINMAX, mad_threshold=2.5, max_iter=6),
-    "knn5%minmax_mad2.5_iter6_follow": Config(
-        "knn", KNN_WIDE_MINMAX, mad_threshold=2.5, max_iter=6, k_follows_removed=True
-    ),
     "knn10%_mad2.5": Config("knn", KNN_WIDER, mad_threshold=2.5),
     "knn10%minmax_mad2.5": Config("knn", KNN_WIDER_MINMAX, mad_threshold=2.5),
 }

@@ -5,7 +5,6 @@ from normalcy.config import CleanParams, DataParams, PrepareParams
 from normalcy.data.sources import load_dataset
 from normalcy.data.splits import Split, split_dataset
 from normalcy.detectors import create_detector
-from normalcy.pipeline.clean import cleaning_detector
 from normalcy.validation.cleaning import clean_training_split, contamination_cutoff, removal_quality
 
 
@@ -29,7 +28,7 @@ def test_iterative_cleaning_removes_contamination_on_digits():
     train = split_dataset(dataset, PrepareParams(train_contamination=0.1)).train
     params = CleanParams(max_iter=3, epochs=20)
 
-    def make(removed_share: float):
+    def make():
         return create_detector("autoencoder", epochs=params.epochs, seed=0)
 
     cleaned, result = clean_training_split(train, make, params)
@@ -53,43 +52,7 @@ def test_cleaning_without_labels_reports_no_quality():
     X[:6] += 12
     train = Split(X, None, np.arange(200))
     cleaned, result = clean_training_split(
-        train, lambda removed: create_detector("autoencoder", epochs=10), CleanParams(max_iter=2)
+        train, lambda: create_detector("autoencoder", epochs=10), CleanParams(max_iter=2)
     )
     assert result.iterations[0].precision is None
     assert not set(range(6)) & set(cleaned.ids.tolist())
-
-
-def test_k_follows_removed_raises_the_knn_k_to_the_share_removed():
-    """The first fit uses the configured k_fraction; a later fit uses at least the share the
-    previous one removed, never less than the configured floor."""
-    params = CleanParams(
-        detector="knn", detector_params={"k_fraction": 0.05}, k_follows_removed=True
-    )
-    make = cleaning_detector(params)
-    assert make(0.0).k_fraction == 0.05
-    assert make(0.12).k_fraction == 0.12 and make(0.01).k_fraction == 0.05
-    plain = cleaning_detector(CleanParams(detector="knn", k_follows_removed=True))
-    assert plain(0.0).k_fraction is None and plain(0.2).k_fraction == 0.2
-    fixed = cleaning_detector(CleanParams(detector="knn", detector_params={"k_fraction": 0.05}))
-    assert fixed(0.3).k_fraction == 0.05
-
-
-def test_k_follows_removed_is_for_a_knn_cleaning_detector_only():
-    with pytest.raises(ValueError, match="k_follows_removed sets the k of a knn"):
-        CleanParams(detector="autoencoder", k_follows_removed=True)
-
-
-def test_a_cluster_of_contamination_is_cleaned_by_a_wide_knn():
-    """20 near-identical contaminating rows: a k=5 kNN cleaning keeps them all (masking);
-    k at 5% of the rows (30) finds them all."""
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(600, 4)).astype(np.float32)
-    X[:20] = 5.0 + 0.05 * rng.normal(size=(20, 4))
-    labels = (np.arange(600) < 20).astype(int)
-    train = Split(X, labels, np.arange(600))
-    narrow = CleanParams(detector="knn", mad_threshold=2.5, max_iter=4)
-    wide = narrow.model_copy(update={"detector_params": {"k_fraction": 0.05}})
-    _, masked = clean_training_split(train, cleaning_detector(narrow), narrow)
-    _, found = clean_training_split(train, cleaning_detector(wide), wide)
-    assert masked.iterations[-1].recall == 0.0
-    assert found.iterations[-1].recall == 1.0

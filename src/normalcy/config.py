@@ -121,21 +121,9 @@ class CleanParams(_Section):
     max_iter: int = Field(3, ge=1)
     mad_threshold: float = Field(3.5, gt=0)
     top_fraction: float | None = Field(None, gt=0, lt=0.5)
-    # knn cleaning: each fit's k is at least the share of rows the previous fit removed
-    k_follows_removed: bool = False
     epochs: int = Field(15, ge=1)
     threads: int | None = Field(None, ge=1)  # null: normalcy.threads' rule
     log_path: str = "artifacts/cleaning_log.json"
-
-    @model_validator(mode="after")
-    def _check_k_follows_removed(self) -> CleanParams:
-        if self.k_follows_removed and self.detector != "knn":
-            raise ValueError(
-                f"clean.k_follows_removed sets the k of a knn cleaning detector; got "
-                f"clean.detector {self.detector!r} (set clean.detector: knn, or "
-                "k_follows_removed: false)"
-            )
-        return self
 
 
 class ParallelParams(_Section):

@@ -19,19 +19,12 @@ from normalcy.validation.cleaning import CleaningResult, clean_training_split
 log = logging.getLogger(__name__)
 
 
-def cleaning_detector(params: CleanParams) -> Callable[[float], Detector]:
-    """A factory of fresh cleaning detectors, one per cleaning iteration, given the share of
-    rows the previous iteration removed."""
+def cleaning_detector(params: CleanParams) -> Callable[[], Detector]:
+    """A factory of fresh cleaning detectors, one per cleaning iteration."""
 
-    def make(removed_share: float = 0.0) -> Detector:
+    def make() -> Detector:
         settings = {"epochs": params.epochs, "seed": params.seed, "threads": params.threads}
-        given = params.detector_params
-        if params.k_follows_removed:
-            # masking: a cluster of m contaminating rows hides from every k < m, and the share
-            # just removed is the cleaning's estimate of how many there are
-            floor = given.get("k_fraction") or 0.0
-            given = {**given, "k_fraction": min(max(floor, removed_share), 1.0) or None}
-        return create_with_settings(params.detector, given, settings)
+        return create_with_settings(params.detector, params.detector_params, settings)
 
     return make
 

@@ -70,19 +70,15 @@ def removal_quality(
 
 
 def clean_training_split(
-    train: Split, make_detector: Callable[[float], Detector], params: CleanParams
+    train: Split, make_detector: Callable[[], Detector], params: CleanParams
 ) -> tuple[Split, CleaningResult]:
     """Repeat: fit on the kept rows, score every training row, remove those above the cutoff;
     stop when the removed set stops changing or after `max_iter` fits. Labels are never used
-    to decide, only to report precision and recall.
-
-    `make_detector(removed_share)` gets the share of rows the previous fit removed (0 at the
-    first), the cleaning's own estimate of the contamination (see `clean.k_follows_removed`)."""
+    to decide, only to report precision and recall."""
     kept = np.ones(len(train), dtype=bool)
     result = CleaningResult(kept)
     for iteration in range(1, params.max_iter + 1):
-        removed_share = float((~kept).mean())
-        scores = make_detector(removed_share).fit(train.X[kept]).score(train.X)
+        scores = make_detector().fit(train.X[kept]).score(train.X)
         # The scale comes from every row: MAD already ignores the tail, while re-estimating it on
         # the kept rows alone would shrink it each round and remove ever more normal rows.
         cutoff = contamination_cutoff(scores, params)
