@@ -5,6 +5,7 @@ from normalcy.config import CleanParams, DataParams, PrepareParams
 from normalcy.data.sources import load_dataset
 from normalcy.data.splits import Split, split_dataset
 from normalcy.detectors import create_detector
+from normalcy.pipeline.clean import cleaning_detector
 from normalcy.validation.cleaning import clean_training_split, contamination_cutoff, removal_quality
 
 
@@ -56,3 +57,19 @@ def test_cleaning_without_labels_reports_no_quality():
     )
     assert result.iterations[0].precision is None
     assert not set(range(6)) & set(cleaned.ids.tolist())
+
+
+def test_a_cluster_of_contamination_is_cleaned_by_a_wide_knn():
+    """20 near-identical contaminating rows: a k=5 kNN cleaning keeps them all (masking);
+    k at 5% of the rows (30) finds them all."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 4)).astype(np.float32)
+    X[:20] = 5.0 + 0.05 * rng.normal(size=(20, 4))
+    labels = (np.arange(600) < 20).astype(int)
+    train = Split(X, labels, np.arange(600))
+    narrow = CleanParams(detector="knn", mad_threshold=2.5, max_iter=4)
+    wide = narrow.model_copy(update={"detector_params": {"k_fraction": 0.05}})
+    _, masked = clean_training_split(train, cleaning_detector(narrow), narrow)
+    _, found = clean_training_split(train, cleaning_detector(wide), wide)
+    assert masked.iterations[-1].recall == 0.0
+    assert found.iterations[-1].recall == 1.0
