@@ -79,6 +79,24 @@ def test_reweighted_patchcore_exports_with_parity(case, tmp_path):
     assert report.passed, report.message()
 
 
+def test_the_image_score_can_come_from_the_blurred_map_and_exports_with_parity(case, tmp_path):
+    train, normal, defective, masks = case
+    test = np.concatenate([normal, defective])
+    on_map = create_detector("padim", image_score_from="map", **SMALL).fit(train)
+    on_patches = create_detector("padim", **SMALL).fit(train)
+    out = on_map.predict(test)
+    np.testing.assert_array_equal(out["anomaly_map"], on_patches.predict(test)["anomaly_map"])
+    np.testing.assert_allclose(out["score"], out["anomaly_map"].reshape(len(test), -1).max(1))
+    # the blur only averages patch scores: the map's peak is below the largest patch score
+    assert np.all(out["score"] < on_patches.score(test))
+    assert roc_auc_score(np.r_[np.zeros(12), np.ones(12)], out["score"]) > 0.9
+    module = on_map.scoring_module()
+    threshold = float(np.median(out["score"]))
+    path = export_onnx(module, threshold, test[:2], tmp_path / "padim_map_score.onnx")
+    report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()
+
+
 def test_rgb_images_are_read_as_rgb(case):
     train = np.repeat(case[0], 3, axis=1)
     train[:, 0] *= 0.5  # a colour cast, so the channels differ
@@ -105,6 +123,12 @@ def test_rgb_images_are_read_as_rgb(case):
         ("fastflow", {"neighbourhood": 4}, "neighbourhood must be odd"),
         ("fastflow", {"threads": 0}, "threads must be an integer >= 1"),
         ("fastflow", {"position_score": "max"}, r"position_score must be one of .*likelihood"),
+        ("padim", {"image_score_from": "mean"}, r"image_score_from must be one of .*'map'"),
+        (
+            "patchcore",
+            {"image_score": "reweighted", "image_score_from": "map"},
+            "image_score_from must be 'patches' with image_score 'reweighted'",
+        ),
     ],
 )
 def test_bad_params_are_refused_before_any_work(name, params, message):
