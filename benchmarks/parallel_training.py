@@ -2,10 +2,13 @@
 dask`), inside the real train flow, on a table of >= 10k rows and on a small one (digits).
 
     python benchmarks/parallel_training.py [--data PATH.npz] [--workers 2] [--repeats 2]
-        [--epochs N] [--candidates A,B] [--out benchmarks/results/parallel_training.json]
+        [--epochs N] [--candidates A,B] [--same-project]
+        [--out benchmarks/results/parallel_training.json]
 
 Each run is `normalcy train` in a fresh temporary project (a git repo with params.yaml's
-settings, its own MLflow store and DVC remote), so it pays what a user's run pays. The large
+settings, its own MLflow store and DVC remote), so it pays what a user's first run pays; with
+`--same-project` every run of a table is in one project, as a scheduled retraining is, so a
+run submits its candidates longest first by the previous run's fit seconds. The large
 table is ADBench's 23_mammography (11183 x 6, from ../shared/data/tabular) when it is there,
 otherwise a generated Gaussian table of the same size with 2.3% shifted rows (the output says
 which). Sequential and parallel runs alternate, so load on a shared machine hits both alike.
@@ -56,15 +59,17 @@ def generated_table(path: Path, seed: int = 0) -> Path:
 
 
 def new_project(folder: Path, overrides: dict) -> Path:
-    """A git repo holding params.yaml (the repo's, with `overrides` per section)."""
-    folder.mkdir(parents=True)
+    """A git repo at `folder` (made once) holding params.yaml: the repo's, with `overrides` per
+    section."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in overrides.items():
         params[section].update(values)
+    if not (folder / ".git").exists():
+        folder.mkdir(parents=True)
+        for command in (["git", "init", "-q"], ["git", "config", "user.email", "b@example.com"]):
+            subprocess.run(command, cwd=folder, check=True)
+        subprocess.run(["git", "config", "user.name", "benchmark"], cwd=folder, check=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    for command in (["git", "init", "-q"], ["git", "config", "user.email", "b@example.com"]):
-        subprocess.run(command, cwd=folder, check=True)
-    subprocess.run(["git", "config", "user.name", "benchmark"], cwd=folder, check=True)
     return folder
 
 
@@ -92,8 +97,11 @@ def timed_flow(project: Path) -> dict:
     }
 
 
-def timed_runs(data: dict, train: dict, workers: int, repeats: int, folder: Path) -> dict:
-    """Alternating sequential and dask flows on the same data and candidates."""
+def timed_runs(
+    data: dict, train: dict, workers: int, repeats: int, folder: Path, same_project: bool
+) -> dict:
+    """Alternating sequential and dask flows on the same data and candidates, each in a fresh
+    project, or all in one (`same_project`: a retraining reads the last run's fit seconds)."""
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for repeat in range(repeats):
         for mode in MODES:
@@ -103,7 +111,8 @@ def timed_runs(data: dict, train: dict, workers: int, repeats: int, folder: Path
                 "train": {**train, "parallel": parallel},
                 "mlflow": {"model_name": MODEL_NAME},  # not the lock of a real 'normalcy' run
             }
-            project = new_project(folder / f"{mode}-{repeat}", overrides)
+            name = "project" if same_project else f"{mode}-{repeat}"
+            project = new_project(folder / name, overrides)
             runs[mode].append(timed_flow(project))
             print(f"run {repeat + 1}/{repeats} {mode}: {runs[mode][-1]}", flush=True)
     keys = ("wall_s", "training_s")
@@ -155,6 +164,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap (params.yaml's)")
     parser.add_argument("--candidates", default=None, help="comma-separated (params.yaml's)")
     parser.add_argument(
+        "--same-project",
+        action="store_true",
+        help="every run of a table in one project, as scheduled retraining runs (each run then "
+        "submits candidates longest first by the previous run's fit seconds)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks/results/parallel_training.json"
     )
     return parser.parse_args(argv)
@@ -178,13 +193,16 @@ def main(argv: list[str] | None = None) -> None:
             source = f"generated Gaussian table {ROWS} x {COLUMNS} ({args.data} is absent)"
         tables = {source: {"source": "npz", "path": str(large)}, "digits (small)": {}}
         measured = {
-            name: timed_runs(data, train, args.workers, args.repeats, Path(folder) / str(i))
+            name: timed_runs(
+                data, train, args.workers, args.repeats, Path(folder) / str(i), args.same_project
+            )
             for i, (name, data) in enumerate(tables.items())
         }
     for name, table in measured.items():
         print_table(name, table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"epochs": args.epochs, "tables": measured}, indent=2))
+    payload = {"epochs": args.epochs, "same_project": args.same_project, "tables": measured}
+    args.out.write_text(json.dumps(payload, indent=2))
     print(f"\nwritten: {args.out}")
 
 

@@ -1,5 +1,6 @@
 """Candidates fitted as Prefect tasks on a real Dask LocalCluster (train.parallel)."""
 
+import json
 import logging
 import socket
 
@@ -231,3 +232,24 @@ def test_a_cpu_budget_caps_the_threads_rule_inside_it_only():
     with pytest.raises(ValueError, match="a CPU budget must be >= 1, got 0"):
         with cpu_budget(0):
             pass
+
+
+def test_candidates_are_submitted_longest_first_by_the_last_runs_fit_seconds(tmp_path):
+    from normalcy.pipeline.parallel import longest_first
+
+    table = tmp_path / "candidates.json"
+    names = ["autoencoder", "vae", "dagmm", "knn", "flow"]
+    assert longest_first(names, table) == names  # no history: the order given
+    rows = [
+        {"name": "autoencoder", "fit_seconds": 4.0},
+        {"name": "vae", "fit_seconds": 10.0},
+        {"name": "dagmm", "fit_seconds": 24.0},
+        {"name": "knn", "fit_seconds": 0.1},
+        {"name": "ensemble", "fit_seconds": 0.0},
+    ]
+    table.write_text(json.dumps({"winner": "knn", "candidates": rows}))
+    # flow was not in the last run: its cost is unknown, so it goes first
+    assert longest_first(names, table) == ["flow", "dagmm", "vae", "autoencoder", "knn"]
+    for unreadable in ("{not json", json.dumps({"candidates": [{"name": "vae"}]}), "[]"):
+        table.write_text(unreadable)
+        assert longest_first(names, table) == names

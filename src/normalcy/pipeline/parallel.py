@@ -11,6 +11,7 @@ Needs the `parallel` extra (prefect-dask, distributed); imported only when the b
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import task
@@ -28,6 +30,7 @@ from normalcy.config import ParallelParams, TrainParams
 from normalcy.data.splits import Split
 from normalcy.detectors import Detector
 from normalcy.evaluation.selection import CandidateResult
+from normalcy.pipeline import artifacts
 from normalcy.threads import available_cpus, cpu_budget, torch_threads
 
 if TYPE_CHECKING:
@@ -308,19 +311,35 @@ def fit_candidate_task(
     return FittedCandidate(detector, result, worker.address, time.perf_counter() - started)
 
 
+def longest_first(names: list[str], history: Path = artifacts.CANDIDATES) -> list[str]:
+    """The order to submit candidates in: longest fit first, by the fit seconds of the last
+    run that wrote `history` (the candidates table), so that a long fit never starts last and
+    leaves the other workers idle (LPT scheduling). Candidates the table does not name go
+    first, in their own order (their cost is unknown); without a readable table, `names`."""
+    try:
+        rows = json.loads(Path(history).read_text())["candidates"]
+        seconds = {row["name"]: float(row["fit_seconds"]) for row in rows}
+    except (OSError, ValueError, KeyError, TypeError):
+        return list(names)
+    unknown = [name for name in names if name not in seconds]
+    known = sorted((name for name in names if name in seconds), key=lambda n: -seconds[n])
+    log.info("candidates submitted longest first, by the last run's fit seconds: %s", seconds)
+    return unknown + known
+
+
 def fit_in_parallel(
     names: list[str], train: Split, val: Split, params: TrainParams
 ) -> dict[str, tuple[Detector, CandidateResult]]:
-    """Every named candidate fitted as its own task, in the order given, on `dask_runner`'s
-    cluster; the first failure (a `CandidateError` naming the candidate) cancels the rest and
-    is raised."""
+    """Every named candidate fitted as its own task on `dask_runner`'s cluster, submitted
+    `longest_first` and returned in the order given; the first failure (a `CandidateError`
+    naming the candidate) cancels the rest and is raised."""
     with dask_runner(params) as (runner, budget):
         futures = {
             name: runner.submit(
                 fit_candidate_task,
                 {"name": name, "train": train, "val": val, "params": params, "budget": budget},
             )
-            for name in names
+            for name in longest_first(names)
         }
         names_by_run = {future.task_run_id: name for name, future in futures.items()}
         fitted: dict[str, FittedCandidate] = {}
