@@ -120,9 +120,14 @@ def timed_runs(
     return {
         "runs": runs,
         "medians": medians,
-        "training_ratio": medians["dask"]["training_s"] / medians["sequential"]["training_s"],
-        "flow_ratio": medians["dask"]["wall_s"] / medians["sequential"]["wall_s"],
+        "training_ratio": ratio(medians["dask"]["training_s"], medians["sequential"]["training_s"]),
+        "flow_ratio": ratio(medians["dask"]["wall_s"], medians["sequential"]["wall_s"]),
     }
+
+
+def ratio(dask: float, sequential: float) -> float:
+    """dask / sequential, NaN when the sequential step took no measurable time."""
+    return dask / sequential if sequential > 0 else float("nan")
 
 
 def print_table(name: str, measured: dict) -> None:

@@ -171,7 +171,7 @@ def test_parallel_training_times_the_real_flow_both_ways(tmp_path):
     out = tmp_path / "parallel.json"
     run = run_benchmark(
         "parallel_training.py",
-        *("--data", table, "--repeats", "1", "--epochs", "1", "--candidates", "knn,pca"),
+        *("--data", table, "--repeats", "1", "--epochs", "1", "--candidates", "iforest,pca"),
         *("--out", out),
         timeout=900,
     )
@@ -183,7 +183,7 @@ def test_parallel_training_times_the_real_flow_both_ways(tmp_path):
         for mode in ("sequential", "dask"):
             (only,) = measured["runs"][mode]
             assert 0 < only["training_s"] < only["wall_s"]
-            assert set(only["fits"]) == {"knn", "pca"}
+            assert set(only["fits"]) == {"iforest", "pca"}
         assert measured["runs"]["dask"][0]["cluster_requested_before_s"] > 0
         assert measured["runs"]["sequential"][0]["cluster_wait_s"] is None
 

@@ -140,7 +140,7 @@ def fit_candidates(
     started = time.perf_counter()
     trained = [name for name in params.candidates if name != ENSEMBLE]
     fitted = fit_each(trained, train, val, params)
-    log.info("%d candidates fitted in %.1f s", len(fitted), time.perf_counter() - started)
+    log.info("%d candidates fitted in %.2f s", len(fitted), time.perf_counter() - started)
     detectors = {name: detector for name, (detector, _) in fitted.items()}
     results = [result for _, result in fitted.values()]
     if ENSEMBLE in params.candidates:
