@@ -234,12 +234,14 @@ def test_a_cpu_budget_caps_the_threads_rule_inside_it_only():
             pass
 
 
-def test_candidates_are_submitted_longest_first_by_the_last_runs_fit_seconds(tmp_path):
+def test_candidates_are_submitted_longest_first_by_the_last_runs_or_typical_fit_seconds(tmp_path):
     from normalcy.pipeline.parallel import longest_first
 
     table = tmp_path / "candidates.json"
-    names = ["autoencoder", "vae", "dagmm", "knn", "flow"]
-    assert longest_first(names, table) == names  # no history: the order given
+    names = ["autoencoder", "vae", "dagmm", "knn", "flow", "my_plugin"]
+    # no history (a project's first run): typical costs; a plugin's cost is unknown: first
+    first_run = ["my_plugin", "dagmm", "flow", "autoencoder", "vae", "knn"]
+    assert longest_first(names, table) == first_run
     rows = [
         {"name": "autoencoder", "fit_seconds": 4.0},
         {"name": "vae", "fit_seconds": 10.0},
@@ -248,8 +250,10 @@ def test_candidates_are_submitted_longest_first_by_the_last_runs_fit_seconds(tmp
         {"name": "ensemble", "fit_seconds": 0.0},
     ]
     table.write_text(json.dumps({"winner": "knn", "candidates": rows}))
-    # flow was not in the last run: its cost is unknown, so it goes first
-    assert longest_first(names, table) == ["flow", "dagmm", "vae", "autoencoder", "knn"]
+    # the last run's seconds win over the typical ones; flow and the plugin were not in it:
+    # their cost here is unknown, so they go first
+    last_run = ["flow", "my_plugin", "dagmm", "vae", "autoencoder", "knn"]
+    assert longest_first(names, table) == last_run
     for unreadable in ("{not json", json.dumps({"candidates": [{"name": "vae"}]}), "[]"):
         table.write_text(unreadable)
-        assert longest_first(names, table) == names
+        assert longest_first(names, table) == first_run

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from normalcy.config import ParallelParams, TrainParams
 from normalcy.data.splits import Split
@@ -36,6 +35,7 @@ from normalcy.threads import available_cpus, cpu_budget, torch_threads
 if TYPE_CHECKING:
     from distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
+    from prefect_dask.task_runners import PrefectDaskFuture
 
 log = logging.getLogger(__name__)
 
@@ -311,49 +311,95 @@ def fit_candidate_task(
     return FittedCandidate(detector, result, worker.address, time.perf_counter() - started)
 
 
-def longest_first(names: list[str], history: Path = artifacts.CANDIDATES) -> list[str]:
-    """The order to submit candidates in: longest fit first, by the fit seconds of the last
-    run that wrote `history` (the candidates table), so that a long fit never starts last and
-    leaves the other workers idle (LPT scheduling). Candidates the table does not name go
-    first, in their own order (their cost is unknown); without a readable table, `names`."""
+# Mean fit seconds of the built-in candidates over the 15 shared ADBench tables, 3 seeds each
+# (benchmarks/results/quality_tabular.json; pca, mahalanobis and iforest from the parallel
+# benchmark's runs). Only their order is used: the first run of a project has no history of its
+# own, and submitting in the params' order let the longest fit start last (measured: flow, the
+# longest on mammography, started 5.7 s into a 27 s training step).
+TYPICAL_FIT_SECONDS = {
+    "dagmm": 9.0,
+    "flow": 5.5,
+    "autoencoder": 4.4,
+    "vae": 3.9,
+    "mahalanobis": 1.5,
+    "pca": 1.5,
+    "deep_svdd": 1.3,
+    "iforest": 0.2,
+    "knn": 0.05,
+}
+
+
+def last_fit_seconds(history: Path) -> dict[str, float] | None:
+    """Each candidate's fit seconds in the last run that wrote `history` (the candidates table),
+    or None when there is no readable one."""
     try:
         rows = json.loads(Path(history).read_text())["candidates"]
-        seconds = {row["name"]: float(row["fit_seconds"]) for row in rows}
+        return {row["name"]: float(row["fit_seconds"]) for row in rows}
     except (OSError, ValueError, KeyError, TypeError):
-        return list(names)
+        return None
+
+
+def longest_first(names: list[str], history: Path = artifacts.CANDIDATES) -> list[str]:
+    """The order to submit candidates in: longest fit first, so that a long fit never starts
+    last and leaves the other workers idle (LPT scheduling). The cost of a fit is the last run's
+    fit seconds (`history`), else, on a project's first run, `TYPICAL_FIT_SECONDS`. Candidates
+    without a cost go first, in their own order (theirs is unknown)."""
+    seconds = last_fit_seconds(history)
+    source = "the last run's fit seconds"
+    if seconds is None:
+        seconds, source = TYPICAL_FIT_SECONDS, "typical fit seconds (no earlier run here)"
     unknown = [name for name in names if name not in seconds]
     known = sorted((name for name in names if name in seconds), key=lambda n: -seconds[n])
-    log.info("candidates submitted longest first, by the last run's fit seconds: %s", seconds)
+    log.info("candidates submitted longest first, by %s: %s", source, unknown + known)
     return unknown + known
+
+
+def cluster_threads(runner: DaskTaskRunner) -> int:
+    """The threads of the cluster's workers now: how many candidates can run at once."""
+    workers = runner.client.scheduler_info()["workers"].values()
+    return max(1, sum(worker["nthreads"] for worker in workers))
 
 
 def fit_in_parallel(
     names: list[str], train: Split, val: Split, params: TrainParams
 ) -> dict[str, tuple[Detector, CandidateResult]]:
-    """Every named candidate fitted as its own task on `dask_runner`'s cluster, submitted
-    `longest_first` and returned in the order given; the first failure (a `CandidateError`
-    naming the candidate) cancels the rest and is raised."""
+    """Every named candidate fitted as its own task on `dask_runner`'s cluster and returned in
+    the order given; the first failure (a `CandidateError` naming the candidate) cancels the
+    rest and is raised.
+    Candidates are handed out `longest_first`, one per free worker thread, the next as one
+    finishes: Dask assigns every submitted task to a worker at once, so submitting all of them
+    queued a long fit behind another on one worker while the other worker idled (measured: vae
+    waited 24 s behind flow)."""
+    from distributed import as_completed
+
     with dask_runner(params) as (runner, budget):
-        futures = {
-            name: runner.submit(
-                fit_candidate_task,
-                {"name": name, "train": train, "val": val, "params": params, "budget": budget},
-            )
-            for name in longest_first(names)
-        }
-        names_by_run = {future.task_run_id: name for name, future in futures.items()}
+        waiting = longest_first(names)
+        running: dict[str, tuple[str, PrefectDaskFuture]] = {}  # by Dask key
+        done = as_completed(loop=runner.client.loop)
+
+        def submit_next() -> None:
+            name = waiting.pop(0)
+            arguments = {"name": name, "train": train, "val": val, "params": params}
+            future = runner.submit(fit_candidate_task, {**arguments, "budget": budget})
+            running[future.wrapped_future.key] = (name, future)
+            done.add(future.wrapped_future)
+
+        while waiting and len(running) < cluster_threads(runner):
+            submit_next()
         fitted: dict[str, FittedCandidate] = {}
         try:
-            for future in as_completed(list(futures.values())):
-                name = names_by_run[future.task_run_id]
-                fitted[name] = done = future.result()
+            for finished in done:
+                name, future = running.pop(finished.key)
+                fitted[name] = result = future.result()
                 log.info(
                     "candidate %d/%d done: %s on worker %s: %s = %.4f (%.1f s)",
-                    *(len(fitted), len(names), name, done.worker),
-                    *(done.result.metric_name, done.result.metric, done.seconds),
+                    *(len(fitted), len(names), name, result.worker),
+                    *(result.result.metric_name, result.result.metric, result.seconds),
                 )
+                if waiting:
+                    submit_next()
         except BaseException:
-            for future in futures.values():
+            for _, future in running.values():
                 future.wrapped_future.cancel()
             raise
     return {name: (fitted[name].detector, fitted[name].result) for name in names}
