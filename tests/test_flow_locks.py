@@ -18,6 +18,7 @@ import pytest
 
 from normalcy.errors import ModelBusy
 from normalcy.flow_locks import champion_changes, holder_variable, limit_name, read_holder
+from normalcy.processes import pid_namespace
 
 
 def test_limit_names_are_safe_for_prefect():
@@ -145,7 +146,8 @@ def _record_holder(model: str, value: object) -> None:
 def _holder(host: str, pid: str, lease_id: object) -> dict[str, str]:
     """A record as the lock writes it, with a start time no live process has."""
     since = "2026-01-01T00:00:00+00:00"
-    return {"host": host, "pid": pid, "start": "1", "since": since, "lease_id": str(lease_id)}
+    return {"host": host, "pid_namespace": pid_namespace(), "pid": pid, "start": "1",
+            "since": since, "lease_id": str(lease_id)}  # fmt: skip
 
 
 @pytest.mark.integration
@@ -237,6 +239,7 @@ def test_a_dead_holder_whose_lease_the_server_knows_is_released_through_its_leas
     "record",
     [
         "another host",  # its process may well be alive: only that host can tell
+        "another container",  # same host name, other pids (host networking)
         "no record",  # taken a moment ago, record not yet written
         "unreadable",
     ],
@@ -252,12 +255,19 @@ def test_a_holder_this_host_cannot_prove_dead_is_never_freed(prefect_harness, re
     dead = str(_dead_pid())
     values = {
         "another host": _holder("elsewhere.example", dead, lease.lease_id),
+        "another container": {
+            **_holder(socket.gethostname(), dead, lease.lease_id),
+            "pid_namespace": "pid:[1]",
+        },
         "no record": None,
         "unreadable": {"pid": dead},
     }
     if values[record] is not None:
         _record_holder(model, values[record])
-    expected = f"pid {dead} on host elsewhere.example" if record == "another host" else "no record"
+    expected = {
+        "another host": f"pid {dead} on host elsewhere.example since",
+        "another container": f"pid {dead} on host {socket.gethostname()} since",
+    }.get(record, "no record")
     with pytest.raises(ModelBusy, match=expected):
         with champion_changes(model, wait_seconds=0.5):
             pass

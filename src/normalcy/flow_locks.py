@@ -15,28 +15,32 @@ provably dead:
 
 - The record is a Prefect Variable (`holder_variable`): it lives on the same server, in the same
   database, as the slot it describes, so whoever can see the slot can see its holder, on any
-  host, with no extra store to configure. It holds host, pid, process start time (a reused pid
-  is not the holder), since when, and the lease id. It is written right after the slot is
+  host, with no extra store to configure. It holds host, pid namespace (containers may share a
+  host name), pid, process start time (a reused pid is not the holder), since when, and the
+  lease id. It is written right after the slot is
   taken and deleted right before the slot is released, so a record always names the holder of
   a taken slot; a taken slot without a record (the moment between taking and writing) is
   treated as busy.
-- Only a holder of this host whose process is gone is freed (`processes.is_gone`). A holder on
+- Only a holder of this host (and pid namespace) whose process is gone is freed
+  (`processes.is_gone`). A holder on
   another host, an unreadable record or none at all gives ModelBusy: nothing is freed blindly.
 - Freeing never frees twice. The server is asked to renew the dead holder's lease: when it
   knows the lease, the slot is released through it (idempotent, and the server's own
   expiry service goes through the same lease); when it does not (the temporary server that
   issued it is gone), nobody else can ever free it, and the slot count is decremented
-  directly, after checking that the record still names the dead holder.
+  directly, after `RECORD_GRACE_SECONDS` and a check that the slot is still taken and the
+  record still names the dead holder (a run that took the slot since would have replaced it).
 - A host-local file lock (`host_lock`) serialises "take the slot + write the record" and
   "read the record + free + take" between the processes of one host, so no run of this host
   can see another's slot before its record exists.
 
-Left open: between the decrement and the deletion of the dead holder's record, a run on another
-host may take the freed slot and write its record, which is then deleted; that run is only
-reported busy-with-no-record to others (never freed). And a long-lived server whose expiry
-service frees the dead lease in the instant between the check and the decrement, followed by
-a run on another host taking the slot before writing its record, would lose that slot: that
-needs a lost lease (410) from a server that still expires leases, within milliseconds."""
+Left open (both need a run on another host, and only lose that run its recoverability or slot,
+never make two holders): between the decrement and the deletion of the dead holder's record, a
+run on another host may take the freed slot and write its record, which is then deleted; that
+run is then reported busy-with-no-record, never freed. And a long-lived server's expiry service
+frees a dead holder's slot without deleting its record: if a run on another host takes the slot
+and has still not written its record `RECORD_GRACE_SECONDS` after a run of the dead holder's
+host found the lease unknown, that slot is decremented under it."""
 
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
@@ -53,7 +58,7 @@ from typing import Any
 from uuid import UUID
 
 from normalcy.errors import ModelBusy
-from normalcy.processes import is_gone, this_process
+from normalcy.processes import is_gone, pid_namespace, this_process
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,10 @@ LEASE_SECONDS = 300.0
 # loaded machine the server's answer alone can take longer than `wait_seconds` (seen at load 12
 # on 2 cores: ModelBusy with no other run of the model anywhere).
 SLOW_SERVER_RETRIES = 5
-HOLDER_KEYS = ("host", "pid", "start", "since", "lease_id")
+# Before a slot is decremented directly, a run that took it a moment ago gets this long to
+# write its record (one request: well under a second even on a loaded server).
+RECORD_GRACE_SECONDS = 2.0
+HOLDER_KEYS = ("host", "pid_namespace", "pid", "start", "since", "lease_id")
 
 
 def limit_name(model_name: str) -> str:
@@ -118,8 +126,8 @@ def _write_holder(model_name: str, lease_id: UUID) -> None:
 
     host, pid, start = this_process()
     since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record = {"host": host, "pid": str(pid), "start": start, "since": since,
-              "lease_id": str(lease_id)}  # fmt: skip
+    record = {"host": host, "pid_namespace": pid_namespace(), "pid": str(pid), "start": start,
+              "since": since, "lease_id": str(lease_id)}  # fmt: skip
     name = holder_variable(model_name)
     with get_client(sync_client=True) as client:
         try:
@@ -171,10 +179,14 @@ def _free_dead_holder(name: str, model_name: str, holder: dict[str, str]) -> Non
     with get_client(sync_client=True) as client:
         if _lease_known(lease_id):
             client.release_concurrency_slots_with_lease(lease_id)
-        elif read_holder(model_name) == holder and _slot_taken(name):
-            since = datetime.fromisoformat(holder["since"])
-            held_s = max((datetime.now(timezone.utc) - since).total_seconds(), 1e-3)
-            client.release_concurrency_slots([name], slots=1, occupancy_seconds=held_s)
+        else:
+            time.sleep(RECORD_GRACE_SECONDS)
+            if read_holder(model_name) != holder:
+                return  # another run took the slot and recorded itself meanwhile
+            if _slot_taken(name):
+                since = datetime.fromisoformat(holder["since"])
+                held_s = max((datetime.now(timezone.utc) - since).total_seconds(), 1e-3)
+                client.release_concurrency_slots([name], slots=1, occupancy_seconds=held_s)
     _delete_holder(model_name)
 
 
@@ -202,6 +214,7 @@ def _take_or_free_dead(name: str, model_name: str, wait_seconds: float) -> UUID:
         if (
             holder is None
             or holder["lease_id"] in freed
+            or holder["pid_namespace"] != pid_namespace()  # another container: its pids
             or not is_gone(holder["host"], holder["pid"], holder["start"])
         ):
             raise ModelBusy(

@@ -19,6 +19,15 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
+def pid_namespace() -> str:
+    """The pid namespace of this process ("pid:[4026531836]"), or "" where /proc cannot say:
+    containers that share a host name (host networking) still see different pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def this_process() -> tuple[str, int, str]:
     """(host name, pid, start time or "") of the calling process."""
     pid = os.getpid()
