@@ -99,7 +99,10 @@ def host_lock(name: str) -> Iterator[None]:
     """An exclusive lock between the processes (and threads) of this host, on a file named
     after the limit in the temporary folder; the kernel drops it when its holder dies."""
     path = Path(tempfile.gettempdir()) / f"{name}.lock"
-    descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: any user may lock
+    try:  # read-only, and no O_CREAT on another user's file (fs.protected_regular refuses it)
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
