@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ from normalcy.artifact.metadata import read_onnx_metadata
 from normalcy.config import Params
 from normalcy.flow_locks import champion_changes
 from normalcy.pipeline import artifacts
+from normalcy.processes import is_gone, process_start, this_process  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -40,41 +39,21 @@ HOST_TAG, PID_TAG, START_TAG = "normalcy.host", "normalcy.pid", "normalcy.proces
 HOLDS_LOCK_TAG = "normalcy.holds_model_lock"  # the model whose lock the run holds
 
 
-def process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux /proc), to tell a pid reused
-    by another process from the one that started the run; None where /proc has no answer."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
-
-
 def run_tags(locked_model: str | None) -> dict[str, str]:
     """Tags of an MLflow run that say which process runs it and which model's lock it holds
     (None: none), read by `fail_dead_runs`."""
-    pid = os.getpid()
+    host, pid, start = this_process()
     return {
-        HOST_TAG: socket.gethostname(),
+        HOST_TAG: host,
         PID_TAG: str(pid),
-        START_TAG: process_start(pid) or "",
+        START_TAG: start,
         HOLDS_LOCK_TAG: locked_model or "",
     }
 
 
 def process_is_gone(tags: dict[str, str]) -> bool:
     """True when the run's tags name a process of this host that no longer runs."""
-    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
-        return False
-    pid = int(tags[PID_TAG])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        pass
-    recorded = tags.get(START_TAG)
-    return bool(recorded) and process_start(pid) not in (None, recorded)
+    return is_gone(tags.get(HOST_TAG, ""), tags.get(PID_TAG, ""), tags.get(START_TAG, ""))
 
 
 def fail_dead_runs(experiment_id: str, locked_model: str | None) -> list[str]:
