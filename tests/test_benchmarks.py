@@ -184,6 +184,8 @@ def test_parallel_training_times_the_real_flow_both_ways(tmp_path):
             (only,) = measured["runs"][mode]
             assert 0 < only["training_s"] < only["wall_s"]
             assert set(only["fits"]) == {"iforest", "pca"}
+            assert only["load_before"] >= 0
+            assert measured["fastest"][mode]["training_s"] == only["training_s"]
         assert measured["runs"]["dask"][0]["cluster_requested_before_s"] > 0
         assert measured["runs"]["sequential"][0]["cluster_wait_s"] is None
 

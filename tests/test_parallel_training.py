@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import socket
 
 import numpy as np
@@ -257,3 +258,34 @@ def test_candidates_are_submitted_longest_first_by_the_last_runs_or_typical_fit_
     for unreadable in ("{not json", json.dumps({"candidates": [{"name": "vae"}]}), "[]"):
         table.write_text(unreadable)
         assert longest_first(names, table) == first_run
+
+
+DONE_LINE = re.compile(
+    r"done: (\w+) on worker \S+ \(started \+([\d.]+) s\): \S+ = \S+ \(([\d.]+) s\)"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_candidates_are_handed_out_one_per_worker_longest_first(
+    splits, prefect_harness, caplog, tmp_path, monkeypatch
+):
+    """Dask assigns a submitted task to a worker at once: had all been submitted together, a
+    long fit could queue behind another while a worker idles. Here a candidate starts only when
+    one ends, at most one per worker runs at a time, in the typical longest-first order."""
+    monkeypatch.chdir(tmp_path)  # no candidates table: the first run of a project
+    params = TrainParams(**CHEAP, parallel=LOCAL_DASK)
+    with caplog.at_level(logging.INFO, logger="normalcy.pipeline.parallel"):
+        in_a_flow(train.fit_candidates, splits.train, splits.val, params)
+    spans = {
+        name: (float(start), float(start) + float(seconds))
+        for name, start, seconds in DONE_LINE.findall(caplog.text)
+    }
+    assert sorted(spans) == sorted(CHEAP["candidates"])
+    order = parallel.longest_first(CHEAP["candidates"])
+    assert order == ["autoencoder", "pca", "iforest", "knn"]
+    ends = sorted(end for _, end in spans.values())
+    # the third and fourth candidates were handed out only after one, then two, had ended
+    assert spans[order[2]][0] >= ends[0] and spans[order[3]][0] >= ends[1]
+    for name, (start, _) in spans.items():  # never more fits at once than the 2 workers
+        assert sum(s <= start < e for s, e in spans.values()) <= 2, name

@@ -87,23 +87,35 @@ def model_metadata(
     }
 
 
+@dataclass(frozen=True)
+class TorchReference:
+    """What an exported graph is compared with: the torch module it came from, its threshold,
+    the rows and calibration scores to compare on, and the rows per run (the detector's
+    scoring batch: an image graph's activations for a whole test split at once exhausted 23 GB
+    at 448 px)."""
+
+    module: nn.Module
+    threshold: float
+    test_X: np.ndarray
+    calibration_scores: np.ndarray
+    batch_size: int
+
+
 def _gate(
-    graph: Path,
-    module: nn.Module,
-    threshold: float,
-    test_X: np.ndarray,
-    calibration_scores: np.ndarray,
-    policy: TolerancePolicy,
-    report_path: Path,
-    label: str,
-    batch_size: int,
+    graph: Path, reference: TorchReference, policy: TolerancePolicy, report_path: Path, label: str
 ) -> tuple[Path, ParityReport]:
-    """The gate every exported graph (float or INT8) passes: `compare` with torch on test_X
-    under `policy`, `batch_size` rows per run (the detector's scoring batch: an image graph's
-    activations for a whole test split at once exhausted 23 GB at 448 px), the report written
-    to `report_path` and logged; a graph that fails is renamed `.rejected.onnx`. Returns (path
-    of the graph, report)."""
-    report = compare(module, threshold, graph, test_X, policy, calibration_scores, batch_size)
+    """The gate every exported graph (float or INT8) passes: `compare` with the torch
+    `reference` under `policy`, the report written to `report_path` and logged; a graph that
+    fails is renamed `.rejected.onnx`. Returns (path of the graph, report)."""
+    report = compare(
+        reference.module,
+        reference.threshold,
+        graph,
+        reference.test_X,
+        policy,
+        reference.calibration_scores,
+        reference.batch_size,
+    )
     write_json(report.to_dict(), report_path)
     log.info("%s: %s", label, report.message())
     if not report.passed:
@@ -141,17 +153,8 @@ def export(
     policy = FloatTolerance(
         params.parity_max_abs, params.parity_max_rel, params.parity_min_agreement
     )
-    return _gate(
-        path,
-        module,
-        threshold,
-        test_X,
-        stored,
-        policy,
-        artifacts.PARITY,
-        "parity",
-        detector.scoring_batch_size,
-    )
+    reference = TorchReference(module, threshold, test_X, stored, detector.scoring_batch_size)
+    return _gate(path, reference, policy, artifacts.PARITY, "parity")
 
 
 def quantize(
@@ -170,17 +173,8 @@ def quantize(
     policy = Int8Tolerance(
         params.quantized_max_rel, params.quantized_min_spearman, params.quantized_min_agreement
     )
-    return _gate(
-        path,
-        module,
-        threshold,
-        test_X,
-        stored,
-        policy,
-        artifacts.PARITY_INT8,
-        "INT8 parity",
-        detector.scoring_batch_size,
-    )
+    reference = TorchReference(module, threshold, test_X, stored, detector.scoring_batch_size)
+    return _gate(path, reference, policy, artifacts.PARITY_INT8, "INT8 parity")
 
 
 @dataclass

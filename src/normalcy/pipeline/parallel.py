@@ -47,11 +47,13 @@ class ParallelSetupError(ValueError):
 
 @dataclass
 class FittedCandidate:
-    """What a candidate task sends back: the fitted detector, its result, where and how long."""
+    """What a candidate task sends back: the fitted detector, its result, where, when it
+    started (epoch seconds) and how long it took."""
 
     detector: Detector
     result: CandidateResult
     worker: str
+    started: float
     seconds: float
 
 
@@ -305,10 +307,10 @@ def fit_candidate_task(
 
     worker = get_worker()
     budget = budget or max(1, available_cpus() // worker.state.nthreads)
-    started = time.perf_counter()
+    started, clock = time.time(), time.perf_counter()
     with cpu_budget(budget), torch_threads(budget):
         detector, result = fit_candidate(name, train, val, params)
-    return FittedCandidate(detector, result, worker.address, time.perf_counter() - started)
+    return FittedCandidate(detector, result, worker.address, started, time.perf_counter() - clock)
 
 
 # Mean fit seconds of the built-in candidates over the 15 shared ADBench tables, 3 seeds each
@@ -384,6 +386,7 @@ def fit_in_parallel(
             running[future.wrapped_future.key] = (name, future)
             done.add(future.wrapped_future)
 
+        handed_out = time.time()
         while waiting and len(running) < cluster_threads(runner):
             submit_next()
         fitted: dict[str, FittedCandidate] = {}
@@ -392,8 +395,9 @@ def fit_in_parallel(
                 name, future = running.pop(finished.key)
                 fitted[name] = result = future.result()
                 log.info(
-                    "candidate %d/%d done: %s on worker %s: %s = %.4f (%.1f s)",
+                    "candidate %d/%d done: %s on worker %s (started +%.2f s): %s = %.4f (%.2f s)",
                     *(len(fitted), len(names), name, result.worker),
+                    result.started - handed_out,
                     *(result.result.metric_name, result.result.metric, result.seconds),
                 )
                 if waiting:
