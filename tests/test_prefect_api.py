@@ -3,6 +3,7 @@ quickly with nothing lost."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,8 +36,6 @@ print(json.dumps({"url": url, "result": result, "health": health, "server": serv
 
 
 def test_nothing_starts_when_an_api_is_configured(prefect_harness):
-    import contextlib
-
     from prefect.settings import get_current_settings
 
     harness_url = get_current_settings().api.url
@@ -92,3 +91,57 @@ def test_a_server_that_dies_at_start_is_reported_with_its_url(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match=r"temporary Prefect API at http://127\.0\.0\.1:\d+/api"):
         with api():
             pass
+
+
+BOOT_AND_WAIT = """
+import sys
+from normalcy.prefect_api import start_temporary_api_early
+
+api = start_temporary_api_early()
+with api():
+    from prefect.settings import get_current_settings
+
+    print(get_current_settings().api.url, flush=True)
+    sys.stdin.read()
+"""
+
+
+def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
+def test_the_temporary_api_stops_when_its_process_is_killed_outright(tmp_path):
+    """`kill -9` runs no exit code: the server used to stay behind, orphaned and listening."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path)
+    run = subprocess.Popen(
+        [sys.executable, "-c", BOOT_AND_WAIT],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        url = run.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and _answers(url)
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(30)
+        deadline = time.monotonic() + 30
+        while _answers(url) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _answers(url), f"the temporary API at {url} outlived its killed process"
+    finally:  # the whole session: the process, and its server if it outlived it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)

@@ -9,13 +9,16 @@ The flow then runs against it as against any configured API.
 
 At exit the queued logs and events are sent first, then the server gets `STOP_GRACE_S` to stop:
 Prefect's own stop waits 5 s for uvicorn's graceful shutdown, which waits on idle keep-alive
-connections, and its log handler flushes only after the server is gone (another 5 s)."""
+connections, and its log handler flushes only after the server is gone (another 5 s). A process
+killed outright (`kill -9`) runs no exit code: on Linux the server is then stopped by the
+kernel (`_stop_with_parent`), where it used to stay behind, orphaned and listening."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -113,6 +116,24 @@ def stop_quickly(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _stop_with_parent(parent: int) -> Callable[[], None] | None:
+    """For the server's Popen on Linux: in the child, before it runs the server, ask the kernel
+    to SIGTERM it when `parent` dies, however it dies; and exit at once if `parent` is already
+    gone (it died between the fork and the request). None elsewhere (no such request)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def request() -> None:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return request
+
+
 def start_temporary_api_early(
     timeout_s: float = STARTUP_TIMEOUT_S,
 ) -> Callable[[], AbstractContextManager[None]]:
@@ -124,7 +145,11 @@ def start_temporary_api_early(
         return contextlib.nullcontext
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    process = subprocess.Popen(_server_command(port), env={**os.environ, **SERVER_ENV})
+    process = subprocess.Popen(
+        _server_command(port),
+        env={**os.environ, **SERVER_ENV},
+        preexec_fn=_stop_with_parent(os.getpid()),  # noqa: PLW1509  run_flow calls this before the flow starts threads
+    )
     atexit.register(stop_quickly, process)
 
     @contextlib.contextmanager
