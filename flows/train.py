@@ -12,6 +12,7 @@ from normalcy.data.versioning import snapshot_data
 from normalcy.detectors import Detector
 from normalcy.evaluation.selection import CandidateResult
 from normalcy.export import ParityError
+from normalcy.memory import keep_freed_memory
 from normalcy.pipeline import clean, evaluate, export, parallel, prepare, tracking, train, validate
 from normalcy.pipeline.evaluate import Evaluation
 from normalcy.pipeline.export import Exported
@@ -125,6 +126,7 @@ def publish_and_promote(
 @flow(name="normalcy-train", log_prints=True)
 def train_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """prepare, DVC snapshot, validate, clean, candidates, calibrate, export, register."""
+    keep_freed_memory()  # a deployment's worker runs this flow without the CLI
     params = load_params(params_path, overrides)
     with parallel.training_cluster(params.train):  # checked before any work, started early
         registry.setup_tracking(params.mlflow)

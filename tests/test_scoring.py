@@ -175,6 +175,12 @@ def test_session_settings_reach_onnxruntime(table_model) -> None:
         SessionSettings(execution_mode="fast").options()
 
 
+def test_idle_onnxruntime_threads_do_not_spin_unless_asked() -> None:
+    key = "session.intra_op.allow_spinning"
+    assert SessionSettings().options().get_session_config_entry(key) == "0"
+    assert SessionSettings(allow_spinning=True).options().get_session_config_entry(key) == "1"
+
+
 def test_input_spec_and_row_checks_name_what_is_wrong(table_model, image_model) -> None:
     spec = input_spec(table_model["session"])
     assert spec.shape == (64,) and spec.feature_names == tuple(FEATURES)

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from normalcy.memory import keep_freed_memory
+
 # Commands that score with onnxruntime alone: they must run where torch is not installed, so
 # neither they nor their error handling may import the training side of normalcy.
 TORCH_FREE_COMMANDS = ("score", "serve", "inspect")
@@ -288,6 +290,7 @@ def _is_user_error(command: str, exc: Exception) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input ends with a one-paragraph error and exit code 2, no traceback."""
     _quiet_environment()
+    keep_freed_memory()  # before any large allocation: see normalcy.memory
     show_progress_logs()
     args = build_parser().parse_args(argv)
     if args.command not in TORCH_FREE_COMMANDS:

@@ -57,6 +57,7 @@ def session_settings(scoring: Any) -> Any:
         inter_op_threads=scoring.inter_op_threads,
         execution_mode=scoring.execution_mode,
         graph_optimization=scoring.graph_optimization,
+        allow_spinning=scoring.allow_spinning,
     )
 
 

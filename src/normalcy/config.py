@@ -235,6 +235,7 @@ class ScoringParams(_Section):
     inter_op_threads: int = Field(1, ge=1)
     execution_mode: Literal["sequential", "parallel"] = "sequential"
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    allow_spinning: bool = False  # idle onnxruntime threads busy-wait (see SessionSettings)
     reload_interval_s: float = Field(30.0, gt=0)
     max_request_bytes: int = Field(16 * 2**20, ge=1)
     workers: int = Field(1, ge=1)

@@ -204,7 +204,9 @@ def warm_up_worker(modules: tuple[str, ...] = ()) -> None:
 
     import normalcy.pipeline.train  # noqa: F401
     from normalcy.detectors.registry import load_builtin_detectors
+    from normalcy.memory import keep_freed_memory
 
+    keep_freed_memory()  # a worker process fits and scores torch models too
     load_builtin_detectors()
     for module in modules:
         importlib.import_module(module)
@@ -303,8 +305,10 @@ def fit_candidate_task(
     """Fit one candidate and its variants inside its CPU budget, on a Dask worker."""
     from distributed import get_worker
 
+    from normalcy.memory import keep_freed_memory
     from normalcy.pipeline.train import fit_candidate
 
+    keep_freed_memory()  # a worker of a cluster this process did not start was not warmed up
     worker = get_worker()
     budget = budget or max(1, available_cpus() // worker.state.nthreads)
     started, clock = time.time(), time.perf_counter()
