@@ -65,10 +65,6 @@ log = logging.getLogger(__name__)
 # A live holder renews its lease in the background; a long-lived server's expiry service frees
 # the slot of a holder that stopped renewing after this long (Prefect's own default).
 LEASE_SECONDS = 300.0
-# A timed-out acquisition is retried this many times when the slot turns out to be free: on a
-# loaded machine the server's answer alone can take longer than `wait_seconds` (seen at load 12
-# on 2 cores: ModelBusy with no other run of the model anywhere).
-SLOW_SERVER_RETRIES = 5
 # Before a slot is decremented directly, a run that took it a moment ago gets this long to
 # write its record (one request: well under a second even on a loaded server).
 RECORD_GRACE_SECONDS = 2.0
@@ -193,50 +189,61 @@ def _free_dead_holder(name: str, model_name: str, holder: dict[str, str]) -> Non
     _delete_holder(model_name)
 
 
-def _take(name: str, wait_seconds: float) -> UUID:
-    """The lease id of the slot, or TimeoutError when it was not granted in time."""
-    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease
+def _take(name: str) -> UUID | None:
+    """The lease id of the slot, or None when it is held (the server answers 423 Locked).
+    One request, no waiting: Prefect's own acquisition retries a held slot until a timeout
+    and logs the timeout as an ERROR, which a run that is refused, or a free slot on a slow
+    server, should not print."""
+    import httpx
+    from prefect.client.orchestration import get_client
 
-    response = acquire_concurrency_slots_with_lease(
-        [name], 1, timeout_seconds=wait_seconds, lease_duration=LEASE_SECONDS, strict=True
+    with get_client(sync_client=True) as client:
+        try:
+            response = client.increment_concurrency_slots_with_lease(
+                [name], 1, "concurrency", LEASE_SECONDS
+            )
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code == 423:
+                return None
+            raise
+    granted = response.json()
+    if not granted.get("limits"):  # champion_changes creates it first: deleted meanwhile
+        raise RuntimeError(f"the Prefect concurrency limit {name!r} vanished before its slot")
+    return UUID(granted["lease_id"])
+
+
+def _busy(name: str, model_name: str, holder: dict[str, str] | None) -> ModelBusy:
+    return ModelBusy(
+        f"another training or recalibration of {model_name!r} holds the Prefect "
+        f"concurrency limit {name!r}: {describe(holder)}; try again when it has finished"
     )
-    return response.lease_id
 
 
-def _take_or_free_dead(name: str, model_name: str, wait_seconds: float) -> UUID:
+def _take_or_free_dead(name: str, model_name: str) -> UUID:
     """The lease id of the slot; a slot held by a dead process of this host is freed first
     (once: a slot taken again is another run's). ModelBusy names a live or unknown holder."""
-    freed: set[str] = set()
-    for _ in range(SLOW_SERVER_RETRIES + 1):
-        try:
-            return _take(name, wait_seconds)
-        except TimeoutError:
-            if not _slot_taken(name):
-                continue
-        holder = read_holder(model_name)
-        if (
-            holder is None
-            or holder["lease_id"] in freed
-            or holder["pid_namespace"] != pid_namespace()  # another container: its pids
-            or not is_gone(holder["host"], holder["pid"], holder["start"])
-        ):
-            raise ModelBusy(
-                f"another training or recalibration of {model_name!r} holds the Prefect "
-                f"concurrency limit {name!r}: {describe(holder)}; try again when it has finished"
-            )
-        log.warning(
-            "the champion lock of %r (Prefect limit %r) was held by %s, a process that is "
-            "gone: freeing it",
-            model_name,
-            name,
-            describe(holder),
-        )
-        _free_dead_holder(name, model_name, holder)
-        freed.add(holder["lease_id"])
-    raise ModelBusy(
-        f"the Prefect concurrency limit {name!r} is free but the server did not grant "
-        f"it in {SLOW_SERVER_RETRIES + 1} tries of {wait_seconds:g} s; is it overloaded?"
+    lease_id = _take(name)
+    if lease_id is not None:
+        return lease_id
+    holder = read_holder(model_name)
+    if (
+        holder is None
+        or holder["pid_namespace"] != pid_namespace()  # another container: its pids
+        or not is_gone(holder["host"], holder["pid"], holder["start"])
+    ):
+        raise _busy(name, model_name, holder)
+    log.warning(
+        "the champion lock of %r (Prefect limit %r) was held by %s, a process that is "
+        "gone: freeing it",
+        model_name,
+        name,
+        describe(holder),
     )
+    _free_dead_holder(name, model_name, holder)
+    lease_id = _take(name)
+    if lease_id is None:  # a run of another host took it in the meantime
+        raise _busy(name, model_name, read_holder(model_name))
+    return lease_id
 
 
 def _release(name: str, model_name: str, lease_id: UUID) -> None:
@@ -261,10 +268,10 @@ def _release(name: str, model_name: str, lease_id: UUID) -> None:
 
 
 @contextmanager
-def champion_changes(model_name: str, wait_seconds: float = 1.0) -> Iterator[None]:
-    """Hold the model's slot for the whole block, or raise ModelBusy when a live run (or one
-    this host cannot vouch is dead) holds it. A slot left by a dead process of this host is
-    freed and taken; a time-out while the slot is free (a slow server) is retried."""
+def champion_changes(model_name: str) -> Iterator[None]:
+    """Hold the model's slot for the whole block, or raise ModelBusy at once when a live run
+    (or one this host cannot vouch is dead) holds it. A slot left by a dead process of this
+    host is freed and taken."""
     from prefect.client.orchestration import get_client
     from prefect.concurrency._leases import maintain_concurrency_lease
     from prefect.concurrency._sync import release_concurrency_slots_with_lease
@@ -274,7 +281,7 @@ def champion_changes(model_name: str, wait_seconds: float = 1.0) -> Iterator[Non
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
     with ExitStack() as held:
         with host_lock(name):
-            lease_id = _take_or_free_dead(name, model_name, wait_seconds)
+            lease_id = _take_or_free_dead(name, model_name)
             try:
                 _write_holder(model_name, lease_id)
             except BaseException:  # a slot without a record would look busy forever
