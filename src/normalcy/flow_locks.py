@@ -213,6 +213,7 @@ def _take(name: str) -> UUID | None:
 
 
 def _busy(name: str, model_name: str, holder: dict[str, str] | None) -> ModelBusy:
+    """The refusal, naming the limit and its holder, so the user knows whom to wait for."""
     return ModelBusy(
         f"another training or recalibration of {model_name!r} holds the Prefect "
         f"concurrency limit {name!r}: {describe(holder)}; try again when it has finished"
