@@ -133,7 +133,11 @@ BAD_PARAMS = [
         f"{TD}.ensemble.member_params.vae.latent_dim: must be an integer >= 1, got 0",
     ),
     ([f"{TD}.autoencoder=5"], f"{TD}.autoencoder: Input should be a valid dictionary"),
-    (["clean.detector_params={latent_dim: 2.5}"], "clean.detector_params.latent_dim: must be an"),
+    (
+        ["clean.detector=autoencoder", "clean.detector_params={latent_dim: 2.5}"],
+        "clean.detector_params.latent_dim: must be an",
+    ),
+    (["clean.detector_params={k_fraction: 5}"], "clean.detector_params.k_fraction: must be"),
     (["clean.detector=knn", "clean.detector_params={k: 0}"], "clean.detector_params.k: must be"),
 ]
 

@@ -110,6 +110,20 @@ def test_knn_k_fraction_unmasks_a_cluster_of_contamination():
     assert wide.score(rows)[cluster].min() > wide.score(rows)[~cluster].max()
 
 
+def test_knn_wide_is_knn_at_5_percent_of_the_rows_in_min_max_units(tmp_path):
+    """knn_wide is plain knn with other defaults (not a second implementation): the same
+    scores as knn given k_fraction=0.05 and min-max, through onnxruntime too."""
+    train, test = blobs(400, 0), blobs(60, 1)
+    wide = create_detector("knn_wide").fit(train)
+    assert wide.neighbours(400) == 20
+    same = create_detector("knn", k_fraction=0.05, preprocessing="minmax").fit(train)
+    np.testing.assert_allclose(wide.score(test), same.score(test), rtol=1e-6)
+    plain = create_detector("knn").fit(train)
+    assert not np.allclose(wide.score(test), plain.score(test))
+    scores, _ = onnx_scores(wide, test, tmp_path / "wide.onnx")
+    np.testing.assert_allclose(scores, wide.score(test), rtol=1e-4, atol=1e-5)
+
+
 def test_knn_k_fraction_never_lowers_k_and_is_capped_by_the_bank():
     knn = create_detector("knn", k=5, k_fraction=0.01)
     assert knn.neighbours(100) == 5

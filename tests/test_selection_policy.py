@@ -1,12 +1,16 @@
-"""Label-free selection: the consensus of IForest and kNN, overruled only by unanimous evidence."""
+"""Label-free selection: the consensus of IForest and two kNNs, overruled only by unanimous
+evidence."""
 
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from normalcy.config import TrainParams
 from normalcy.data.splits import Split
+from normalcy.detectors import create_detector
 from normalcy.detectors.ensemble import Ensemble
 from normalcy.evaluation.selection import (
     CONSENSUS,
@@ -15,7 +19,9 @@ from normalcy.evaluation.selection import (
     beats_beyond_noise,
     choose_label_free,
 )
+from normalcy.export import export_onnx
 from normalcy.pipeline import artifacts, train
+from normalcy.scoring import SCORE_NAME
 
 
 def evidence(*gains: float, base: float = 0.8, spread: float = 0.0) -> dict[str, np.ndarray]:
@@ -64,11 +70,12 @@ def test_without_labels_the_pipeline_adds_the_consensus_and_says_why(
 ):
     monkeypatch.chdir(tmp_path)
     fit_rows, val = unlabelled
-    params = TrainParams(candidates=["iforest", "knn", "pca"])
+    params = TrainParams(candidates=["iforest", "knn", "knn_wide", "pca"])
     detectors, results, winner = train.train_candidates(fit_rows, val, params)
-    assert [r.name for r in results] == ["iforest", "knn", "pca", CONSENSUS]
+    assert [r.name for r in results] == ["iforest", "knn", "knn_wide", "pca", CONSENSUS]
     consensus = detectors[CONSENSUS]
-    assert isinstance(consensus, Ensemble) and consensus.members == ["iforest", "knn"]
+    assert isinstance(consensus, Ensemble) and consensus.members == ["iforest", "knn", "knn_wide"]
+    assert consensus.combine == "max" and results[-1].extra["combine"] == "max"
     for r in results:
         assert set(r.extra["synthetic_auroc_by_type"]) == set(SYNTHETIC_ANOMALIES)
     table = json.loads((tmp_path / artifacts.CANDIDATES).read_text())
@@ -80,7 +87,9 @@ def test_without_labels_the_pipeline_adds_the_consensus_and_says_why(
 
 def test_best_validation_restores_the_plain_argmax(unlabelled):
     fit_rows, val = unlabelled
-    params = TrainParams(candidates=["iforest", "knn", "pca"], selection="best_validation")
+    params = TrainParams(
+        candidates=["iforest", "knn", "knn_wide", "pca"], selection="best_validation"
+    )
     _, results, winner = train.fit_candidates(fit_rows, val, params)
     assert CONSENSUS not in [r.name for r in results]
     assert winner.metric == max(r.metric for r in results)
@@ -94,4 +103,44 @@ def test_without_its_members_among_the_candidates_the_consensus_gives_way(unlabe
     params = TrainParams(candidates=["pca", "knn"])
     _, results, winner = train.fit_candidates(fit_rows, val, params)
     assert CONSENSUS not in [r.name for r in results]
-    assert "the consensus needs the candidates ['iforest', 'knn']" in winner.extra["selection"]
+    needs = "the consensus needs the candidates ['iforest', 'knn', 'knn_wide']"
+    assert needs in winner.extra["selection"]
+
+
+def contaminated_by_a_cluster(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(training rows with a 30-row cluster of anomalies, held-out normal rows, held-out rows
+    of the cluster): the cleaning-resistant contamination that masks itself from a small k."""
+    rng = np.random.default_rng(seed)
+    normal = rng.normal(size=(700, 4)).astype(np.float32)
+    cluster = (2.0 + 0.1 * rng.normal(size=(40, 4))).astype(np.float32)
+    return np.concatenate([normal[:600], cluster[:30]]), normal[600:], cluster[30:]
+
+
+def test_the_max_consensus_sees_what_one_member_sees_and_the_mean_dilutes(tmp_path):
+    """Held-out rows of a contaminating cluster: the k=5 kNN learned them as normal, the wide
+    kNN did not. The maximum of the standardized scores keeps the wide kNN's verdict; in the
+    mean the blind member pulls them back among the normal rows. The exported graph of the max
+    consensus scores as the fitted one does."""
+    train_rows, normal, anomalies = contaminated_by_a_cluster(0)
+    knn = create_detector("knn").fit(train_rows)
+    wide = create_detector("knn_wide", k_fraction=0.1).fit(train_rows)
+    assert np.median(knn.score(anomalies)) < np.median(knn.score(normal))  # masked
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalies))]
+    rows = np.concatenate([normal, anomalies])
+    auroc = {}
+    for combine in ("max", "mean"):
+        consensus = Ensemble.from_fitted([knn, wide], normal[:50], combine)
+        auroc[combine] = roc_auc_score(labels, consensus.score(rows))
+    assert auroc["max"] > 0.95 and auroc["mean"] < 0.8  # (seed 0: 0.98 and 0.72)
+    consensus = Ensemble.from_fitted([knn, wide], normal[:50], "max")
+    export_onnx(consensus.scoring_module(), 1.0, rows[:2], tmp_path / "max.onnx")
+    session = ort.InferenceSession(str(tmp_path / "max.onnx"), providers=["CPUExecutionProvider"])
+    (scores,) = session.run([SCORE_NAME], {session.get_inputs()[0].name: rows})
+    np.testing.assert_allclose(scores, consensus.score(rows), rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_combination_rule_is_refused_early():
+    with pytest.raises(ValueError, match=r"combine must be one of \('mean', 'max'\), got 'median'"):
+        Ensemble(members=["knn", "iforest"], combine="median")
+    with pytest.raises(ValueError, match="consensus_combine"):
+        TrainParams(consensus_combine="median")

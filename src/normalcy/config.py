@@ -115,11 +115,11 @@ class ValidateParams(_Section):
 
 class CleanParams(_Section):
     enabled: bool = True
-    detector: str = "autoencoder"
+    detector: str = "knn_wide"
     detector_params: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
-    max_iter: int = Field(3, ge=1)
-    mad_threshold: float = Field(3.5, gt=0)
+    max_iter: int = Field(6, ge=1)
+    mad_threshold: float = Field(2.5, gt=0)
     top_fraction: float | None = Field(None, gt=0, lt=0.5)
     epochs: int = Field(15, ge=1)
     threads: int | None = Field(None, ge=1)  # null: normalcy.threads' rule
@@ -162,8 +162,11 @@ class TrainParams(_Section):
     # Without validation labels: keep the consensus of these fitted candidates unless another
     # beats it on every synthetic anomaly type beyond noise (`best_validation`: plain argmax).
     selection: Literal["consensus", "best_validation"] = "consensus"
-    consensus_members: list[str] = Field(default_factory=lambda: ["iforest", "knn"], min_length=2)
-    selection_margin: float = Field(0.0, ge=0)
+    consensus_members: list[str] = Field(
+        default_factory=lambda: ["iforest", "knn", "knn_wide"], min_length=2
+    )
+    consensus_combine: Literal["mean", "max"] = "max"
+    selection_margin: float = Field(0.05, ge=0)
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     parallel: ParallelParams = Field(default_factory=ParallelParams)
 

@@ -1,9 +1,14 @@
 """Score-normalized ensemble of detectors (Aggarwal & Sathe, "Outlier Ensembles", 2017;
-Zhao et al., "SUOD"/PyOD's score combination): average of robustly standardized member scores.
+Zhao et al., "SUOD"/PyOD's score combination): the mean, or the maximum, of robustly standardized
+member scores.
 
 Detectors' raw scores live on unrelated scales (squared errors, distances, energies), so each is
-mapped to `(s - median) / (1.4826 * MAD)` over held-out rows before averaging. The medians and
-scales are constants, so the whole ensemble is one exportable graph."""
+mapped to `(s - median) / (1.4826 * MAD)` over held-out rows before combining. The medians and
+scales are constants, so the whole ensemble is one exportable graph.
+
+The mean lets members vote; the maximum (Aggarwal & Sathe's "maximization") flags a row that
+any member finds far out, so one member that is blind to a kind of anomaly (a small-k kNN to a
+cluster of them) cannot outvote the member that sees it."""
 
 from __future__ import annotations
 
@@ -37,13 +42,30 @@ def robust_location_scale(scores: np.ndarray) -> tuple[float, float]:
     return median, max(mad, MIN_SCALE)
 
 
-class MeanOfNormalizedScores(nn.Module):
-    """Members' scoring modules -> mean of their `(score - location) / scale` (the members'
-    other outputs are not carried: the ensemble's prediction is its score)."""
+COMBINE_RULES = ("mean", "max")
 
-    def __init__(self, members: Sequence[nn.Module], location: np.ndarray, scale: np.ndarray):
+
+def combine_scores(normalized: np.ndarray | torch.Tensor, combine: str) -> Any:
+    """Row-wise mean or maximum over the members' axis (1), for numpy arrays and tensors."""
+    if combine == "max":
+        return normalized.max(axis=1) if isinstance(normalized, np.ndarray) else normalized.amax(1)
+    return normalized.mean(axis=1) if isinstance(normalized, np.ndarray) else normalized.mean(1)
+
+
+class CombinedNormalizedScores(nn.Module):
+    """Members' scoring modules -> mean or maximum of their `(score - location) / scale` (the
+    members' other outputs are not carried: the ensemble's prediction is its score)."""
+
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        location: np.ndarray,
+        scale: np.ndarray,
+        combine: str = "mean",
+    ):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.combine = combine
         self.register_buffer("location", torch.as_tensor(location, dtype=torch.float32))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
 
@@ -51,7 +73,7 @@ class MeanOfNormalizedScores(nn.Module):
         scores = torch.stack(
             [as_prediction(member(x)).score.to(torch.float32) for member in self.members], dim=1
         )
-        return Prediction(((scores - self.location) / self.scale).mean(dim=1))
+        return Prediction(combine_scores((scores - self.location) / self.scale, self.combine))
 
 
 @register(ENSEMBLE)
@@ -75,14 +97,19 @@ class Ensemble(Detector):
         weight_decay: float = 1e-6,
         patience: int = 8,
         seed: int = 0,
+        combine: str = "mean",
     ) -> None:
         """Training settings are passed to every member that accepts them; `member_params`
-        (per member name) override them and set each member's architecture."""
+        (per member name) override them and set each member's architecture; `combine` is
+        `mean` or `max` of the normalized member scores."""
         members = list(members)
         if len(members) < 2:
             raise ValueError(f"ensemble: needs at least 2 members, got {members}")
         if ENSEMBLE in members:
             raise ValueError("ensemble: an ensemble cannot contain another ensemble")
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"ensemble: combine must be one of {COMBINE_RULES}, got {combine!r}")
+        self.combine = combine
         self.members = members
         self.member_params = dict(member_params or {})
         self.training = {
@@ -114,12 +141,15 @@ class Ensemble(Detector):
         self.scale = np.array([s[1] for s in stats])
 
     @classmethod
-    def from_fitted(cls, detectors: Sequence[Detector], normalization_X: np.ndarray) -> Ensemble:
+    def from_fitted(
+        cls, detectors: Sequence[Detector], normalization_X: np.ndarray, combine: str = "mean"
+    ) -> Ensemble:
         """An ensemble of detectors that are already fitted, normalized on `normalization_X`;
         each member's constructor params are recorded, so the ensemble can be saved."""
         ensemble = cls(
             members=[d.name for d in detectors],
             member_params={d.name: d.constructor_params() for d in detectors},
+            combine=combine,
         )
         ensemble.fitted = list(detectors)
         ensemble._normalize_on(np.asarray(normalization_X))
@@ -128,7 +158,7 @@ class Ensemble(Detector):
 
     def _score(self, x: np.ndarray) -> np.ndarray:
         scores = np.stack([member.score(x) for member in self.fitted], axis=1)
-        return ((scores - self.location) / self.scale).mean(axis=1)
+        return combine_scores((scores - self.location) / self.scale, self.combine)
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
         if not self.fitted:
@@ -159,4 +189,4 @@ class Ensemble(Detector):
             blocked = [m.name for m in self.fitted if not m.exportable]
             raise NotImplementedError(f"ensemble: members {blocked} are not exportable")
         modules = [member.score_only_module() for member in self.fitted]
-        return MeanOfNormalizedScores(modules, self.location, self.scale).eval()
+        return CombinedNormalizedScores(modules, self.location, self.scale, self.combine).eval()

@@ -212,3 +212,27 @@ class KNN(Detector):
         self.preprocess = load_preprocessing(self.preprocessing, input_shape, state)
         self.bank, self.coreset_indices = state["bank"], state["coreset_indices"]
         self.input_shape = tuple(input_shape)
+
+
+@register("knn_wide")
+class WideKNN(KNN):
+    """kNN whose neighbourhood is wider than a contaminating cluster: k is `k_fraction` (5%)
+    of the bank's rows, distances in min-max units.
+
+    A training set that still holds a cluster of anomalies (cleaning misses clustered ones:
+    each finds its neighbours among the others) teaches a k=5 kNN that the cluster is normal:
+    on ADBench's optdigits, 5-NN ranks test anomalies below normal rows (AUROC 0.42), while the
+    distance to the neighbour at 5% of the rows reaches past the cluster (0.84). A small k
+    sees local anomalies that a wide one smooths over (letter: 0.84 against 0.75), so the two
+    are separate candidates and consensus members. The 5% and min-max scaling are the settings
+    chosen for cleaning (benchmarks/README.md, "Cleaning with a wide-k kNN")."""
+
+    name = "knn_wide"
+
+    def __init__(
+        self,
+        k_fraction: float | None = 0.05,
+        preprocessing: str | Mapping[str, Any] = "minmax",
+        **knn_params: Any,
+    ) -> None:
+        super().__init__(k_fraction=k_fraction, preprocessing=preprocessing, **knn_params)

@@ -312,6 +312,12 @@ class KNNSpec(PreprocessedSpec):
         return problems
 
 
+@spec("knn_wide")
+class WideKNNSpec(KNNSpec):
+    k_fraction: UnitFraction | None = 0.05
+    preprocessing: Preprocessing = "minmax"
+
+
 @spec("iforest")
 class IForestSpec(DetectorSpec):
     n_estimators: PositiveInt = 100
@@ -343,6 +349,7 @@ class EnsembleSpec(TrainingSpec):
         list[Annotated[str, Strict()]], Expect("a list of at least 2 other detector names")
     ] = ["autoencoder", "deep_svdd"]
     member_params: dict[str, dict[str, Any]] | None = None
+    combine: Literal["mean", "max"] = "mean"
 
     def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
         from normalcy.detectors.registry import known_detectors, param_problems

@@ -165,16 +165,17 @@ def fit_candidates(
 def consensus_choice(
     detectors: dict[str, Detector], results: list[CandidateResult], val: Split, params: TrainParams
 ) -> CandidateResult:
-    """Add the `consensus` candidate (the mean of the robustly standardized scores of the
-    fitted `train.consensus_members`) and choose by `choose_label_free`: the consensus unless
-    the synthetic criterion is unanimous and beyond noise. Every candidate's per-type evidence
-    is recorded in its result."""
+    """Add the `consensus` candidate (the `train.consensus_combine` of the robustly
+    standardized scores of the fitted `train.consensus_members`) and choose by
+    `choose_label_free`: the consensus unless the synthetic criterion is unanimous and beyond
+    noise. Every candidate's per-type evidence is recorded in its result."""
     started = time.perf_counter()
     members = [detectors[name] for name in params.consensus_members]
-    consensus = Ensemble.from_fitted(members, val.X)
+    consensus = Ensemble.from_fitted(members, val.X, params.consensus_combine)
     result = _candidate_result(consensus, val, params, time.perf_counter() - started)
     result.name = CONSENSUS
     result.extra["members"] = list(params.consensus_members)
+    result.extra["combine"] = params.consensus_combine
     results.append(result)
     detectors[CONSENSUS] = consensus
     evidence = {
