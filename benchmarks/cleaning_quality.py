@@ -76,7 +76,7 @@ class Config:
 
 
 CONFIGS = {
-    "autoencoder_mad3.5": Config("autoencoder", {}),  # the params.yaml default
+    "autoencoder_mad3.5": Config("autoencoder", {}),  # params.yaml's default until 2026-12-01
     "iforest_mad3.5": Config("iforest", {}),
     "knn_mad3.5": Config("knn", {}),
     "iforest+knn_mad3.5": Config("ensemble", IFOREST_KNN),
@@ -91,6 +91,8 @@ CONFIGS = {
     "knn5%minmax_mad2.5_iter6": Config("knn", KNN_WIDE_MINMAX, mad_threshold=2.5, max_iter=6),
     "knn10%_mad2.5": Config("knn", KNN_WIDER, mad_threshold=2.5),
     "knn10%minmax_mad2.5": Config("knn", KNN_WIDER_MINMAX, mad_threshold=2.5),
+    # the params.yaml default: knn_wide is knn at k_fraction 0.05 in min-max units
+    "knn_wide_mad2.5_iter6": Config("knn_wide", {}, mad_threshold=2.5, max_iter=6),
 }
 
 

@@ -124,6 +124,29 @@ def test_knn_wide_is_knn_at_5_percent_of_the_rows_in_min_max_units(tmp_path):
     np.testing.assert_allclose(scores, wide.score(test), rtol=1e-4, atol=1e-5)
 
 
+def test_knn_nearest_row_is_the_lowest_index_among_equally_near_rows_in_both_runtimes(tmp_path):
+    """Digits are integer-valued, so squared distances are integers and bank rows tie. torch's and
+    onnxruntime's top-k order ties differently (5 of 1797 rows named different rows when
+    `nearest_row` was the first of the top-k); the lowest index among the tied is the same in
+    both, and it is the one a brute-force search finds."""
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data.astype(np.float32)
+    knn = create_detector("knn", k=5, preprocessing="none").fit(X[:1200])
+    module = knn.scoring_module()
+    export_onnx(module, 1.0, X[:2], tmp_path / "knn.onnx")
+    session = ort.InferenceSession(str(tmp_path / "knn.onnx"), providers=["CPUExecutionProvider"])
+    (exported,) = session.run(["nearest_row"], {session.get_inputs()[0].name: X})
+    with torch.no_grad():
+        reference = module(torch.from_numpy(X)).explanations["nearest_row"].numpy()
+    distances = ((X[:, None, :] - X[None, :1200, :]) ** 2).sum(axis=2)
+    lowest_tied = (distances == distances.min(axis=1, keepdims=True)).argmax(axis=1)
+    tied = (distances == distances.min(axis=1, keepdims=True)).sum(axis=1) > 1
+    assert tied[1200:].sum() >= 5  # held-out rows with two or more equally near bank rows (9)
+    np.testing.assert_array_equal(reference, lowest_tied)
+    np.testing.assert_array_equal(exported, lowest_tied)
+
+
 def test_knn_k_fraction_never_lowers_k_and_is_capped_by_the_bank():
     knn = create_detector("knn", k=5, k_fraction=0.01)
     assert knn.neighbours(100) == 5

@@ -129,6 +129,24 @@ def test_vae_negative_elbo_matches_torch_distributions():
         assert torch.allclose(vae(x), expected, atol=1e-4)
 
 
+def test_vae_scores_rows_far_outside_the_training_data_finitely(data, tmp_path):
+    """A row 1e4 standard deviations out pushed the code's log-variance past float32's exp range
+    and the KL term to inf; the bounded log-variance keeps the score finite, the largest of all,
+    in torch and in the exported graph."""
+    train, test, _ = data
+    detector = create_detector("vae", **QUICK).fit(train)
+    far = np.concatenate([test[:5], test[:5] + 1e4 * train.std(axis=0)]).astype(np.float32)
+    with torch.no_grad():
+        logvar = detector.network.encoder(standardized(detector, far[5:])).chunk(2, dim=1)[1]
+    assert logvar.abs().max() > 88  # exp() of it overflows float32
+    scores = detector.score(far)
+    assert np.isfinite(scores).all() and scores[5:].min() > scores[:5].max()
+    export_onnx(detector.scoring_module(), 1.0, far[:2], tmp_path / "vae.onnx")
+    module = detector.scoring_module()
+    report = parity_check(module, 1.0, tmp_path / "vae.onnx", far, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()
+
+
 def test_vae_scores_are_deterministic_and_training_is_seeded(data):
     train, test, labels = data
     detector = create_detector("vae", **QUICK).fit(train)

@@ -33,7 +33,7 @@ LEAVE_FEATURE_OUT_MEANING = (
 )
 OTHER_EXPLANATIONS = {
     "nearest_row": "index of the nearest stored normal row (kNN: its position in the memory "
-    "bank), the normal example this row is closest to",
+    "bank; the lowest one among equally near rows), the normal example this row is closest to",
     TRANSFORMATION_LOG_PROBS_NAME: "log p(m | T_m x) for each random transformation m (GOAD): "
     "how surely the network recognizes the transformation it was given; the score is minus "
     "their sum, so the most negative ones are the transformations the row fails under",

@@ -54,11 +54,30 @@ def squared_distances(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return squared_distances_to(x, *bank_constants(bank))
 
 
+# Bank rows whose partial squared distances differ by less than this share of the row's
+# distance scale count as equally near: far above float32 rounding (~1e-7), far below any real
+# difference between neighbours.
+TIE_TOLERANCE = 1e-5
+
+
+def lowest_index_among_nearest(
+    smallest: torch.Tensor, index: torch.Tensor, x_sq: torch.Tensor
+) -> torch.Tensor:
+    """`[N]` the lowest bank index among the top-k whose partial distance is within
+    `TIE_TOLERANCE` of the smallest. A plain `index[:, 0]` is whichever of two equally near rows
+    (duplicate rows, integer-valued data) the runtime's top-k happened to put first, so torch and
+    onnxruntime could name different rows for the same distance."""
+    scale = x_sq + smallest[:, :1].abs() + TIE_TOLERANCE
+    near = smallest <= smallest[:, :1] + TIE_TOLERANCE * scale
+    outside = torch.full_like(index, torch.iinfo(torch.int64).max)
+    return torch.where(near, index, outside).amin(dim=1)
+
+
 class KthNeighbourDistance(nn.Module):
     """Preprocessed rows -> Euclidean distance to the `k`-th nearest row of the constant bank:
     top-k smallest of ||B||^2 - 2 x.B^T, then + ||x||^2, clamp at 0 and sqrt on those k only.
-    The explanation `nearest_row` is the bank index of the nearest row (the first of the top-k,
-    already computed)."""
+    The explanation `nearest_row` is the bank index of the nearest row, from the same top-k
+    (`lowest_index_among_nearest`)."""
 
     def __init__(self, bank: torch.Tensor, k: int) -> None:
         super().__init__()
@@ -71,11 +90,10 @@ class KthNeighbourDistance(nn.Module):
         x = x.flatten(1)
         partial = partial_squared_distances(x, self.minus_two_bank_t, self.bank_sq)
         smallest, index = torch.topk(partial, self.k, dim=1, largest=False, sorted=True)
-        kth = smallest[:, self.k - 1] + (x * x).sum(dim=1)
-        return Prediction(
-            torch.sqrt(kth.clamp_min(0.0)),
-            explanations={"nearest_row": index[:, 0].to(torch.int64)},
-        )
+        x_sq = (x * x).sum(dim=1, keepdim=True)
+        kth = smallest[:, self.k - 1] + x_sq[:, 0]
+        nearest = lowest_index_among_nearest(smallest, index.to(torch.int64), x_sq)
+        return Prediction(torch.sqrt(kth.clamp_min(0.0)), explanations={"nearest_row": nearest})
 
 
 @register("knn")

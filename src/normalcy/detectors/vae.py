@@ -21,6 +21,11 @@ from normalcy.detectors.training import Rows, TrainingHistory
 
 SCORINGS = ("elbo", "likelihood_ratio")
 MIN_VARIANCE = 1e-6  # standardized units
+# The code's log-variance is kept in [-LOG_VARIANCE_BOUND, LOG_VARIANCE_BOUND]: a row far outside
+# the training data can drive the encoder's output past 88, where exp() overflows float32 and
+# the KL term, hence the score, becomes inf (seen on ADBench's shuttle). Variances of e^-30 to
+# e^30 in standardized code units leave training untouched.
+LOG_VARIANCE_BOUND = 30.0
 
 
 class GaussianVAE(nn.Module):
@@ -59,6 +64,7 @@ class GaussianVAE(nn.Module):
         the -ELBO is a constant per feature plus the KL of the code, which no feature owns."""
         flat = x.flatten(1)
         mu, logvar = self.encoder(flat).chunk(2, dim=1)
+        logvar = logvar.clamp(-LOG_VARIANCE_BOUND, LOG_VARIANCE_BOUND)
         z = mu if noise is None else mu + torch.exp(0.5 * logvar) * noise
         residual = (flat - self.decoder(z)) ** 2
         log_variance = self._ml_log_variance(residual) if batch_variance else self.log_variance
