@@ -34,6 +34,11 @@ def test_set_overrides_any_key_with_yaml_values():
         ("calibration.target_fpr=0.9", "calibration.target_fpr"),
         ("train.candidates=[autoencoder, no_such_method]", "unknown detector 'no_such_method'"),
         ("clean.detector=nope", "clean.detector: unknown detector 'nope'"),
+        (
+            "train.consensus_members=[iforest, knnn]",
+            "train.consensus_members: unknown detector 'knnn'",
+        ),
+        ("train.consensus_combine=median", "train.consensus_combine"),
         ("data.source=excel", "data.source"),
         ("data.source=csv", "data.path is required"),
         ("prepare.val_fraction=0.75", "prepare.val_fraction + prepare.test_fraction"),

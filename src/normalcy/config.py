@@ -313,14 +313,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def detector_problems(params: Params) -> list[str]:
     """'path: what is wrong' for every detector name and detector param of `params`: candidate
-    names, `clean.detector`, every key under `train.detectors.NAME` and `clean.detector_params`
-    (names, types, ranges, from the torch-free specs; no network is built, torch not imported)."""
+    and consensus member names, `clean.detector`, every key under `train.detectors.NAME` and
+    `clean.detector_params` (names, types, ranges, from the torch-free specs; no network is
+    built, torch not imported)."""
     from normalcy.detectors.registry import known_detectors, param_problems
 
     known = known_detectors()
     named = [("train.candidates", name) for name in params.train.candidates]
     named.append(("clean.detector", params.clean.detector))
     named += [(f"train.detectors.{name}", name) for name in params.train.detectors]
+    named += [("train.consensus_members", name) for name in params.train.consensus_members]
     problems = [
         f"{where}: unknown detector {name!r}; expected one of {known}"
         for where, name in named
