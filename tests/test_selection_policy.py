@@ -18,6 +18,9 @@ from normalcy.evaluation.selection import (
     CandidateResult,
     beats_beyond_noise,
     choose_label_free,
+    select_winner,
+    synthetic_auroc,
+    validation_metric,
 )
 from normalcy.export import export_onnx
 from normalcy.pipeline import artifacts, train
@@ -144,3 +147,50 @@ def test_an_unknown_combination_rule_is_refused_early():
         Ensemble(members=["knn", "iforest"], combine="median")
     with pytest.raises(ValueError, match="consensus_combine"):
         TrainParams(consensus_combine="median")
+
+
+def test_a_candidate_with_non_finite_validation_scores_cannot_win():
+    """A NaN or inf on a held-out row leaves no threshold to set: the metric is NaN, with or
+    without labels, so `select_winner` and the ensemble pass the candidate over."""
+    val_X = np.random.default_rng(0).normal(size=(60, 3))
+    labels = np.r_[np.zeros(50), np.ones(10)]
+
+    def broken(X: np.ndarray) -> np.ndarray:
+        scores = np.abs(X).sum(axis=1)
+        scores[0] = np.inf if len(X) == len(val_X) else scores[0]
+        return scores
+
+    for val_y in (None, labels):
+        name, metric = validation_metric(broken, val_X, val_y, seed=0)
+        assert np.isnan(metric), (name, metric)
+    results = results_for(["broken", "fine"], [float("nan"), 0.6])
+    assert select_winner(results).name == "fine"
+
+
+def test_an_infinite_score_on_a_synthetic_anomaly_ranks_it_first():
+    """An overflowing score on a far-out synthetic row is a sound ranking, not a failure."""
+    val_X = np.random.default_rng(0).normal(size=(80, 3))
+
+    def overflowing(X: np.ndarray) -> np.ndarray:
+        scores = np.abs(X).sum(axis=1)
+        return scores if X is val_X else np.where(scores > 0, np.inf, scores)
+
+    assert synthetic_auroc(overflowing, val_X, seed=0, kind="global") == 1.0
+    name, metric = validation_metric(overflowing, val_X, None, seed=0)
+    assert metric == 1.0
+
+
+def test_a_consensus_with_non_finite_validation_scores_gives_way(unlabelled):
+    """A validation row at 1e20 overflows the standardized kNN member's float32 distances: its
+    metric, and the consensus', are NaN, so the best finite validation metric wins and says
+    why (the synthetic anomalies made from such rows stay finite: they are drawn in float64)."""
+    fit_rows, val = unlabelled
+    extreme = val.X.copy()
+    extreme[0, 0] = 1e20
+    params = TrainParams(candidates=["iforest", "knn", "knn_wide", "pca"])
+    _, results, winner = train.fit_candidates(fit_rows, Split(extreme, None, val.ids), params)
+    metrics = {r.name: r.metric for r in results}
+    assert np.isnan(metrics["knn"]) and np.isnan(metrics[CONSENSUS]), metrics
+    assert winner.name not in ("knn", CONSENSUS) and np.isfinite(winner.metric)
+    assert winner.metric == max(m for m in metrics.values() if np.isfinite(m))
+    assert "the consensus' validation scores are not all finite" in winner.extra["selection"]

@@ -92,6 +92,7 @@ class Autoencoder(TorchDetector):
     """
 
     name = "autoencoder"
+    loss_per_row = True
 
     def __init__(
         self,
@@ -128,12 +129,12 @@ class Autoencoder(TorchDetector):
             noise = torch.randn(clean.shape, generator=self.generator) * self.noise_std
             noisy = clean + noise
         code = self.network.encoder(noisy)
-        loss = squared_error(self.network.decoder(code), clean).mean()
+        loss = squared_error(self.network.decoder(code), clean)
         if self.sparsity_weight > 0:
-            loss = loss + self.sparsity_weight * code.abs().sum(dim=1).mean()
+            loss = loss + self.sparsity_weight * code.abs().sum(dim=1)
         if self.contractive_weight > 0:
             jacobian = encoder_jacobian_norm(self.network.encoder, noisy)
-            loss = loss + self.contractive_weight * jacobian.mean()
+            loss = loss + self.contractive_weight * jacobian
         return loss
 
     def encode(self, x: np.ndarray) -> np.ndarray:

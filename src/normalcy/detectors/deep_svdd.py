@@ -131,6 +131,7 @@ class DeepSVDD(TorchDetector):
     """
 
     name = "deep_svdd"
+    loss_per_row = True
     explains_by_leaving_features_out = True  # the score does not split over features
 
     def __init__(
@@ -221,8 +222,8 @@ class DeepSVDD(TorchDetector):
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         distances = squared_distance(self.network(batch), self.center)
         if self.objective == "one-class":
-            return distances.mean()
-        return self.radius_sq + torch.relu(distances - self.radius_sq).mean() / self.nu
+            return distances
+        return self.radius_sq + torch.relu(distances - self.radius_sq) / self.nu
 
     def score_head(self) -> nn.Module:
         return DistanceToCenter(self.network, self.center, self.radius_sq)

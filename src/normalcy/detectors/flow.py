@@ -141,6 +141,7 @@ class Flow(TorchDetector):
     """
 
     name = "flow"
+    loss_per_row = True
     explains_by_leaving_features_out = True  # the score does not split over features
 
     def __init__(
@@ -175,7 +176,7 @@ class Flow(TorchDetector):
         )
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.network(batch).mean()
+        return self.network(batch)
 
     def score_head(self) -> nn.Module:
         return self.network

@@ -92,6 +92,7 @@ class MemAE(TorchDetector):
     """
 
     name = "memae"
+    loss_per_row = True
 
     def __init__(
         self,
@@ -129,8 +130,8 @@ class MemAE(TorchDetector):
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         reconstruction, weights = self.network.reconstruct(batch)
-        entropy = addressing_entropy(weights).mean()
-        return squared_error(reconstruction, batch).mean() + self.entropy_weight * entropy
+        entropy = addressing_entropy(weights)
+        return squared_error(reconstruction, batch) + self.entropy_weight * entropy
 
     def score_head(self) -> nn.Module:
         return ReconstructionError(self.network)

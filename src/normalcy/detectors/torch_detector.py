@@ -23,6 +23,7 @@ from normalcy.detectors.networks import ScoringModule
 from normalcy.detectors.preprocessing import fit_preprocessing, load_preprocessing, output_shape
 from normalcy.detectors.specs import parse_preprocessing
 from normalcy.detectors.training import (
+    LossTrimming,
     Rows,
     TrainingHistory,
     epoch_batches,
@@ -48,6 +49,9 @@ class TorchDetector(Detector):
     # (see `detectors.attribution`), replacing a feature by `feature_baseline`, the preprocessed
     # training mean that `fit` keeps. Opt-in: it costs d + 1 score passes per row.
     explains_by_leaving_features_out: ClassVar[bool] = False
+    # A method whose `loss` returns one loss per row `[N]` (not their mean) sets this: then
+    # `trim_fraction` can leave each batch's worst-fitted rows out (`training.LossTrimming`).
+    loss_per_row: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -60,8 +64,17 @@ class TorchDetector(Detector):
         preprocessing: str | Mapping[str, Any] = "standardize",
         threads: int | None = None,
         leave_feature_out: bool = False,
+        trim_fraction: float = 0.0,
+        trim_after: int = 5,
     ) -> None:
         parse_preprocessing(preprocessing)  # an unknown kind fails here, before any work
+        self.trimming = LossTrimming(trim_fraction, trim_after)  # checks both
+        if trim_fraction > 0 and not self.loss_per_row:
+            raise ValueError(
+                f"{self.name}: trim_fraction needs a training loss per row, and {self.name}'s "
+                "loss couples the rows of a batch; leave trim_fraction at 0"
+            )
+        self.trim_fraction, self.trim_after = trim_fraction, trim_after
         self.threads = checked_threads(self.name, threads)
         self.leave_feature_out = leave_feature_out
         self.epochs = epochs
@@ -86,7 +99,8 @@ class TorchDetector(Detector):
 
     @abstractmethod
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Mean training loss of a preprocessed batch."""
+        """Training loss of a preprocessed batch: its mean, or (with `loss_per_row`) one loss
+        per row `[N]`, which the training loop averages or trims."""
 
     @abstractmethod
     def score_head(self) -> nn.Module:
@@ -143,6 +157,7 @@ class TorchDetector(Detector):
             val,
             description=self.name,
             on_epoch_end=self.on_epoch_end,
+            trimming=self.trimming,
         )
 
     def _fit(self, data: FitData) -> None:

@@ -133,11 +133,58 @@ class EarlyStopping:
         self.network.eval()
 
 
-def mean_loss(loss_fn: Callable[[Any], torch.Tensor], data: Dataset, batch_size: int) -> float:
-    """The row-weighted mean of `loss_fn` over every batch of `data`, without gradients."""
+@dataclass(frozen=True)
+class LossTrimming:
+    """Loss truncation against the contamination that cleaning leaves in a training set.
+
+    From epoch `after` on, each batch's loss is the mean of its rows' losses less the `fraction`
+    highest. A network fits the many normal rows before the few anomalous ones (the inlier
+    priority of Wang et al., NeurIPS 2019, "Effective End-to-end Unsupervised Outlier Detection
+    via Inlier Priority of Discriminative Network"), so after a warm-up the rows it still fits
+    worst are the likeliest anomalies; leaving them out keeps it from learning them. Validation
+    batches are reduced the same way, so early stopping watches the trimmed objective."""
+
+    fraction: float = 0.0
+    after: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.fraction!r}")
+        if isinstance(self.after, bool) or not isinstance(self.after, int) or self.after < 0:
+            raise ValueError(f"trim_after must be an integer >= 0 (epochs), got {self.after!r}")
+
+    def reduce(self, losses: torch.Tensor, epoch: int) -> torch.Tensor:
+        """A batch's loss from `loss_fn`'s output: a scalar as it is, row losses `[N]` by their
+        (trimmed, from epoch `after` on) mean."""
+        if losses.dim() == 0:
+            if self.fraction > 0:
+                raise ValueError(
+                    "trim_fraction needs a loss per row, but this loss is already a batch mean"
+                )
+            return losses
+        if self.fraction == 0 or epoch < self.after:
+            return losses.mean()
+        return trimmed_mean(losses, self.fraction)
+
+
+def trimmed_mean(losses: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of `losses` `[N]` without the `floor(fraction * N)` largest (at least one kept)."""
+    keep = max(len(losses) - int(fraction * len(losses)), 1)
+    return torch.topk(losses, keep, largest=False, sorted=False).values.mean()
+
+
+def mean_loss(
+    loss_fn: Callable[[Any], torch.Tensor],
+    data: Dataset,
+    batch_size: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = torch.mean,
+) -> float:
+    """The row-weighted mean over every batch of `data` of `loss_fn`'s output, reduced to a
+    scalar by `reduce`, without gradients."""
     with torch.no_grad():
         total = sum(
-            loss_fn(batch).item() * batch_rows(batch) for batch in epoch_batches(data, batch_size)
+            reduce(loss_fn(batch)).item() * batch_rows(batch)
+            for batch in epoch_batches(data, batch_size)
         )
     return total / max(len(data), 1)
 
@@ -156,9 +203,11 @@ def train_network(
     generator: torch.Generator,
     description: str = "train",
     on_epoch_end: Callable[[int], None] | None = None,
+    trimming: LossTrimming = LossTrimming(),
 ) -> TrainingHistory:
-    """Adam on `loss_fn(batch)` (mean over the batch) over the batches of the `train` dataset
-    (preprocessed per batch by the dataset); keeps the weights of the best val epoch.
+    """Adam on `loss_fn(batch)` over the batches of the `train` dataset (preprocessed per batch
+    by the dataset); keeps the weights of the best val epoch. `loss_fn` returns the batch's mean
+    loss, or one loss per row, which `trimming` reduces (see `LossTrimming`).
 
     `on_epoch_end(epoch)` runs after each epoch's updates, before the validation loss (Deep
     SVDD's soft boundary refits its radius there)."""
@@ -169,7 +218,7 @@ def train_network(
         running = 0.0
         for batch in epoch_batches(train, batch_size, generator):
             optimizer.zero_grad()
-            loss = loss_fn(batch)
+            loss = trimming.reduce(loss_fn(batch), epoch)
             loss.backward()
             optimizer.step()
             running += loss.item() * batch_rows(batch)
@@ -178,7 +227,9 @@ def train_network(
             on_epoch_end(epoch)
         history.train_loss.append(running / len(train))
         monitored = (
-            mean_loss(loss_fn, val, batch_size) if val is not None else history.train_loss[-1]
+            mean_loss(loss_fn, val, batch_size, lambda losses: trimming.reduce(losses, epoch))
+            if val is not None
+            else history.train_loss[-1]
         )
         return monitored, {"loss": f"{history.train_loss[-1]:.4f}"}
 

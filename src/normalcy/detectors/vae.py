@@ -144,6 +144,7 @@ class VAE(TorchDetector):
     """
 
     name = "vae"
+    loss_per_row = True
 
     def __init__(
         self,
@@ -179,11 +180,11 @@ class VAE(TorchDetector):
         return self.build_network(self.network_input_shape)
 
     def _elbo_loss(self, vae: GaussianVAE, batch: torch.Tensor) -> torch.Tensor:
-        """Mean -ELBO: reparameterized sample while training, z = mu otherwise (validation)."""
+        """-ELBO per row: reparameterized sample while training, z = mu otherwise (validation)."""
         noise = None
         if vae.training:
             noise = torch.randn((len(batch), self.latent_dim), generator=self.generator)
-        return vae.negative_elbo(batch, noise, batch_variance=True).mean()
+        return vae.negative_elbo(batch, noise, batch_variance=True)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         return self._elbo_loss(self.network, batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,6 +11,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 LABELLED_METRIC = "val_auprc"
 LABEL_FREE_METRIC = "val_synthetic_auroc"
+
+log = logging.getLogger(__name__)
+FLOAT_MAX = np.finfo(np.float64).max
 
 
 def shuffled_features(X: np.ndarray, seed: int) -> np.ndarray:
@@ -23,8 +27,9 @@ def shuffled_features(X: np.ndarray, seed: int) -> np.ndarray:
 
 
 def uniform_in_box(X: np.ndarray, seed: int, widen: float = 0.1) -> np.ndarray:
-    """Global anomalies: uniform in the rows' bounding box widened by `widen` of each range."""
-    flat = X.reshape(len(X), -1)
+    """Global anomalies: uniform in the rows' bounding box widened by `widen` of each range
+    (in float64, like `locally_spread`: a float32 range or variance can overflow)."""
+    flat = X.reshape(len(X), -1).astype(np.float64)
     low, high = flat.min(axis=0), flat.max(axis=0)
     margin = widen * (high - low)
     rng = np.random.default_rng(seed)
@@ -33,8 +38,9 @@ def uniform_in_box(X: np.ndarray, seed: int, widen: float = 0.1) -> np.ndarray:
 
 def locally_spread(X: np.ndarray, seed: int, variance_factor: float = 5.0) -> np.ndarray:
     """Local anomalies: each row plus Gaussian noise, so a feature's variance grows about
-    `variance_factor`-fold; close to normal data, but off its typical spread."""
-    flat = X.reshape(len(X), -1)
+    `variance_factor`-fold; close to normal data, but off its typical spread. In float64: the
+    float32 variance of a feature with values near 1e20 is infinite."""
+    flat = X.reshape(len(X), -1).astype(np.float64)
     scale = np.sqrt(variance_factor - 1.0) * flat.std(axis=0)
     rng = np.random.default_rng(seed)
     return (flat + rng.normal(size=flat.shape) * scale).reshape(X.shape)
@@ -61,19 +67,25 @@ def synthetic_auroc(
     against the same rows need them once)."""
     synthetic = SYNTHETIC_ANOMALIES[kind](val_X, seed).astype(val_X.dtype)
     real = score(val_X) if val_scores is None else val_scores
-    scores = np.concatenate([real, score(synthetic)])
+    scores = np.concatenate([real, score(synthetic)]).astype(np.float64)
+    if np.isnan(scores).any():
+        return float("nan")
     labels = np.concatenate([np.zeros(len(val_X)), np.ones(len(synthetic))])
-    return float(roc_auc_score(labels, scores))
+    # +-inf ranks above (below) every number, as an overflowing score of a far-out row should
+    return float(roc_auc_score(labels, np.clip(scores, -FLOAT_MAX, FLOAT_MAX)))
 
 
 def label_free_score(
-    score: Callable[[np.ndarray], np.ndarray], val_X: np.ndarray, seed: int
+    score: Callable[[np.ndarray], np.ndarray],
+    val_X: np.ndarray,
+    seed: int,
+    val_scores: np.ndarray | None = None,
 ) -> float:
     """Mean AUROC of telling held-out validation rows from dependency, global and local
     synthetic anomalies made from them. It uses no labels, so it works when validation has no
     labelled anomalies; a detector must model both the structure and the spread of normal data
     to rank all three kinds above the real rows."""
-    real = score(val_X)
+    real = score(val_X) if val_scores is None else val_scores
     aurocs = [synthetic_auroc(score, val_X, seed, k, real) for k in SYNTHETIC_ANOMALIES]
     return float(np.mean(aurocs))
 
@@ -89,12 +101,24 @@ def validation_metric(
 
     A method trained against synthetic outliers (outlier exposure) gets NaN from the label-free
     criterion, which would only replay its training task and always rank it first; NaN makes
-    it ineligible to win (and to join the ensemble) when validation has no labels."""
-    if val_y is not None and 0 < int(np.sum(val_y)) < len(val_y):
-        return LABELLED_METRIC, float(average_precision_score(val_y, score(val_X)))
-    if trains_on_synthetic_anomalies:
-        return LABEL_FREE_METRIC, float("nan")
-    return LABEL_FREE_METRIC, label_free_score(score, val_X, seed)
+    it ineligible to win (and to join the ensemble) when validation has no labels. So does a
+    NaN or infinite score on a validation row: no threshold or p-value can be set on it."""
+    labelled = val_y is not None and 0 < int(np.sum(val_y)) < len(val_y)
+    name = LABELLED_METRIC if labelled else LABEL_FREE_METRIC
+    if trains_on_synthetic_anomalies and not labelled:
+        return name, float("nan")
+    val_scores = np.asarray(score(val_X), dtype=np.float64)
+    broken = int((~np.isfinite(val_scores)).sum())
+    if broken:
+        log.warning(
+            "%d of %d validation scores are NaN or infinite: the candidate cannot win",
+            broken,
+            len(val_scores),
+        )
+        return name, float("nan")
+    if labelled:
+        return name, float(average_precision_score(val_y, val_scores))
+    return name, label_free_score(score, val_X, seed, val_scores)
 
 
 @dataclass

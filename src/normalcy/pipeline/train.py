@@ -187,7 +187,11 @@ def consensus_choice(
         if r.name in evidence:
             by_type = {kind: float(values.mean()) for kind, values in evidence[r.name].items()}
             r.extra["synthetic_auroc_by_type"] = by_type
-    winner, reason = choose_label_free(results, evidence, params.selection_margin)
+    if CONSENSUS in evidence:
+        winner, reason = choose_label_free(results, evidence, params.selection_margin)
+    else:
+        winner = select_winner(results)
+        reason = f"best {winner.metric_name}: the consensus' validation scores are not all finite"
     winner.extra["selection"] = reason
     log.info("selection: %s", reason)
     return winner
