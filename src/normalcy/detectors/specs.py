@@ -148,8 +148,8 @@ class TorchSpec(TrainingSpec, PreprocessedSpec):
 
     threads: PositiveInt | None = None  # null: normalcy.threads' rule
     leave_feature_out: bool = False  # deep_svdd/flow/dagmm: feature_contributions, d+1x the cost
-    # loss truncation (autoencoder, vae, flow, one-class deep_svdd): after `trim_after` epochs
-    # each batch's loss leaves out its `trim_fraction` worst-fitted rows
+    # loss truncation (autoencoder, vae, flow, deep_svdd, memae; refused by the others): after
+    # `trim_after` epochs each batch's loss leaves out its `trim_fraction` worst-fitted rows
     trim_fraction: Annotated[Number, Ge(0), Lt(0.5)] = 0.0
     trim_after: Count = 5
 

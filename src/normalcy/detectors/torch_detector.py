@@ -72,7 +72,8 @@ class TorchDetector(Detector):
         if trim_fraction > 0 and not self.loss_per_row:
             raise ValueError(
                 f"{self.name}: trim_fraction needs a training loss per row, and {self.name}'s "
-                "loss couples the rows of a batch; leave trim_fraction at 0"
+                "training loss is not one (it couples a batch's rows or has its own loop); "
+                "leave trim_fraction at 0"
             )
         self.trim_fraction, self.trim_after = trim_fraction, trim_after
         self.threads = checked_threads(self.name, threads)
