@@ -4,6 +4,8 @@ import json
 import logging
 import re
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from normalcy.data.sources import load_dataset
 from normalcy.data.splits import split_dataset
 from normalcy.pipeline import parallel, train
 from normalcy.pipeline.parallel import ParallelSetupError, local_cluster_size
+from normalcy.pipeline.worker_start import worker_environment
 from normalcy.threads import available_cpus, cpu_budget, training_threads
 
 # cheap candidates, one with preprocessing variants, one torch network
@@ -289,3 +292,79 @@ def test_candidates_are_handed_out_one_per_worker_longest_first(
     assert spans[order[2]][0] >= ends[0] and spans[order[3]][0] >= ends[1]
     for name, (start, _) in spans.items():  # never more fits at once than the 2 workers
         assert sum(s <= start < e for s, e in spans.values()) <= 2, name
+
+
+def worker_memory_setup() -> dict:
+    """In a worker: its parent's command line, its trim threshold and keep_freed_memory's state."""
+    import os
+    from pathlib import Path
+
+    from normalcy import memory
+
+    parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return {
+        "parent": parent,
+        "trim_threshold": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        "keeps_freed_memory": memory._applied,
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def local_workers_setup() -> list[dict]:
+    from distributed import Client
+
+    cluster = parallel.start_local_cluster(2, {})
+    try:
+        with Client(cluster) as client:
+            return list(client.run(worker_memory_setup).values())
+    finally:
+        cluster.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux only)")
+def test_local_workers_fork_from_the_forkserver_and_keep_freed_memory(monkeypatch):
+    """Workers are forked from the forkserver (which imported torch and the detectors once), and
+    keep freed memory as the sequential run does: Dask's own MALLOC_TRIM_THRESHOLD_=65536 no
+    longer reaches them, while a user's does (and then wins)."""
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    workers = local_workers_setup()
+    assert len(workers) == 2
+    for worker in workers:
+        assert "multiprocessing.forkserver" in worker["parent"], worker
+        assert worker["trim_threshold"] is None and worker["keeps_freed_memory"] is True, worker
+        assert worker["omp_threads"] == "1"  # Dask's other variables still apply
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    for worker in local_workers_setup():
+        assert worker["trim_threshold"] == "131072" and worker["keeps_freed_memory"] is False
+
+
+PRESTART = """
+import sys, psutil
+from normalcy.config import TrainParams
+from normalcy.pipeline.worker_start import prestart_worker_forkserver
+prestart_worker_forkserver(TrainParams(parallel={"backend": sys.argv[1]}))
+children = [" ".join(child.cmdline()) for child in psutil.Process().children()]
+print(sum("multiprocessing.forkserver" in child for child in children))
+"""
+
+
+@pytest.mark.parametrize(("backend", "forkservers"), [("dask", "1"), ("sequential", "0")])
+def test_normalcy_train_starts_the_forkserver_early_only_for_a_local_cluster(backend, forkservers):
+    """`normalcy train` starts the workers' forkserver before it imports the flow, so that its
+    imports overlap the CLI's; a sequential run starts none."""
+    ran = subprocess.run(
+        [sys.executable, "-c", PRESTART, backend], capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.strip() == forkservers
+
+
+def test_the_workers_environment_is_dasks_without_its_trim_threshold(monkeypatch):
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    environment = worker_environment()
+    assert "MALLOC_TRIM_THRESHOLD_" not in environment
+    assert environment["OMP_NUM_THREADS"] == "1" and environment["MKL_NUM_THREADS"] == "3"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert worker_environment()["MALLOC_TRIM_THRESHOLD_"] == "131072"

@@ -120,8 +120,11 @@ def run_flow(module: str, name: str, *args: Any) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from normalcy.data.sources import check_source
+    from normalcy.pipeline.worker_start import prestart_worker_forkserver
 
-    check_source(check_params(args).data)  # a missing file or column: before any work
+    params = check_params(args)
+    check_source(params.data)  # a missing file or column: before any work
+    prestart_worker_forkserver(params.train)  # imports while the flow's module does
     print_summary(run_flow("train", "train_flow", args.params, args.set))
 
 

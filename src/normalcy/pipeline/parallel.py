@@ -30,6 +30,7 @@ from normalcy.data.splits import Split
 from normalcy.detectors import Detector
 from normalcy.evaluation.selection import CandidateResult
 from normalcy.pipeline import artifacts
+from normalcy.pipeline.worker_start import local_worker_config
 from normalcy.threads import available_cpus, cpu_budget, torch_threads
 
 if TYPE_CHECKING:
@@ -165,13 +166,15 @@ class StartingCluster:
 def start_local_cluster(
     workers: int, env: dict[str, str], modules: tuple[str, ...] = ()
 ) -> LocalCluster:
-    """A LocalCluster of `workers` single-threaded process workers, no dashboard, each worker
-    warmed up (`warm_up_worker`, importing `modules` too)."""
+    """A LocalCluster of `workers` single-threaded process workers (`local_worker_config`: forked
+    where the platform allows), no dashboard, each worker warmed up (`warm_up_worker`, importing
+    `modules` too)."""
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env
-    )
+    with local_worker_config():
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env
+        )
     try:
         with Client(cluster) as client:
             client.run(warm_up_worker, modules)
@@ -193,27 +196,20 @@ def running_flow_modules() -> tuple[str, ...]:
 
 
 def warm_up_worker(modules: tuple[str, ...] = ()) -> None:
-    """Load what a candidate task needs: torch, every detector module, Prefect's task engine,
-    `modules`, and torch's optimizer machinery (its first `step` imports torch._dynamo).
-    Several seconds per worker that would otherwise delay the first candidates, and that the
-    train flow's early start lets overlap its first steps."""
+    """Load what a candidate task needs: `normalcy.pipeline.worker_imports` (already there in a
+    forked worker), Prefect's task engine and `modules`. Seconds per worker that would otherwise
+    delay the first candidates, and that the train flow's early start lets overlap its first
+    steps."""
     import importlib
 
     import prefect.task_engine  # noqa: F401
-    import torch
 
-    import normalcy.pipeline.train  # noqa: F401
-    from normalcy.detectors.registry import load_builtin_detectors
+    import normalcy.pipeline.worker_imports  # noqa: F401
     from normalcy.memory import keep_freed_memory
 
     keep_freed_memory()  # a worker process fits and scores torch models too
-    load_builtin_detectors()
     for module in modules:
         importlib.import_module(module)
-    layer = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.Adam(layer.parameters())
-    layer(torch.zeros(1, 2)).sum().backward()
-    optimizer.step()
 
 
 def close_local_cluster(starting: Future) -> None:
