@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.ensemble import IsolationForest
-from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_tabular import REPO, VAL_FRACTION, load_npz  # noqa: E402
+from quality_tabular import REPO, labelled_split, load_npz  # noqa: E402
 
 from normalcy.config import Params, TrainParams, load_params  # noqa: E402
 from normalcy.data.splits import Split  # noqa: E402
@@ -43,30 +42,10 @@ MEMBERS = ("iforest", "knn")
 TRAINING_SETS = ("contaminated", "cleaned", "normal")
 
 
-def labelled_splits(
-    X: np.ndarray, y: np.ndarray, seed: int, max_train_rows: int, train_seed: int
-) -> tuple[Split, Split, np.ndarray, np.ndarray, np.ndarray]:
-    """quality_tabular's splits, training labels kept: (fit, val, test_X, test_y, train_X)."""
-    train_X, test_X, train_y, test_y = train_test_split(
-        X, y, test_size=0.3, stratify=y, random_state=seed
-    )
-    if len(train_X) > max_train_rows:
-        keep = np.sort(np.random.default_rng(seed).choice(len(train_X), max_train_rows, False))
-        train_X, train_y = train_X[keep], train_y[keep]
-    train_X = train_X.astype(np.float32)
-    order = np.random.default_rng(train_seed).permutation(len(train_X))
-    n_val = max(int(round(VAL_FRACTION * len(train_X))), 2)
-    fit_rows, val_rows = np.sort(order[n_val:]), np.sort(order[:n_val])
-    fit = Split(train_X[fit_rows], train_y[fit_rows], fit_rows)
-    val = Split(train_X[val_rows], None, val_rows)
-    return fit, val, test_X.astype(np.float32), test_y, train_X
-
-
 def test_aurocs(
     fit: Split, val: Split, test_X: np.ndarray, test_y: np.ndarray, train: TrainParams
 ) -> dict[str, float]:
     """Test AUROC of each member and of their consensus, all fitted on `fit` (labels unseen)."""
-    fit = Split(fit.X, None, fit.ids)
     detectors = {name: fit_candidate(name, fit, val, train)[0] for name in MEMBERS}
     detectors["consensus"] = Ensemble.from_fitted([detectors[n] for n in MEMBERS], val.X)
     return {n: ranking_metrics(test_y, d.score(test_X))["auroc"] for n, d in detectors.items()}
@@ -78,11 +57,11 @@ def run_table(path: Path, seeds: list[int], params: Params, max_train_rows: int)
     rows = []
     for seed in seeds:
         train = params.train.model_copy(update={"seed": seed})
-        fit, val, test_X, test_y, train_X = labelled_splits(X, y, seed, max_train_rows, seed)
-        unlabelled = Split(fit.X, None, fit.ids)
+        split = labelled_split(X, y, seed, max_train_rows)
+        fit, val, test_X, test_y = split.fit, split.val, split.test_X, split.test_y
         make = cleaning_detector(params.clean)
-        _, cleaning = clean_training_split(unlabelled, make, params.clean)
-        kept, anomalies = cleaning.kept, fit.y == 1
+        _, cleaning = clean_training_split(fit, make, params.clean)
+        kept, anomalies = cleaning.kept, split.fit_y == 1
         sets = {
             "contaminated": fit,
             "cleaned": Split(fit.X[kept], None, fit.ids[kept]),
@@ -93,10 +72,10 @@ def run_table(path: Path, seeds: list[int], params: Params, max_train_rows: int)
         removed = ~kept
         row["recall"] = float((removed & anomalies).sum() / max(anomalies.sum(), 1))
         row["precision"] = float((removed & anomalies).sum() / max(removed.sum(), 1))
-        for set_name, split in sets.items():
-            for member, auroc in test_aurocs(split, val, test_X, test_y, train).items():
+        for set_name, training_rows in sets.items():
+            for member, auroc in test_aurocs(training_rows, val, test_X, test_y, train).items():
                 row[f"{member}/{set_name}"] = auroc
-        forest = IsolationForest(random_state=seed).fit(train_X)
+        forest = IsolationForest(random_state=seed).fit(split.train_X)
         row["sklearn_iforest"] = ranking_metrics(test_y, -forest.score_samples(test_X))["auroc"]
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
               flush=True)  # fmt: skip

@@ -3,8 +3,9 @@
     python benchmarks/cleaning_quality.py --data-dir ../shared/data/tabular
         [--datasets NAME,NAME] [--seeds 0,1,2] [--configs NAME,NAME] [--out results.json]
 
-Same protocol as `quality_tabular.py`: per seed a stratified 70/30 split, the 70% keeps its
-contamination, and of it the same 80% of fit rows the pipeline would clean. Every cleaning
+Same protocol and rows as `quality_tabular.py` (its `labelled_split`): per seed a stratified
+70/30 split, the 70% keeps its contamination (capped at 10k rows), and of it the same 80% of fit
+rows the pipeline would clean. Every cleaning
 configuration (a detector and a cutoff rule, run by the pipeline's own `clean_training_split`)
 cleans those fit rows without labels; the labels, which this benchmark alone reads, then give:
 
@@ -30,10 +31,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_tabular import VAL_FRACTION, load_npz  # noqa: E402
+from quality_tabular import MAX_TRAIN_ROWS, labelled_split, load_npz  # noqa: E402
 
 from normalcy.config import CleanParams  # noqa: E402
 from normalcy.data.splits import Split  # noqa: E402
@@ -41,7 +41,6 @@ from normalcy.detectors import create_detector  # noqa: E402
 from normalcy.pipeline.clean import cleaning_detector  # noqa: E402
 from normalcy.validation.cleaning import clean_training_split  # noqa: E402
 
-MAX_FIT_ROWS = 10_000
 IFOREST_KNN = {"members": ["iforest", "knn"]}
 # kNN with k at 5% of the rows: above any cluster of contamination up to that share (masking)
 KNN_WIDE = {"k_fraction": 0.05}
@@ -96,25 +95,9 @@ CONFIGS = {
 }
 
 
-def fit_and_test_rows(
-    X: np.ndarray, y: np.ndarray, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(fit_X, fit_y, train_X, test_X, test_y): quality_tabular's 70/30 split and the 80% of the
-    70% that the pipeline cleans and fits on (fit_y is for this benchmark's figures only)."""
-    train_X, test_X, train_y, test_y = train_test_split(
-        X, y, test_size=0.3, stratify=y, random_state=seed
-    )
-    order = np.random.default_rng(seed).permutation(len(train_X))
-    fit_rows = np.sort(order[max(int(round(VAL_FRACTION * len(train_X))), 2) :])
-    if len(fit_rows) > MAX_FIT_ROWS:
-        fit_rows = np.sort(np.random.default_rng(seed).choice(fit_rows, MAX_FIT_ROWS, False))
-    f32 = np.float32
-    return train_X[fit_rows].astype(f32), train_y[fit_rows], train_X, test_X.astype(f32), test_y
-
-
 def knn_test_auroc(fit_X: np.ndarray, test_X: np.ndarray, test_y: np.ndarray) -> float:
     """Test AUROC of the `knn` candidate (k=5, standardized) fitted on `fit_X`."""
-    detector = create_detector("knn", k=5, max_bank=MAX_FIT_ROWS).fit(fit_X)
+    detector = create_detector("knn", k=5, max_bank=MAX_TRAIN_ROWS).fit(fit_X)
     return float(roc_auc_score(test_y, detector.score(test_X)))
 
 
@@ -153,7 +136,9 @@ def benchmark_table(
     X, y = load_npz(path)
     per_seed: dict[str, list[dict[str, float]]] = {}
     for seed in seeds:
-        fit_X, fit_y, train_X, test_X, test_y = fit_and_test_rows(X, y, seed)
+        split = labelled_split(X, y, seed)
+        fit_X, fit_y, train_X = split.fit.X, split.fit_y, split.train_X
+        test_X, test_y = split.test_X, split.test_y
         forest = IsolationForest(random_state=seed).fit(train_X)
         per_seed.setdefault("iforest", []).append(
             {"knn_auroc": float(roc_auc_score(test_y, -forest.score_samples(test_X)))}

@@ -44,6 +44,7 @@ DEFAULT_ANCHORS = REPO.parent / "shared" / "anchors" / "adbench_unsupervised_tab
 SELECTED, ORACLE, IFOREST = "selected", "oracle", "iforest"
 PYOD_AE, PYOD_SVDD = "pyod_AutoEncoder", "pyod_DeepSVDD"
 VAL_FRACTION = 0.2
+MAX_TRAIN_ROWS = 10_000
 
 
 @dataclass
@@ -102,35 +103,63 @@ def adbench_anchors(path: Path, algorithm: str = "IForest") -> dict[str, float]:
         }
 
 
-def unsupervised_split(
-    X: np.ndarray, y: np.ndarray, seed: int, max_train_rows: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train_X, test_X, test_y): stratified 70/30; the 70% keeps its contamination and loses its
-    labels; it is randomly subsampled to `max_train_rows` when larger."""
-    train_X, test_X, _, test_y = train_test_split(
+@dataclass(frozen=True)
+class LabelledSplit:
+    """One seed's rows as this benchmark's pipeline path uses them, with the labels kept for the
+    benchmarks' own figures. The pipeline gets only `fit` and `val`, Splits without labels;
+    every benchmark that measures something on those rows (trimming, cleaning) takes them from
+    here, so they all see the same rows."""
+
+    train_X: np.ndarray  # the contaminated 70% (capped): the reference methods train on it
+    fit: Split
+    fit_y: np.ndarray
+    val: Split
+    val_y: np.ndarray
+    test_X: np.ndarray
+    test_y: np.ndarray
+
+
+def labelled_split(
+    X: np.ndarray, y: np.ndarray, seed: int, max_train_rows: int = MAX_TRAIN_ROWS
+) -> LabelledSplit:
+    """Stratified 70/30; the 70% keeps its contamination and is randomly subsampled to
+    `max_train_rows` when larger, then split (1 - VAL_FRACTION) / VAL_FRACTION into fit and
+    validation rows, as `normalcy train` splits its training data."""
+    train_X, test_X, train_y, test_y = train_test_split(
         X, y, test_size=0.3, stratify=y, random_state=seed
     )
     if len(train_X) > max_train_rows:
-        keep = np.random.default_rng(seed).choice(len(train_X), max_train_rows, replace=False)
-        train_X = train_X[np.sort(keep)]
-    return train_X.astype(np.float32), test_X.astype(np.float32), test_y
+        keep = np.sort(np.random.default_rng(seed).choice(len(train_X), max_train_rows, False))
+        train_X, train_y = train_X[keep], train_y[keep]
+    train_X = train_X.astype(np.float32)
+    order = np.random.default_rng(seed).permutation(len(train_X))
+    n_val = max(int(round(VAL_FRACTION * len(train_X))), 2)
+    fit_rows, val_rows = np.sort(order[n_val:]), np.sort(order[:n_val])
+    return LabelledSplit(
+        train_X=train_X,
+        fit=Split(train_X[fit_rows], None, fit_rows),
+        fit_y=train_y[fit_rows],
+        val=Split(train_X[val_rows], None, val_rows),
+        val_y=train_y[val_rows],
+        test_X=test_X.astype(np.float32),
+        test_y=test_y,
+    )
+
+
+def cleaned(fit: Split, clean: CleanParams) -> Split:
+    """The fit rows after the pipeline's cleaning (unchanged when it is off)."""
+    if not clean.enabled:
+        return fit
+    return clean_training_split(fit, cleaning_detector(clean), clean)[0]
 
 
 def run_pipeline(
-    train_X: np.ndarray, clean: CleanParams, train: TrainParams
+    fit: Split, val: Split, clean: CleanParams, train: TrainParams
 ) -> tuple[dict, list, str]:
     """Cleaning, candidates and label-free selection exactly as the train flow does them.
 
     Returns (fitted detectors by name, candidate results, winner name). No label is passed."""
-    rng = np.random.default_rng(train.seed)
-    order = rng.permutation(len(train_X))
-    n_val = max(int(round(VAL_FRACTION * len(train_X))), 2)
-    fit_rows, val_rows = np.sort(order[n_val:]), np.sort(order[:n_val])
-    fit_split = Split(train_X[fit_rows], None, fit_rows)
-    val_split = Split(train_X[val_rows], None, val_rows)
-    if clean.enabled:
-        fit_split, _ = clean_training_split(fit_split, cleaning_detector(clean), clean)
-    detectors, results, winner = fit_candidates(fit_split, val_split, train)
+    detectors, results, winner = fit_candidates(cleaned(fit, clean), val, train)
     return detectors, results, winner.name
 
 
@@ -181,10 +210,11 @@ def benchmark_dataset(
 
     too_slow: dict[str, str] = {}
     for seed in seeds:
-        train_X, test_X, test_y = unsupervised_split(X, y, seed, max_train_rows)
+        split = labelled_split(X, y, seed, max_train_rows)
+        train_X, test_X, test_y = split.train_X, split.test_X, split.test_y
         seeded = train.model_copy(update={"seed": seed})
         started = time.perf_counter()
-        detectors, results, winner = run_pipeline(train_X, clean, seeded)
+        detectors, results, winner = run_pipeline(split.fit, split.val, clean, seeded)
         pipeline_seconds = time.perf_counter() - started
         test_auroc = {}
         for result in results:
@@ -286,7 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--detectors", default=None, help="candidates (default: params.yaml)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    parser.add_argument("--max-train-rows", type=int, default=10_000)
+    parser.add_argument("--max-train-rows", type=int, default=MAX_TRAIN_ROWS)
     parser.add_argument(
         "--fit-budget",
         type=float,

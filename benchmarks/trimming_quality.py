@@ -23,40 +23,12 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_tabular import REPO, VAL_FRACTION, load_npz  # noqa: E402
+from quality_tabular import REPO, cleaned, labelled_split, load_npz  # noqa: E402
 
 from normalcy.config import CleanParams, TrainParams, load_params  # noqa: E402
-from normalcy.data.splits import Split  # noqa: E402
-from normalcy.pipeline.clean import cleaning_detector  # noqa: E402
 from normalcy.pipeline.train import build_candidate, fit_detector  # noqa: E402
-from normalcy.validation.cleaning import clean_training_split  # noqa: E402
-
-MAX_TRAIN_ROWS = 10_000
-
-
-def labelled_splits(
-    X: np.ndarray, y: np.ndarray, seed: int, clean: CleanParams
-) -> tuple[Split, Split, np.ndarray, np.ndarray, np.ndarray]:
-    """(cleaned fit split, val split, val_y, test_X, test_y): the rows `quality_tabular`'s
-    pipeline path uses for `seed`, with the validation labels kept for this benchmark."""
-    train_X, test_X, train_y, test_y = train_test_split(
-        X, y, test_size=0.3, stratify=y, random_state=seed
-    )
-    if len(train_X) > MAX_TRAIN_ROWS:
-        keep = np.sort(np.random.default_rng(seed).choice(len(train_X), MAX_TRAIN_ROWS, False))
-        train_X, train_y = train_X[keep], train_y[keep]
-    order = np.random.default_rng(seed).permutation(len(train_X))
-    n_val = max(int(round(VAL_FRACTION * len(train_X))), 2)
-    fit_rows, val_rows = np.sort(order[n_val:]), np.sort(order[:n_val])
-    train_X = train_X.astype(np.float32)
-    fit = Split(train_X[fit_rows], None, fit_rows)
-    val = Split(train_X[val_rows], None, val_rows)
-    if clean.enabled:
-        fit, _ = clean_training_split(fit, cleaning_detector(clean), clean)
-    return fit, val, train_y[val_rows], test_X.astype(np.float32), test_y
 
 
 def auroc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -79,7 +51,9 @@ def run_table(
     """results[detector][fraction] = {val_auroc, test_auroc, seconds}: one value per seed."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
     for seed in seeds:
-        fit, val, val_y, test_X, test_y = labelled_splits(X, y, seed, clean)
+        split = labelled_split(X, y, seed)
+        fit, val, val_y = cleaned(split.fit, clean), split.val, split.val_y
+        test_X, test_y = split.test_X, split.test_y
         seeded = train.model_copy(update={"seed": seed})
         for name in detectors:
             for fraction in fractions:

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from cleaning_headroom import labelled_splits
-from quality_tabular import load_npz
+from quality_tabular import labelled_split, load_npz
 from sklearn.ensemble import IsolationForest
 from sklearn.neighbors import NearestNeighbors
 
@@ -31,16 +30,17 @@ def r_precision(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def scan(seed: int, X: np.ndarray, y: np.ndarray) -> list[float]:
-    fit = labelled_splits(X, y, seed, 10_000, seed)[0]
+    split = labelled_split(X, y, seed)
+    fit, fit_y = split.fit, split.fit_y
     figures = []
     for kind in ("minmax", "standardize"):
         rows = scaled(fit.X.astype(np.float64), kind)
         ks = [max(5, int(f * len(rows))) for f in FRACTIONS]
         distances = NearestNeighbors(n_neighbors=max(ks) + 1).fit(rows).kneighbors(rows)[0]
-        figures += [r_precision(fit.y, distances[:, k]) for k in ks]
+        figures += [r_precision(fit_y, distances[:, k]) for k in ks]
     for samples in (64, 256):
         forest = IsolationForest(max_samples=min(samples, len(fit.X)), random_state=seed)
-        figures.append(r_precision(fit.y, -forest.fit(fit.X).score_samples(fit.X)))
+        figures.append(r_precision(fit_y, -forest.fit(fit.X).score_samples(fit.X)))
     return figures
 
 

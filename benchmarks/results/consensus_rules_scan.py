@@ -17,12 +17,9 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 
 from normalcy.config import Params, load_params
-from normalcy.data.splits import Split
 from normalcy.detectors import create_detector
 from normalcy.detectors.ensemble import robust_location_scale
-from normalcy.pipeline.clean import cleaning_detector
 from normalcy.pipeline.train import fit_candidates
-from normalcy.validation.cleaning import clean_training_split
 
 REPO = Path(__file__).resolve().parents[2]
 WIDTHS = {
@@ -69,16 +66,13 @@ def scores_of(table: Path, seed: int, params: Params) -> tuple[dict, dict, np.nd
     """Validation and test scores of each member, the test labels, and sklearn's IForest on the
     whole contaminated 70% (the benchmark's `iforest` column)."""
     X, y = qt.load_npz(table)
-    train_X, test_X, test_y = qt.unsupervised_split(X, y, seed, 10_000)
-    order = np.random.default_rng(seed).permutation(len(train_X))
-    n_val = max(int(round(qt.VAL_FRACTION * len(train_X))), 2)
-    fit = Split(train_X[np.sort(order[n_val:])], None, np.sort(order[n_val:]))
-    val_X = train_X[np.sort(order[:n_val])]
-    fit, _ = clean_training_split(fit, cleaning_detector(params.clean), params.clean)
+    split = qt.labelled_split(X, y, seed)
+    train_X, test_X, test_y, val_X = split.train_X, split.test_X, split.test_y, split.val.X
+    fit = qt.cleaned(split.fit, params.clean)
     train = params.train.model_copy(
         update={"seed": seed, "candidates": ["iforest", "knn", "knn_wide", "vae"]}
     )  # as candidates: knn keeps the scaling best on the validation rows
-    fitted, _, _ = fit_candidates(fit, Split(val_X, None, np.sort(order[:n_val])), train)
+    fitted, _, _ = fit_candidates(fit, split.val, train)
     fitted.pop("consensus", None)
     for name, given in WIDTHS.items():
         fitted[name] = create_detector("knn_wide", **given).fit(fit.X)
