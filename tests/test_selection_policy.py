@@ -149,9 +149,10 @@ def test_an_unknown_combination_rule_is_refused_early():
         TrainParams(consensus_combine="median")
 
 
-def test_a_candidate_with_non_finite_validation_scores_cannot_win():
+def test_a_candidate_with_non_finite_validation_scores_cannot_win(caplog):
     """A NaN or inf on a held-out row leaves no threshold to set: the metric is NaN, with or
-    without labels, so `select_winner` and the ensemble pass the candidate over."""
+    without labels, so `select_winner` and the ensemble pass the candidate over; the warning
+    names the candidate."""
     val_X = np.random.default_rng(0).normal(size=(60, 3))
     labels = np.r_[np.zeros(50), np.ones(10)]
 
@@ -161,8 +162,9 @@ def test_a_candidate_with_non_finite_validation_scores_cannot_win():
         return scores
 
     for val_y in (None, labels):
-        name, metric = validation_metric(broken, val_X, val_y, seed=0)
+        name, metric = validation_metric(broken, val_X, val_y, seed=0, candidate="broken")
         assert np.isnan(metric), (name, metric)
+    assert "broken: 1 of 60 validation scores are NaN or infinite" in caplog.text
     results = results_for(["broken", "fine"], [float("nan"), 0.6])
     assert select_winner(results).name == "fine"
 

@@ -96,8 +96,10 @@ def validation_metric(
     val_y: np.ndarray | None,
     seed: int,
     trains_on_synthetic_anomalies: bool = False,
+    candidate: str = "a candidate",
 ) -> tuple[str, float]:
     """(metric name, value): AUPRC when validation has both classes labelled, else label-free.
+    `candidate` names it in the warning below.
 
     A method trained against synthetic outliers (outlier exposure) gets NaN from the label-free
     criterion, which would only replay its training task and always rank it first; NaN makes
@@ -111,7 +113,8 @@ def validation_metric(
     broken = int((~np.isfinite(val_scores)).sum())
     if broken:
         log.warning(
-            "%d of %d validation scores are NaN or infinite: the candidate cannot win",
+            "%s: %d of %d validation scores are NaN or infinite: it cannot win",
+            candidate,
             broken,
             len(val_scores),
         )

@@ -205,10 +205,10 @@ def _comparable(metric: float) -> float:
 def _candidate_result(
     detector: Detector, val: Split, params: TrainParams, fit_seconds: float, variant: str = ""
 ) -> CandidateResult:
-    metric_name, metric = validation_metric(
-        detector.score, val.X, val.y, params.seed, detector.trains_on_synthetic_anomalies
-    )
     label = f"{detector.name} ({variant})" if variant else detector.name
+    metric_name, metric = validation_metric(
+        detector.score, val.X, val.y, params.seed, detector.trains_on_synthetic_anomalies, label
+    )
     log.info("candidate %s: %s = %.4f (%.1f s)", label, metric_name, metric, fit_seconds)
     return CandidateResult(detector.name, metric_name, metric, detector.exportable, fit_seconds)
 
