@@ -38,6 +38,7 @@ def trim_threshold_config() -> dict[str, str | None]:
 
 
 def has_forkserver() -> bool:
+    """Whether this platform can fork workers from a forkserver (not Windows)."""
     return "forkserver" in multiprocessing.get_all_start_methods()
 
 
