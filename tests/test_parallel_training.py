@@ -15,7 +15,7 @@ from normalcy.data.sources import load_dataset
 from normalcy.data.splits import split_dataset
 from normalcy.pipeline import parallel, train
 from normalcy.pipeline.parallel import ParallelSetupError, local_cluster_size
-from normalcy.pipeline.worker_start import worker_environment
+from normalcy.pipeline.worker_start import has_forkserver, worker_environment
 from normalcy.threads import available_cpus, cpu_budget, training_threads
 
 # cheap candidates, one with preprocessing variants, one torch network
@@ -349,10 +349,12 @@ print(sum("multiprocessing.forkserver" in child for child in children))
 """
 
 
-@pytest.mark.parametrize(("backend", "forkservers"), [("dask", "1"), ("sequential", "0")])
+@pytest.mark.parametrize(
+    ("backend", "forkservers"), [("dask", "1" if has_forkserver() else "0"), ("sequential", "0")]
+)
 def test_normalcy_train_starts_the_forkserver_early_only_for_a_local_cluster(backend, forkservers):
-    """`normalcy train` starts the workers' forkserver before it imports the flow, so that its
-    imports overlap the CLI's; a sequential run starts none."""
+    """`normalcy train` starts the workers' forkserver (on Linux) before it imports the flow, so
+    that its imports overlap the CLI's; a sequential run starts none."""
     ran = subprocess.run(
         [sys.executable, "-c", PRESTART, backend], capture_output=True, text=True, timeout=120
     )

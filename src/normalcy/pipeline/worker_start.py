@@ -14,12 +14,13 @@ Why, measured on 2 CPUs (23_mammography, the parallel benchmark's table):
   with glibc's 64 KB trim threshold, unlike a sequential run. A user's own MALLOC_* variables
   still reach the workers through the environment.
 
-Where the platform has no forkserver (macOS has one; Windows does not) workers are spawned."""
+Outside Linux (`has_forkserver`), workers are spawned, as Dask does by default."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -38,8 +39,12 @@ def trim_threshold_config() -> dict[str, str | None]:
 
 
 def has_forkserver() -> bool:
-    """Whether this platform can fork workers from a forkserver (not Windows)."""
-    return "forkserver" in multiprocessing.get_all_start_methods()
+    """Whether workers are forked from a forkserver here: on Linux only. Windows has none, and on
+    macOS a process that loaded system frameworks (torch's and numpy's BLAS among them) is not
+    safe to fork without exec, which is why Python spawns there by default."""
+    return (
+        sys.platform.startswith("linux") and "forkserver" in multiprocessing.get_all_start_methods()
+    )
 
 
 def worker_environment() -> dict[str, str]:
