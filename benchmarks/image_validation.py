@@ -7,8 +7,11 @@ them with synthetic defects pasted in. The test folder is never read.
 A seeded fifth of train/good is held out; each config is fitted on the rest (torch, the same
 `fit` as the pipeline) and scored on the held-out images, of which every second one gets one
 synthetic defect: a dark or bright soft-edged ellipse (a hole or a spot), a thin dark polyline
-(a crack), or a rectangle cut from another held-out image (a misplaced piece). Masks come from
-the drawn shapes. Printed and written: image AUROC, pixel AUROC and AUPRO@0.3 per config."""
+(a crack), a rectangle cut from another held-out image (a misplaced piece), or an irregular
+Perlin-noise patch of another image's texture, 40-100% opaque and 10-40% brighter or darker (a
+faint blemish, after DRAEM's anomaly shapes; Zavrtanik et al., ICCV 2021). Masks come from the
+drawn shapes. Printed and written: image AUROC, pixel AUROC and AUPRO@0.3 per config, and the
+image AUROC of each defect kind against the good images."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from normalcy.data.mvtec import load_mvtec
 from normalcy.detectors import create_detector
 
 VALIDATION_FRACTION = 0.2
-DEFECT_KINDS = ("ellipse", "crack", "cutpaste")
+DEFECT_KINDS = ("ellipse", "crack", "cutpaste", "perlin")
 
 
 def ellipse(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -59,10 +62,42 @@ def crack(rng: np.random.Generator, size: int) -> np.ndarray:
     return weights
 
 
+def perlin_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """2-D gradient (Perlin) noise `[size, size]` in about [-0.7, 0.7], `cells` lattice cells a
+    side: random unit gradients at the lattice points, blended with the quintic fade."""
+    angles = rng.uniform(0, 2 * np.pi, size=(cells + 1, cells + 1))
+    grad_y, grad_x = np.sin(angles), np.cos(angles)
+    y, x = np.meshgrid(*(np.arange(size) * cells / size,) * 2, indexing="ij")
+    y0, x0 = y.astype(int), x.astype(int)
+    fy, fx = y - y0, x - x0
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        return grad_y[y0 + dy, x0 + dx] * (fy - dy) + grad_x[y0 + dy, x0 + dx] * (fx - dx)
+
+    u, v = (t**3 * (t * (6 * t - 15) + 10) for t in (fy, fx))
+    top = corner(0, 0) * (1 - v) + corner(0, 1) * v
+    bottom = corner(1, 0) * (1 - v) + corner(1, 1) * v
+    return top * (1 - u) + bottom * u
+
+
+def perlin_region(rng: np.random.Generator, size: int) -> np.ndarray:
+    """An irregular blob as 0/1 weights: Perlin noise above a threshold, inside a random
+    ellipse of 5-15% of the side (DRAEM's anomaly shapes, kept local)."""
+    while True:
+        noise = perlin_noise(rng, size, int(rng.choice([2, 4, 8, 16])))
+        yy, xx = np.mgrid[0:size, 0:size]
+        cy, cx = rng.uniform(0.15, 0.85, size=2) * size
+        ry, rx = rng.uniform(0.05, 0.15, size=2) * size
+        window = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        region = (noise > rng.uniform(0.05, 0.3)) & window
+        if region.sum() >= 16:
+            return region.astype(float)
+
+
 def with_defect(
     rng: np.random.Generator, image: np.ndarray, donor: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(image `[C, S, S]` with one synthetic defect, its 0/1 mask `[S, S]`)."""
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(image `[C, S, S]` with one synthetic defect, its 0/1 mask `[S, S]`, the defect kind)."""
     size = image.shape[-1]
     kind = DEFECT_KINDS[rng.integers(len(DEFECT_KINDS))]
     if kind == "cutpaste":
@@ -75,13 +110,21 @@ def with_defect(
         target[:, top : top + h, left : left + w] = donor[
             :, src_top : src_top + h, src_left : src_left + w
         ] * rng.uniform(0.6, 1.4)
+    elif kind == "perlin":  # another image's texture, mirrored and shifted, partly opaque
+        weights = perlin_region(rng, size) * rng.uniform(0.4, 1.0)
+        shift = tuple(rng.integers(size // 4, 3 * size // 4, size=2))
+        texture = np.roll(donor[:, :, ::-1], shift, axis=(-2, -1))
+        gain = rng.uniform(1.1, 1.4) if rng.random() < 0.5 else rng.uniform(0.6, 0.9)
+        target = texture * gain
     else:
         weights = ellipse(rng, size) if kind == "ellipse" else crack(rng, size)
         level = image.mean()
         factor = rng.uniform(0.2, 0.6) if kind == "crack" or rng.random() < 0.6 else 1.6
         target = np.full_like(image, np.clip(level * factor, 0, 255))
     blended = image * (1 - weights) + target * weights
-    return np.clip(blended, 0, 255).astype(np.float32), (weights > 0.5).astype(np.uint8)
+    threshold = 0.0 if kind == "perlin" else 0.5  # a faint patch is a defect wherever it is
+    mask = (weights > threshold).astype(np.uint8)
+    return np.clip(blended, 0, 255).astype(np.float32), mask, kind
 
 
 def validation_set(
@@ -97,9 +140,9 @@ def validation_set(
     labels = np.zeros(len(val), dtype=int)
     kinds = np.array(["good"] * len(val), dtype=object)
     for i in range(1, len(val), 2):
-        val[i], masks[i] = with_defect(rng, val[i], val[(i + 1) % len(val)])
+        val[i], masks[i], kind = with_defect(rng, val[i], val[(i + 1) % len(val)])
         labels[i] = int(masks[i].any())
-        kinds[i] = "synthetic" if labels[i] else "good"
+        kinds[i] = kind if labels[i] else "good"
     return fit, val, labels, masks, kinds.astype(str)
 
 
@@ -112,7 +155,6 @@ def evaluate(config: dict[str, Any], fit: np.ndarray, val: tuple) -> dict[str, A
     fit_seconds = time.perf_counter() - start
     out = detector.predict(images)
     metrics = image_and_pixel_metrics(out["score"], out["anomaly_map"], labels, masks, kinds)
-    metrics.pop("per_defect")
     return {"config": config, **metrics, "fit_seconds": fit_seconds}
 
 
@@ -138,9 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     for config in args.configs:
         row = evaluate(config, fit, (images, labels, masks, kinds))
         rows.append(row)
+        by_kind = ", ".join(
+            f"{kind} {figures['image_auroc']:.3f} (n={figures['n']})"
+            for kind, figures in row["per_defect"].items()
+        )
         print(
             f"{json.dumps(row['config'])}: image_auroc {row['image_auroc']:.3f} pixel_auroc "
-            f"{row['pixel_auroc']:.3f} aupro {row['aupro']:.3f} fit {row['fit_seconds']:.0f}s",
+            f"{row['pixel_auroc']:.3f} aupro {row['aupro']:.3f} fit {row['fit_seconds']:.0f}s; "
+            f"image AUROC by kind: {by_kind}",
             flush=True,
         )
         if args.out:

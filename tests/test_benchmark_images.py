@@ -51,3 +51,22 @@ def test_validation_defects_come_with_their_masks():
     assert not changed[labels == 0].any()
     for i in np.flatnonzero(labels):
         assert masks[i].any() and changed[i][masks[i] == 1].mean() > 0.9
+
+
+def test_every_validation_defect_kind_changes_the_pixels_its_mask_marks():
+    """Each kind, the faint Perlin patch included, marks only pixels it changed, and every kind
+    turns up among validation images."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from image_validation import DEFECT_KINDS, with_defect
+
+    rng = np.random.default_rng(0)
+    image = np.full((1, 64, 64), 120.0, dtype=np.float32)
+    donor = rng.uniform(60, 180, size=(1, 64, 64)).astype(np.float32)
+    seen = set()
+    for _ in range(40):
+        defective, mask, kind = with_defect(rng, image, donor)
+        seen.add(kind)
+        changed = np.abs(defective[0] - 120.0) > 1.0
+        assert mask.any() and changed[mask == 1].mean() > 0.9, kind
+        assert not changed[mask == 0].any() or kind in ("ellipse", "crack"), kind
+    assert seen == set(DEFECT_KINDS)
