@@ -83,9 +83,9 @@ def perlin_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
 def perlin_region(rng: np.random.Generator, size: int) -> np.ndarray:
     """An irregular blob as 0/1 weights: Perlin noise above a threshold, inside a random
     ellipse of 5-15% of the side (DRAEM's anomaly shapes, kept local)."""
+    yy, xx = np.mgrid[0:size, 0:size]
     while True:
         noise = perlin_noise(rng, size, int(rng.choice([2, 4, 8, 16])))
-        yy, xx = np.mgrid[0:size, 0:size]
         cy, cx = rng.uniform(0.15, 0.85, size=2) * size
         ry, rx = rng.uniform(0.05, 0.15, size=2) * size
         window = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
