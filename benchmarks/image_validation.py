@@ -2,7 +2,8 @@
 them with synthetic defects pasted in. The test folder is never read.
 
     python benchmarks/image_validation.py --data-dir CATEGORY [--image-size 256]
-        --configs '[{"detector": "patchcore", "image_size": 256}, ...]' [--out FILE]
+        [--synthesize-size 448] --configs '[{"detector": "patchcore", "image_size": 256}, ...]'
+        [--out FILE]
 
 A seeded fifth of train/good is held out; each config is fitted on the rest (torch, the same
 `fit` as the pipeline) and scored on the held-out images, of which every second one gets one
@@ -11,7 +12,12 @@ synthetic defect: a dark or bright soft-edged ellipse (a hole or a spot), a thin
 Perlin-noise patch of another image's texture, 40-100% opaque and 10-40% brighter or darker (a
 faint blemish, after DRAEM's anomaly shapes; Zavrtanik et al., ICCV 2021). Masks come from the
 drawn shapes. Printed and written: image AUROC, pixel AUROC and AUPRO@0.3 per config, and the
-image AUROC of each defect kind against the good images."""
+image AUROC of each defect kind against the good images.
+
+Defect sizes are fractions of the side (a crack's width and a Perlin patch's least area are given
+at 256 px and scaled), so a defect covers the same share of the image at any size. To compare
+loader sizes on the very same defects, `--synthesize-size` loads and defects the images at that
+size and then resizes them (and their masks) to `--image-size`, as the loader would."""
 
 from __future__ import annotations
 
@@ -23,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from quality_images import image_and_pixel_metrics
 
 from normalcy.data.mvtec import load_mvtec
 from normalcy.detectors import create_detector
 
 VALIDATION_FRACTION = 0.2
+REFERENCE_SIZE = 256  # pixel widths and areas below are given at this side and scaled with it
 DEFECT_KINDS = ("ellipse", "crack", "cutpaste", "perlin")
 
 
@@ -45,11 +54,12 @@ def ellipse(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def crack(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A thin random polyline (3-6 segments, 1-2.5 px half-width) as weights in [0, 1]."""
+    """A thin random polyline (3-6 segments, 1-2.5 px half-width at 256 px) as weights in
+    [0, 1]."""
     yy, xx = np.mgrid[0:size, 0:size]
     point = rng.uniform(0.2, 0.8, size=2) * size
     direction = rng.uniform(0, 2 * np.pi)
-    width = rng.uniform(1.0, 2.5)
+    width = rng.uniform(1.0, 2.5) * size / REFERENCE_SIZE
     weights = np.zeros((size, size))
     for _ in range(rng.integers(3, 7)):
         direction += rng.normal(0, 0.6)
@@ -90,7 +100,7 @@ def perlin_region(rng: np.random.Generator, size: int) -> np.ndarray:
         ry, rx = rng.uniform(0.05, 0.15, size=2) * size
         window = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
         region = (noise > rng.uniform(0.05, 0.3)) & window
-        if region.sum() >= 16:
+        if region.sum() >= 16 * (size / REFERENCE_SIZE) ** 2:
             return region.astype(float)
 
 
@@ -146,6 +156,17 @@ def validation_set(
     return fit, val, labels, masks, kinds.astype(str)
 
 
+def resized(images: np.ndarray, size: int, masks: bool = False) -> np.ndarray:
+    """`[N, C, S, S]` images (bilinear, antialiased like the loader's PIL resize) or `[N, S, S]`
+    masks (nearest neighbour, as the loader resizes masks) at `size` a side."""
+    tensor = torch.as_tensor(images[:, None] if masks else images, dtype=torch.float32)
+    if masks:
+        out = F.interpolate(tensor, size=(size, size), mode="nearest")[:, 0]
+        return out.numpy().astype(images.dtype)
+    out = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)
+    return out.clamp(0, 255).numpy().astype(images.dtype)
+
+
 def evaluate(config: dict[str, Any], fit: np.ndarray, val: tuple) -> dict[str, Any]:
     params = dict(config)
     name = params.pop("detector")
@@ -155,13 +176,20 @@ def evaluate(config: dict[str, Any], fit: np.ndarray, val: tuple) -> dict[str, A
     fit_seconds = time.perf_counter() - start
     out = detector.predict(images)
     metrics = image_and_pixel_metrics(out["score"], out["anomaly_map"], labels, masks, kinds)
-    return {"config": config, **metrics, "fit_seconds": fit_seconds}
+    image_scores = np.asarray(out["score"], dtype=float).tolist()  # for paired comparisons
+    return {"config": config, **metrics, "fit_seconds": fit_seconds, "image_scores": image_scores}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True, help="one category folder")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=256, help="loader resize, pixels")
+    parser.add_argument(
+        "--synthesize-size",
+        type=int,
+        default=None,
+        help="load and add defects at this size, then resize to --image-size (default: the same)",
+    )
     parser.add_argument("--configs", type=json.loads, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -170,9 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train = load_mvtec(args.data_dir, "train", args.image_size)
+    synthesize_size = args.synthesize_size or args.image_size
+    train = load_mvtec(args.data_dir, "train", synthesize_size)
     fit, images, labels, masks, kinds = validation_set(train.X, args.seed)
     fit = fit[: args.max_fit_images]
+    if synthesize_size != args.image_size:
+        fit, images = resized(fit, args.image_size), resized(images, args.image_size)
+        masks = resized(masks, args.image_size, masks=True)
     logging.info(
         "fit %d images, validation %d (%d with defects)", len(fit), len(images), labels.sum()
     )
@@ -191,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if args.out:
-            args.out.write_text(json.dumps({"image_size": args.image_size, "rows": rows}, indent=2))
+            settings = {
+                "image_size": args.image_size,
+                "synthesize_size": synthesize_size,
+                "labels": labels.tolist(),
+                "kinds": kinds.tolist(),
+            }
+            args.out.write_text(json.dumps({**settings, "rows": rows}, indent=2))
     return 0
 
 

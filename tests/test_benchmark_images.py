@@ -70,3 +70,17 @@ def test_every_validation_defect_kind_changes_the_pixels_its_mask_marks():
         assert mask.any() and changed[mask == 1].mean() > 0.9, kind
         assert not changed[mask == 0].any() or kind in ("ellipse", "crack"), kind
     assert seen == set(DEFECT_KINDS)
+
+
+def test_a_synthetic_crack_covers_the_same_share_of_the_image_at_any_size():
+    """Loader sizes are compared on validation defects of the same relative size: a crack's
+    width scales with the side, and resizing a defected set keeps its masks binary."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from image_validation import crack, resized
+
+    small, large = (crack(np.random.default_rng(3), size) > 0.5 for size in (128, 256))
+    assert 0.8 < large.mean() / small.mean() < 1.25
+    masks = resized(np.stack([large, large]).astype(np.uint8), 64, masks=True)
+    assert masks.shape == (2, 64, 64) and set(np.unique(masks)) == {0, 1}
+    images = resized(np.full((2, 1, 256, 256), 200.0, dtype=np.float32), 64)
+    assert images.shape == (2, 1, 64, 64) and np.allclose(images, 200.0)
