@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 from normalcy.detectors import create_detector
 from normalcy.detectors.backbones import package_weights_file
 from normalcy.detectors.image_features import GaussianBlur, gaussian_kernel
+from normalcy.detectors.persistence import load_detector, save_detector
 from normalcy.detectors.registry import DetectorParamsError
 from normalcy.detectors.training import mean_loss
 from normalcy.export import export_onnx, parity_check
@@ -115,6 +116,27 @@ def test_padim_on_a_larger_packaged_backbone_exports_with_parity(backbone, case,
     assert report.passed, report.message()
 
 
+def test_per_image_intensity_ignores_lighting_and_exports_and_reloads(case, tmp_path):
+    """With `intensity: per_image` a dimmer, flatter copy of an image scores as the image does
+    (without it, it scores far out); the equalization is in the graph and in the saved state."""
+    train, normal, defective, _ = case
+    test = np.concatenate([normal, defective])
+    dimmed = test * 0.6 + 30.0  # less light and contrast, still inside 0..255
+    equalized = create_detector("padim", intensity="per_image", random_channels=20, **SMALL)
+    scores = equalized.fit(train).score(test)
+    np.testing.assert_allclose(equalized.score(dimmed), scores, rtol=1e-3)
+    as_is = create_detector("padim", random_channels=20, **SMALL).fit(train)
+    assert np.median(as_is.score(dimmed[:12]) / as_is.score(test[:12])) > 1.5
+    assert roc_auc_score(np.r_[np.zeros(12), np.ones(12)], scores) > 0.9
+    reloaded = load_detector(save_detector(equalized, tmp_path / "padim.pt"))
+    np.testing.assert_allclose(reloaded.score(dimmed), scores, rtol=1e-3)
+    module = equalized.scoring_module()
+    threshold = float(np.median(scores))
+    path = export_onnx(module, threshold, test[:2], tmp_path / "padim_per_image.onnx")
+    report = parity_check(module, threshold, path, dimmed, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()
+
+
 def test_rgb_images_are_read_as_rgb(case):
     train = np.repeat(case[0], 3, axis=1)
     train[:, 0] *= 0.5  # a colour cast, so the channels differ
@@ -142,6 +164,7 @@ def test_rgb_images_are_read_as_rgb(case):
         ("fastflow", {"threads": 0}, "threads must be an integer >= 1"),
         ("fastflow", {"position_score": "max"}, r"position_score must be one of .*likelihood"),
         ("padim", {"image_score_from": "mean"}, r"image_score_from must be one of .*'map'"),
+        ("padim", {"intensity": "auto"}, r"intensity must be one of .*'per_image'"),
         (
             "patchcore",
             {"image_score": "reweighted", "image_score_from": "map"},

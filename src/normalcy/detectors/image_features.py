@@ -36,7 +36,11 @@ from normalcy.detectors.base import (
     under_prefix,
 )
 from normalcy.detectors.networks import ScoringModule
-from normalcy.detectors.preprocessing import fit_preprocessing, load_preprocessing
+from normalcy.detectors.preprocessing import (
+    INTENSITY_MODES,
+    fit_preprocessing,
+    load_preprocessing,
+)
 from normalcy.threads import checked_threads, count_parameters, torch_threads, training_threads
 
 
@@ -191,6 +195,7 @@ class BackboneDetector(Detector):
         feature_dim: int | None = None,
         blur_sigma: float = 4.0,
         image_score_from: str = "patches",
+        intensity: str = "as_is",
         batch_size: int = 8,
         seed: int = 0,
         threads: int | None = None,
@@ -202,6 +207,11 @@ class BackboneDetector(Detector):
                 f"got {image_score_from!r}"
             )
         self.image_score_from = image_score_from
+        if intensity not in INTENSITY_MODES:
+            raise ValueError(
+                f"{self.name}: intensity must be one of {list(INTENSITY_MODES)}, got {intensity!r}"
+            )
+        self.intensity = intensity
         self.backbone = backbone
         self.stages = tuple(int(s) for s in stages)
         self.weights = weights
@@ -220,7 +230,9 @@ class BackboneDetector(Detector):
 
     @property
     def preprocessing(self) -> dict[str, Any]:
-        return {"kind": "image", "image_size": self.image_size, "normalization": "imagenet"}
+        spec = {"kind": "image", "image_size": self.image_size, "normalization": "imagenet"}
+        # the default adds no key, so the recorded preprocessing reads as it did before
+        return spec if self.intensity == "as_is" else {**spec, "intensity": self.intensity}
 
     @abstractmethod
     def fit_patches(

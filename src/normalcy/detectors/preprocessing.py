@@ -47,15 +47,29 @@ class Affine(nn.Module):
         return (x.to(torch.float32) - self.shift) / self.scale
 
 
+INTENSITY_MODES = ("as_is", "per_image")
+MIN_IMAGE_STD = 1.0 / 255  # a flat image's brightness spread: one grey level
+
+
 class ImagePreprocessing(nn.Module):
     """Raw images `[N, C, H, W]` (0..255) -> float / 255 -> optional bilinear resize to
-    `image_size` x `image_size` -> (x - mean_c) / std_c per channel.
+    `image_size` x `image_size` -> optionally each image's brightness equalized -> (x - mean_c) /
+    std_c per channel.
 
     With `normalization: imagenet` a grayscale image is repeated into 3 channels first (as
-    PIL's `convert("RGB")` does), so an ImageNet backbone reads grayscale data."""
+    PIL's `convert("RGB")` does), so an ImageNet backbone reads grayscale data.
+
+    `intensity: per_image` shifts and scales each image so its mean and spread of brightness
+    are the training images' typical ones (their medians): under uneven lighting or exposure
+    a defect-free surface then gives the same features whether it was lit brightly or dimly,
+    so a patch model spends none of its spread on lighting."""
 
     def __init__(
-        self, input_shape: tuple[int, ...], image_size: int | None, to_rgb: bool = False
+        self,
+        input_shape: tuple[int, ...],
+        image_size: int | None,
+        to_rgb: bool = False,
+        intensity: str = "as_is",
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
@@ -65,8 +79,12 @@ class ImagePreprocessing(nn.Module):
         self.to_rgb = bool(to_rgb and input_shape[0] == 1)
         channels = 3 if self.to_rgb else input_shape[0]
         self.image_size = image_size
+        self.per_image = intensity == "per_image"
         self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
         self.register_buffer("std", torch.ones(1, channels, 1, 1))
+        if self.per_image:  # the brightness every image is brought to, fitted on training images
+            self.register_buffer("typical_brightness", torch.tensor(0.5))
+            self.register_buffer("typical_contrast", torch.tensor(0.25))
 
     def unit_scale(self, x: torch.Tensor) -> torch.Tensor:
         """Float in [0, 1], resized when asked: everything before the channel statistics."""
@@ -78,8 +96,26 @@ class ImagePreprocessing(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return x
 
+    def equalized(self, x: torch.Tensor) -> torch.Tensor:
+        """`unit_scale`, then (with `per_image`) each image at the typical brightness and
+        contrast."""
+        x = self.unit_scale(x)
+        if not self.per_image:
+            return x
+        brightness, contrast = brightness_and_contrast(x)
+        scale = self.typical_contrast / contrast.clamp_min(MIN_IMAGE_STD)
+        return (x - brightness) * scale + self.typical_brightness
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.unit_scale(x) - self.mean) / self.std
+        return (self.equalized(x) - self.mean) / self.std
+
+
+def brightness_and_contrast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's mean and standard deviation over its pixels and channels, `[N, 1, 1, 1]`
+    (written out, not `std_mean`, so the graph exports as plain reductions)."""
+    brightness = x.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = ((x - brightness) ** 2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    return brightness, contrast
 
 
 def floored(scale: np.ndarray) -> np.ndarray:
@@ -111,12 +147,24 @@ def _minmax(train: np.ndarray) -> Affine:
     return _affine(train.shape[1:], low, train.max(axis=0) - low)
 
 
+def _typical_brightness(train: np.ndarray, module: ImagePreprocessing) -> tuple[float, float]:
+    """Medians of the unit-scaled training images' own brightness and contrast."""
+    with torch.no_grad():
+        per_image = [
+            torch.cat(brightness_and_contrast(module.unit_scale(chunk).double()), dim=1)
+            for chunk in torch.as_tensor(train).split(256)
+        ]
+    brightness, contrast = torch.cat(per_image).flatten(1).median(dim=0).values.tolist()
+    return brightness, max(contrast, MIN_IMAGE_STD)
+
+
 def _image_statistics(train: np.ndarray, module: ImagePreprocessing) -> tuple[np.ndarray, ...]:
-    """Per-channel mean and std of the unit-scaled (resized) training images, in batches."""
+    """Per-channel mean and std of the unit-scaled (resized, equalized) training images, in
+    batches."""
     total, total_sq, count = 0.0, 0.0, 0
     with torch.no_grad():
         for chunk in torch.as_tensor(train).split(256):
-            x = module.unit_scale(chunk).double()
+            x = module.equalized(chunk).double()
             total = total + x.sum(dim=(0, 2, 3))
             total_sq = total_sq + (x**2).sum(dim=(0, 2, 3))
             count += x.shape[0] * x.shape[2] * x.shape[3]
@@ -126,18 +174,32 @@ def _image_statistics(train: np.ndarray, module: ImagePreprocessing) -> tuple[np
 
 
 def _build_image(
-    input_shape: tuple[int, ...], image_size: int | None = None, normalization: str = "data"
+    input_shape: tuple[int, ...],
+    image_size: int | None = None,
+    normalization: str = "data",
+    intensity: str = "as_is",
 ) -> ImagePreprocessing:
-    return ImagePreprocessing(input_shape, image_size, to_rgb=normalization == "imagenet")
+    return ImagePreprocessing(
+        input_shape, image_size, to_rgb=normalization == "imagenet", intensity=intensity
+    )
 
 
-def _image(train: np.ndarray, image_size: int | None = None, normalization: str = "data"):
+def _image(
+    train: np.ndarray,
+    image_size: int | None = None,
+    normalization: str = "data",
+    intensity: str = "as_is",
+):
     if normalization == "imagenet" and train.shape[1] not in (1, 3):
         raise ValueError(
             f"preprocessing 'image' with normalization 'imagenet' needs 3 channels (or 1, "
             f"repeated into 3), got {train.shape[1]}"
         )
-    module = _build_image(train.shape[1:], image_size, normalization)
+    module = _build_image(train.shape[1:], image_size, normalization, intensity)
+    if module.per_image:
+        brightness, contrast = _typical_brightness(train, module)
+        module.typical_brightness.fill_(brightness)
+        module.typical_contrast.fill_(contrast)
     if normalization == "imagenet":
         mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
     else:

@@ -72,6 +72,7 @@ PREPROCESSING_OPTIONS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "image": {
         "image_size": _image_size_ok,
         "normalization": lambda value: value in ("data", "imagenet"),
+        "intensity": lambda value: value in ("as_is", "per_image"),
     },
 }
 
@@ -111,7 +112,7 @@ Preprocessing = Annotated[
     AfterValidator(_checked_preprocessing),
     Expect(
         f"one of {sorted(PREPROCESSING_OPTIONS)}, or a mapping with `kind` and that kind's "
-        "options (image: image_size, normalization)"
+        "options (image: image_size, normalization, intensity)"
     ),
 ]
 
