@@ -105,3 +105,43 @@ def test_bad_preprocessing_fails_at_construction(spec, message):
 def test_image_preprocessing_needs_image_rows(table):
     with pytest.raises(ValueError, match=r"needs rows \[C, H, W\]"):
         fit_preprocessing("image", table)
+
+
+def test_per_image_intensity_matches_numpy_and_onnxruntime_at_448_px(tmp_path):
+    """Each image is brought to the training images' median brightness and contrast; the
+    per-image sums are in float64, so onnxruntime computes the same pixels as torch even over
+    448 x 448 values (float32 sums there move pixels by about 1e-5: enough to fail embedding
+    parity downstream)."""
+    import onnxruntime
+
+    rng = np.random.default_rng(0)
+    images = np.clip(rng.normal(100, 30, size=(4, 1, 448, 448)), 0, 255).astype(np.float32)
+    images[1] = images[1] * 0.2 + 10  # a dim, flat exposure
+    spec = {"kind": "image", "normalization": "imagenet", "intensity": "per_image"}
+    module = fit_preprocessing(spec, images)
+    unit = images.astype(np.float64) / 255.0
+    means, stds = unit.mean(axis=(1, 2, 3)), unit.std(axis=(1, 2, 3))
+    assert module.typical_brightness.item() == pytest.approx(np.median(means), rel=1e-6)
+    assert module.typical_contrast.item() == pytest.approx(np.median(stds), rel=1e-6)
+    expected = (unit - means[:, None, None, None]) / stds[:, None, None, None]
+    expected = expected * np.median(stds) + np.median(means)
+    expected = (expected - np.array(IMAGENET_MEAN)[:, None, None]) / np.array(IMAGENET_STD)[
+        :, None, None
+    ]
+    np.testing.assert_allclose(apply(module, images), expected, atol=2e-5)
+    program = torch.onnx.export(
+        module,
+        (torch.as_tensor(images[:2]),),
+        dynamo=True,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        external_data=False,
+    )
+    program.save(tmp_path / "preprocess.onnx")
+    session = onnxruntime.InferenceSession(tmp_path / "preprocess.onnx")
+    exported = session.run(None, {session.get_inputs()[0].name: images})[0]
+    assert np.abs(exported - apply(module, images)).max() < 1e-6
+
+
+def test_an_unknown_intensity_is_refused():
+    with pytest.raises(ValueError, match=r"preprocessing 'image': invalid intensity='auto'"):
+        fit_preprocessing({"kind": "image", "intensity": "auto"}, np.zeros((2, 1, 8, 8)))
