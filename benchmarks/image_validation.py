@@ -2,7 +2,7 @@
 them with synthetic defects pasted in. The test folder is never read.
 
     python benchmarks/image_validation.py --data-dir CATEGORY [--image-size 256]
-        [--synthesize-size 448] --configs '[{"detector": "patchcore", "image_size": 256}, ...]'
+        [--synthesize-size 448] [--defective-copies 2] --configs '[{"detector": "patchcore", "image_size": 256}, ...]'
         [--out FILE]
 
 A seeded fifth of train/good is held out; each config is fitted on the rest (torch, the same
@@ -17,7 +17,10 @@ image AUROC of each defect kind against the good images.
 Defect sizes are fractions of the side (a crack's width and a Perlin patch's least area are given
 at 256 px and scaled), so a defect covers the same share of the image at any size. To compare
 loader sizes on the very same defects, `--synthesize-size` loads and defects the images at that
-size and then resizes them (and their masks) to `--image-size`, as the loader would."""
+size and then resizes them (and their masks) to `--image-size`, as the loader would.
+`--defective-copies K` keeps every held-out image as a good one and adds K defective copies of
+each: 2K x the defects, each beside its own clean image, so smaller differences between configs
+stand out from the noise (the per-image scores in the JSON allow a paired bootstrap)."""
 
 from __future__ import annotations
 
@@ -138,13 +141,19 @@ def with_defect(
 
 
 def validation_set(
-    images: np.ndarray, seed: int = 0
+    images: np.ndarray, seed: int = 0, copies: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(fit images, validation images, labels, masks, defect kinds), all from train/good."""
+    """(fit images, validation images, labels, masks, defect kinds), all from train/good.
+
+    `copies` 0: every second held-out image gets one defect. `copies` k > 0: every held-out
+    image stays as a good one and k defective copies of it are added, so each defect is judged
+    beside its own clean image (a paired set, with 2k x the defects of the default)."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
     n_val = max(2, int(round(VALIDATION_FRACTION * len(images))))
     fit, val = images[np.sort(order[n_val:])], images[np.sort(order[:n_val])].copy()
+    if copies:
+        return (fit, *defective_copies(rng, val, copies))
     size = val.shape[-1]
     masks = np.zeros((len(val), size, size), dtype=np.uint8)
     labels = np.zeros(len(val), dtype=int)
@@ -193,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", type=json.loads, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--defective-copies",
+        type=int,
+        default=0,
+        help="keep every held-out image good and add this many defective copies of each "
+        "(0: every second held-out image gets one defect)",
+    )
+    parser.add_argument(
         "--max-fit-images", type=int, default=None, help="fit on the first N fit images only"
     )
     parser.add_argument("--out", type=Path, default=None)
@@ -200,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     synthesize_size = args.synthesize_size or args.image_size
     train = load_mvtec(args.data_dir, "train", synthesize_size)
-    fit, images, labels, masks, kinds = validation_set(train.X, args.seed)
+    fit, images, labels, masks, kinds = validation_set(train.X, args.seed, args.defective_copies)
     fit = fit[: args.max_fit_images]
     if synthesize_size != args.image_size:
         fit, images = resized(fit, args.image_size), resized(images, args.image_size)
@@ -226,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = {
                 "image_size": args.image_size,
                 "synthesize_size": synthesize_size,
+                "defective_copies": args.defective_copies,
                 "labels": labels.tolist(),
                 "kinds": kinds.tolist(),
             }
@@ -235,3 +252,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def defective_copies(
+    rng: np.random.Generator, good: np.ndarray, copies: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, masks, kinds): the `good` images, then `copies` defective copies of
+    each (the donor texture from the next image)."""
+    n, size = len(good), good.shape[-1]
+    images, masks, kinds = [good], [np.zeros((n, size, size), dtype=np.uint8)], ["good"] * n
+    for _ in range(copies):
+        for i in range(n):
+            image, mask, kind = with_defect(rng, good[i], good[(i + 1) % n])
+            images.append(image[None])
+            masks.append(mask[None])
+            kinds.append(kind if mask.any() else "good")
+    kinds = np.array(kinds)
+    return np.concatenate(images), (kinds != "good").astype(int), np.concatenate(masks), kinds
+

@@ -84,3 +84,17 @@ def test_a_synthetic_crack_covers_the_same_share_of_the_image_at_any_size():
     assert masks.shape == (2, 64, 64) and set(np.unique(masks)) == {0, 1}
     images = resized(np.full((2, 1, 256, 256), 200.0, dtype=np.float32), 64)
     assert images.shape == (2, 1, 64, 64) and np.allclose(images, 200.0)
+
+
+def test_defective_copies_keep_every_held_out_image_good_beside_its_copies():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from image_validation import validation_set
+
+    images = np.full((20, 1, 64, 64), 120.0, dtype=np.float32)
+    fit, val, labels, masks, kinds = validation_set(images, seed=0, copies=2)
+    assert len(fit) == 16 and len(val) == 12 and val.dtype == np.float32
+    assert labels.tolist() == [0] * 4 + [1] * 8 and (kinds[:4] == "good").all()
+    assert np.array_equal(val[:4], images[:4]) and not masks[:4].any()
+    for i in range(4, 12):
+        changed = np.abs(val[i, 0] - 120.0) > 1.0
+        assert masks[i].any() and changed[masks[i] == 1].mean() > 0.9
