@@ -2,8 +2,8 @@
 them with synthetic defects pasted in. The test folder is never read.
 
     python benchmarks/image_validation.py --data-dir CATEGORY [--image-size 256]
-        [--synthesize-size 448] [--defective-copies 2] --configs '[{"detector": "patchcore", "image_size": 256}, ...]'
-        [--out FILE]
+        [--synthesize-size 448] [--defective-copies 2]
+        --configs '[{"detector": "patchcore", "image_size": 256}, ...]' [--out FILE]
 
 A seeded fifth of train/good is held out; each config is fitted on the rest (torch, the same
 `fit` as the pipeline) and scored on the held-out images, of which every second one gets one
@@ -165,6 +165,23 @@ def validation_set(
     return fit, val, labels, masks, kinds.astype(str)
 
 
+def defective_copies(
+    rng: np.random.Generator, good: np.ndarray, copies: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, masks, kinds): the `good` images, then `copies` defective copies of
+    each (the donor texture from the next image)."""
+    n, size = len(good), good.shape[-1]
+    images, masks, kinds = [good], [np.zeros((n, size, size), dtype=np.uint8)], ["good"] * n
+    for _ in range(copies):
+        for i in range(n):
+            image, mask, kind = with_defect(rng, good[i], good[(i + 1) % n])
+            images.append(image[None])
+            masks.append(mask[None])
+            kinds.append(kind if mask.any() else "good")
+    kinds = np.array(kinds)
+    return np.concatenate(images), (kinds != "good").astype(int), np.concatenate(masks), kinds
+
+
 def resized(images: np.ndarray, size: int, masks: bool = False) -> np.ndarray:
     """`[N, C, S, S]` images (bilinear, antialiased like the loader's PIL resize) or `[N, S, S]`
     masks (nearest neighbour, as the loader resizes masks) at `size` a side."""
@@ -252,21 +269,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def defective_copies(
-    rng: np.random.Generator, good: np.ndarray, copies: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(images, labels, masks, kinds): the `good` images, then `copies` defective copies of
-    each (the donor texture from the next image)."""
-    n, size = len(good), good.shape[-1]
-    images, masks, kinds = [good], [np.zeros((n, size, size), dtype=np.uint8)], ["good"] * n
-    for _ in range(copies):
-        for i in range(n):
-            image, mask, kind = with_defect(rng, good[i], good[(i + 1) % n])
-            images.append(image[None])
-            masks.append(mask[None])
-            kinds.append(kind if mask.any() else "good")
-    kinds = np.array(kinds)
-    return np.concatenate(images), (kinds != "good").astype(int), np.concatenate(masks), kinds
-
