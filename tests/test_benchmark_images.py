@@ -98,3 +98,20 @@ def test_defective_copies_keep_every_held_out_image_good_beside_its_copies():
     for i in range(4, 12):
         changed = np.abs(val[i, 0] - 120.0) > 1.0
         assert masks[i].any() and changed[masks[i] == 1].mean() > 0.9
+
+
+def test_image_validation_runs_end_to_end_with_paired_copies(tmp_path):
+    make_mvtec_folder(tmp_path / "tiles", n_train=15, n_test_good=2)
+    out = tmp_path / "validation.json"
+    config = {"detector": "padim", "image_size": 32, "random_channels": 16}
+    run = run_benchmark(
+        "image_validation.py",
+        *("--data-dir", tmp_path / "tiles", "--image-size", "32", "--synthesize-size", "64"),
+        *("--defective-copies", "1", "--configs", json.dumps([config]), "--out", out),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert (report["image_size"], report["synthesize_size"]) == (32, 64)
+    assert report["labels"] == [0, 0, 0, 1, 1, 1]  # 3 held out, each beside a defective copy
+    (row,) = report["rows"]
+    assert len(row["image_scores"]) == 6 and 0.0 <= row["image_auroc"] <= 1.0
