@@ -109,12 +109,12 @@ class ImagePreprocessing(nn.Module):
 
 
 def brightness_and_contrast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's mean and standard deviation over its pixels and channels, `[N, 1, 1, 1]`.
+    """Each image's mean and standard deviation over its pixels and channels, `[N, 1, 1, 1]`,
+    written out (not `std_mean`) so the graph exports as plain reductions.
 
-    Summed in float64: onnxruntime's float32 sums over 448 x 448 values move every
-    preprocessed pixel by up to 1.4e-5, which the backbone carries into a 4x larger parity error
-    of the embedding.
-    Written out, not `std_mean`, so the graph exports as plain reductions."""
+    Summed in float64: onnxruntime's float32 sums over 448 x 448 values move every preprocessed
+    pixel by about 1e-5, which the backbone carries into a 4x larger parity error of the
+    embedding."""
     wide = x.to(torch.float64)
     brightness = wide.mean(dim=(1, 2, 3), keepdim=True)
     contrast = ((wide - brightness) ** 2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
