@@ -2,7 +2,7 @@
 them with synthetic defects pasted in. The test folder is never read.
 
     python benchmarks/image_validation.py --data-dir CATEGORY [--image-size 256]
-        [--synthesize-size 448] [--defective-copies 2]
+        [--synthesize-size 448] [--defective-copies 2] [--crack-opacity 0.2]
         --configs '[{"detector": "patchcore", "image_size": 256}, ...]' [--out FILE]
 
 A seeded fifth of train/good is held out; each config is fitted on the rest (torch, the same
@@ -20,7 +20,9 @@ loader sizes on the very same defects, `--synthesize-size` loads and defects the
 size and then resizes them (and their masks) to `--image-size`, as the loader would.
 `--defective-copies K` keeps every held-out image as a good one and adds K defective copies of
 each: 2K x the defects, each beside its own clean image, so smaller differences between configs
-stand out from the noise (the per-image scores in the JSON allow a paired bootstrap)."""
+stand out from the noise (the per-image scores in the JSON allow a paired bootstrap).
+`--crack-opacity MIN` blends each crack at an opacity drawn from [MIN, 1]: opaque cracks are
+found by every config, so they rank none."""
 
 from __future__ import annotations
 
@@ -108,9 +110,13 @@ def perlin_region(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def with_defect(
-    rng: np.random.Generator, image: np.ndarray, donor: np.ndarray
+    rng: np.random.Generator, image: np.ndarray, donor: np.ndarray, crack_opacity: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """(image `[C, S, S]` with one synthetic defect, its 0/1 mask `[S, S]`, the defect kind)."""
+    """(image `[C, S, S]` with one synthetic defect, its 0/1 mask `[S, S]`, the defect kind).
+
+    `crack_opacity` below 1 blends each crack at an opacity drawn from [crack_opacity, 1] (its
+    mask stays the drawn line): opaque cracks are found by every config (image AUROC 1.000), so
+    they rank none; at 1 no draw is added and earlier validation sets come back unchanged."""
     size = image.shape[-1]
     kind = DEFECT_KINDS[rng.integers(len(DEFECT_KINDS))]
     if kind == "cutpaste":
@@ -134,39 +140,42 @@ def with_defect(
         level = image.mean()
         factor = rng.uniform(0.2, 0.6) if kind == "crack" or rng.random() < 0.6 else 1.6
         target = np.full_like(image, np.clip(level * factor, 0, 255))
-    blended = image * (1 - weights) + target * weights
     threshold = 0.0 if kind == "perlin" else 0.5  # a faint patch is a defect wherever it is
     mask = (weights > threshold).astype(np.uint8)
+    if kind == "crack" and crack_opacity < 1.0:
+        weights = weights * rng.uniform(crack_opacity, 1.0)
+    blended = image * (1 - weights) + target * weights
     return np.clip(blended, 0, 255).astype(np.float32), mask, kind
 
 
 def validation_set(
-    images: np.ndarray, seed: int = 0, copies: int = 0
+    images: np.ndarray, seed: int = 0, copies: int = 0, crack_opacity: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(fit images, validation images, labels, masks, defect kinds), all from train/good.
 
     `copies` 0: every second held-out image gets one defect. `copies` k > 0: every held-out
     image stays as a good one and k defective copies of it are added, so each defect is judged
-    beside its own clean image (a paired set, with 2k x the defects of the default)."""
+    beside its own clean image (a paired set, with 2k x the defects of the default).
+    `crack_opacity`: see `with_defect`."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
     n_val = max(2, int(round(VALIDATION_FRACTION * len(images))))
     fit, val = images[np.sort(order[n_val:])], images[np.sort(order[:n_val])].copy()
     if copies:
-        return (fit, *defective_copies(rng, val, copies))
+        return (fit, *defective_copies(rng, val, copies, crack_opacity))
     size = val.shape[-1]
     masks = np.zeros((len(val), size, size), dtype=np.uint8)
     labels = np.zeros(len(val), dtype=int)
     kinds = np.array(["good"] * len(val), dtype=object)
     for i in range(1, len(val), 2):
-        val[i], masks[i], kind = with_defect(rng, val[i], val[(i + 1) % len(val)])
+        val[i], masks[i], kind = with_defect(rng, val[i], val[(i + 1) % len(val)], crack_opacity)
         labels[i] = int(masks[i].any())
         kinds[i] = kind if labels[i] else "good"
     return fit, val, labels, masks, kinds.astype(str)
 
 
 def defective_copies(
-    rng: np.random.Generator, good: np.ndarray, copies: int
+    rng: np.random.Generator, good: np.ndarray, copies: int, crack_opacity: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, masks, kinds): the `good` images, then `copies` defective copies of
     each (the donor texture from the next image)."""
@@ -174,7 +183,7 @@ def defective_copies(
     images, masks, kinds = [good], [np.zeros((n, size, size), dtype=np.uint8)], ["good"] * n
     for _ in range(copies):
         for i in range(n):
-            image, mask, kind = with_defect(rng, good[i], good[(i + 1) % n])
+            image, mask, kind = with_defect(rng, good[i], good[(i + 1) % n], crack_opacity)
             images.append(image[None])
             masks.append(mask[None])
             kinds.append(kind if mask.any() else "good")
@@ -226,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         "(0: every second held-out image gets one defect)",
     )
     parser.add_argument(
+        "--crack-opacity",
+        type=float,
+        default=1.0,
+        help="least opacity of a synthetic crack, each drawn from [this, 1] (1: opaque cracks, "
+        "the sets of earlier runs)",
+    )
+    parser.add_argument(
         "--max-fit-images", type=int, default=None, help="fit on the first N fit images only"
     )
     parser.add_argument("--out", type=Path, default=None)
@@ -233,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     synthesize_size = args.synthesize_size or args.image_size
     train = load_mvtec(args.data_dir, "train", synthesize_size)
-    fit, images, labels, masks, kinds = validation_set(train.X, args.seed, args.defective_copies)
+    if not 0.0 < args.crack_opacity <= 1.0:
+        parser.error(f"--crack-opacity must be in (0, 1], got {args.crack_opacity}")
+    fit, images, labels, masks, kinds = validation_set(
+        train.X, args.seed, args.defective_copies, args.crack_opacity
+    )
     fit = fit[: args.max_fit_images]
     if synthesize_size != args.image_size:
         fit, images = resized(fit, args.image_size), resized(images, args.image_size)
@@ -260,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 "image_size": args.image_size,
                 "synthesize_size": synthesize_size,
                 "defective_copies": args.defective_copies,
+                "crack_opacity": args.crack_opacity,
                 "labels": labels.tolist(),
                 "kinds": kinds.tolist(),
             }

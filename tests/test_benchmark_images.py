@@ -115,3 +115,37 @@ def test_image_validation_runs_end_to_end_with_paired_copies(tmp_path):
     assert report["labels"] == [0, 0, 0, 1, 1, 1]  # 3 held out, each beside a defective copy
     (row,) = report["rows"]
     assert len(row["image_scores"]) == 6 and 0.0 <= row["image_auroc"] <= 1.0
+
+
+def test_a_faint_crack_keeps_its_mask_and_changes_the_pixels_less():
+    """`--crack-opacity` blends a crack partly: the same draws give the same line and mask as
+    an opaque crack, and the pixels under it move less (never more)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from image_validation import with_defect
+
+    image = np.full((1, 64, 64), 120.0, dtype=np.float32)
+    donor = np.full((1, 64, 64), 90.0, dtype=np.float32)
+    fainter = 0
+    for seed in range(40):
+        opaque, opaque_mask, kind = with_defect(np.random.default_rng(seed), image, donor)
+        faint, faint_mask, _ = with_defect(np.random.default_rng(seed), image, donor, 0.2)
+        if kind != "crack":
+            assert np.array_equal(faint, opaque), kind  # only cracks take the extra draw
+            continue
+        assert np.array_equal(faint_mask, opaque_mask) and faint_mask.any()
+        under = faint_mask == 1
+        moved, moved_opaque = np.abs(faint[0] - 120.0)[under], np.abs(opaque[0] - 120.0)[under]
+        assert (moved <= moved_opaque + 1e-4).all() and (moved > 0).all()
+        fainter += int(moved.mean() < 0.9 * moved_opaque.mean())
+    assert fainter > 0
+
+
+def test_image_validation_refuses_a_crack_opacity_outside_0_1(tmp_path):
+    make_mvtec_folder(tmp_path / "tiles", n_train=6, n_test_good=1)
+    config = {"detector": "padim", "image_size": 32, "random_channels": 16}
+    run = run_benchmark(
+        "image_validation.py",
+        *("--data-dir", tmp_path / "tiles", "--image-size", "32", "--crack-opacity", "1.5"),
+        *("--configs", json.dumps([config])),
+    )
+    assert run.returncode == 2 and "--crack-opacity must be in (0, 1], got 1.5" in run.stderr
