@@ -247,10 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not 0.0 < args.crack_opacity <= 1.0:  # before minutes of loading
+        parser.error(f"--crack-opacity must be in (0, 1], got {args.crack_opacity}")
     synthesize_size = args.synthesize_size or args.image_size
     train = load_mvtec(args.data_dir, "train", synthesize_size)
-    if not 0.0 < args.crack_opacity <= 1.0:
-        parser.error(f"--crack-opacity must be in (0, 1], got {args.crack_opacity}")
     fit, images, labels, masks, kinds = validation_set(
         train.X, args.seed, args.defective_copies, args.crack_opacity
     )
