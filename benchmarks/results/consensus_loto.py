@@ -24,7 +24,7 @@ import quality_tabular as qt
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 
-from normalcy.config import load_params
+from normalcy.config import Params, load_params
 from normalcy.detectors.ensemble import robust_location_scale
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,11 +33,10 @@ FIXED = ("iforest", "knn")
 OPTIONAL = ("knn_wide", "autoencoder", "vae", "pca", "mahalanobis", "flow")
 
 
-def cached_scores(table: Path, seed: int, cache: Path) -> dict[str, np.ndarray]:
+def cached_scores(table: Path, seed: int, cache: Path, params: Params) -> dict[str, np.ndarray]:
     """{'val/NAME', 'test/NAME': scores of each fitted candidate, 'test_y', 'test/sk_iforest'}."""
     target = cache / f"{table.stem}__{seed}.npz"
     if not target.exists():
-        params = load_params(REPO / "params.yaml")
         X, y = qt.load_npz(table)
         split = qt.labelled_split(X, y, seed)
         train = params.train.model_copy(update={"seed": seed})
@@ -70,6 +69,7 @@ def main() -> int:
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     tables = sorted(args.data_dir.glob("*.npz"))
+    params = load_params(REPO / "params.yaml")
     rules = [
         (FIXED + extra, reduce)
         for k in range(len(OPTIONAL) + 1)
@@ -79,7 +79,7 @@ def main() -> int:
     auroc = np.zeros((len(rules), len(tables)))
     oracle, iforest, current = (np.zeros(len(tables)) for _ in range(3))
     for t, table in enumerate(tables):
-        runs = [cached_scores(table, seed, args.cache) for seed in SEEDS]
+        runs = [cached_scores(table, seed, args.cache, params) for seed in SEEDS]
         for i, (members, reduce) in enumerate(rules):
             auroc[i, t] = np.mean(
                 [roc_auc_score(r["test_y"], combined(r, members, reduce)) for r in runs]
