@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import TensorDataset
 
+from normalcy.artifact.names import ANOMALY_MAP_NAME
 from normalcy.detectors import create_detector
 from normalcy.detectors.backbones import package_weights_file
 from normalcy.detectors.image_features import GaussianBlur, gaussian_kernel
@@ -17,6 +18,8 @@ from normalcy.detectors.persistence import load_detector, save_detector
 from normalcy.detectors.registry import DetectorParamsError
 from normalcy.detectors.training import mean_loss
 from normalcy.export import export_onnx, parity_check
+from normalcy.export.parity import _compare_values
+from normalcy.export.tolerance import FloatTolerance
 from tests.image_cases import pasted_defects, textures
 
 SMALL = {"image_size": 64}
@@ -99,6 +102,50 @@ def test_the_image_score_can_come_from_the_blurred_map_and_exports_with_parity(c
     assert report.passed, report.message()
 
 
+def test_median_centred_maps_keep_the_score_and_export_and_reload(case, tmp_path):
+    """`map_centering: median` shifts each map by its own median patch score (torch's median,
+    computed here outside the graph) and leaves the image score as it was, unless that is the
+    map's peak."""
+    train, normal, defective, masks = case
+    test = np.concatenate([normal, defective])
+    centred = create_detector("padim", map_centering="median", **SMALL).fit(train)
+    plain = create_detector("padim", **SMALL).fit(train)
+    out, before = centred.predict(test), plain.predict(test)
+    np.testing.assert_array_equal(out["score"], before["score"])
+    with torch.no_grad():
+        patch_scores = centred.patch_head()(centred.patch_features(test))
+    medians = patch_scores.flatten(1).median(dim=1).values.numpy()
+    shift = (before["anomaly_map"] - out["anomaly_map"]).reshape(len(test), -1)
+    np.testing.assert_allclose(shift, np.repeat(medians[:, None], shift.shape[1], 1), atol=1e-4)
+    assert roc_auc_score(masks.ravel(), out["anomaly_map"][12:].ravel()) > 0.8
+    peak = create_detector("padim", map_centering="median", image_score_from="map", **SMALL)
+    on_map = peak.fit(train).predict(test)  # the score is then the centred map's peak
+    np.testing.assert_allclose(on_map["score"], out["anomaly_map"].reshape(len(test), -1).max(1))
+    reloaded = load_detector(save_detector(centred, tmp_path / "padim.pt"))
+    np.testing.assert_allclose(reloaded.predict(test)["anomaly_map"], out["anomaly_map"], atol=1e-5)
+    module = centred.scoring_module()
+    threshold = float(np.median(out["score"]))
+    path = export_onnx(module, threshold, test[:2], tmp_path / "padim_centred.onnx")
+    report = parity_check(module, threshold, path, test, 1e-4, 1e-3, 1.0)
+    assert report.passed, report.message()
+
+
+def test_map_parity_is_relative_to_each_maps_largest_value():
+    """A centred map's pixels near zero carry its patch scores' rounding: judged against the
+    map's largest |value|, rounding passes and a real difference still fails."""
+    policy = FloatTolerance(1e-4, 1e-3, 1.0)
+    reference = np.array([[[300.0, 0.01], [-5.0, 2.0]], [[1.0, 0.5], [0.0, 0.2]]], np.float32)
+    rounding = reference.copy()
+    rounding[0, 0, 1] += 3e-4  # 1e-6 of the map's 300, 3% of the pixel itself
+    wrong = reference.copy()
+    wrong[0, 1, 1] += 0.6  # 2e-3 of 300
+    assert _compare_values(ANOMALY_MAP_NAME, reference, rounding, policy).n_mismatches == 0
+    assert _compare_values(ANOMALY_MAP_NAME, reference, wrong, policy).n_mismatches == 1
+    small_wrong = reference.copy()
+    small_wrong[1, 0, 1] += 0.01  # the second map's scale is 1: 1e-2 of it
+    assert _compare_values(ANOMALY_MAP_NAME, reference, small_wrong, policy).n_mismatches == 1
+
+
 @pytest.mark.parametrize("backbone", ["efficientnet_lite1", "efficientnet_lite2"])
 def test_padim_on_a_larger_packaged_backbone_exports_with_parity(backbone, case, tmp_path):
     if package_weights_file(backbone) is None:
@@ -165,6 +212,7 @@ def test_rgb_images_are_read_as_rgb(case):
         ("fastflow", {"position_score": "max"}, r"position_score must be one of .*likelihood"),
         ("padim", {"image_score_from": "mean"}, r"image_score_from must be one of .*'map'"),
         ("padim", {"intensity": "auto"}, r"intensity must be one of .*'per_image'"),
+        ("patchcore", {"map_centering": "mean"}, r"map_centering must be one of .*'median'"),
         (
             "patchcore",
             {"image_score": "reweighted", "image_score_from": "map"},

@@ -118,14 +118,28 @@ class GaussianBlur(nn.Module):
 # Where the image score comes from: the largest patch score, or the largest value of the blurred
 # anomaly map (anomalib's PaDiM; the blur averages out one noisy patch).
 IMAGE_SCORE_SOURCES = ("patches", "map")
+# How each anomaly map is shifted: as is, or less its own median patch score, so that a tile whose
+# good surface scores high everywhere (lighting, texture) does not outrank a defect elsewhere
+# pixel by pixel. The image score changes only when it is the map's peak (`image_score_from:
+# map`): a defect covering most of the image would vanish from a centred score.
+MAP_CENTERINGS = ("none", "median")
+
+
+def own_median(scores: torch.Tensor) -> torch.Tensor:
+    """`[N, h, w]` -> each map's median `[N]` (the lower one for an even count, as torch's), by
+    TopK: ONNX has no Median operator."""
+    flat = scores.flatten(1)
+    return flat.topk(flat.shape[1] // 2 + 1, dim=1).values[:, -1]
 
 
 class PatchScoreHead(nn.Module):
     """Normalized images -> backbone -> patch features -> `patch_scores` (a method's module,
     `[N, D, h, w]` -> `[N, h, w]`, or with its own image score `([N, h, w], [N])`) ->
-    `Prediction`: score = the largest patch score (or the method's; with `score_from_map`, the
-    largest value of the map), anomaly_map = patch scores bilinearly upsampled to `output_size`
-    and blurred, and the stages' pooled features as the `embedding` that drift compares."""
+    `Prediction`: anomaly_map = patch scores bilinearly upsampled to `output_size` and blurred
+    (with `centre_maps`, less the image's median patch score: upsampling and the normalized blur
+    keep a constant, so it is subtracted last), score = the largest patch score (or the
+    method's; with `score_from_map`, the largest value of the map), and the stages' pooled
+    features as the `embedding` that drift compares."""
 
     def __init__(
         self,
@@ -135,9 +149,11 @@ class PatchScoreHead(nn.Module):
         output_size: tuple[int, int],
         blur: GaussianBlur,
         score_from_map: bool = False,
+        centre_maps: bool = False,
     ) -> None:
         super().__init__()
         self.score_from_map = score_from_map
+        self.centre_maps = centre_maps
         self.extractor = extractor
         self.patches = patches
         self.patch_scores = patch_scores
@@ -155,6 +171,8 @@ class PatchScoreHead(nn.Module):
             scores.unsqueeze(1), size=self.output_size, mode="bilinear", align_corners=False
         )
         maps = self.blur(maps).squeeze(1)
+        if self.centre_maps:
+            maps = maps - own_median(scores).reshape(-1, 1, 1)
         if self.score_from_map:
             image_score = maps.flatten(1).amax(dim=1)
         embedding = pooled_features(features)
@@ -196,6 +214,7 @@ class BackboneDetector(Detector):
         blur_sigma: float = 4.0,
         image_score_from: str = "patches",
         intensity: str = "as_is",
+        map_centering: str = "none",
         batch_size: int = 8,
         seed: int = 0,
         threads: int | None = None,
@@ -212,6 +231,12 @@ class BackboneDetector(Detector):
                 f"{self.name}: intensity must be one of {list(INTENSITY_MODES)}, got {intensity!r}"
             )
         self.intensity = intensity
+        if map_centering not in MAP_CENTERINGS:
+            raise ValueError(
+                f"{self.name}: map_centering must be one of {list(MAP_CENTERINGS)}, "
+                f"got {map_centering!r}"
+            )
+        self.map_centering = map_centering
         self.backbone = backbone
         self.stages = tuple(int(s) for s in stages)
         self.weights = weights
@@ -307,6 +332,7 @@ class BackboneDetector(Detector):
             self.output_size,
             self.blur(),
             score_from_map=self.image_score_from == "map",
+            centre_maps=self.map_centering == "median",
         )
         return ScoringModule(self.preprocess, head).eval()
 

@@ -20,7 +20,13 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from normalcy.artifact.calibration_head import calibration_array
-from normalcy.artifact.names import CONTRIBUTIONS_NAMES, DECISION_NAME, P_VALUE_NAME, SCORE_NAME
+from normalcy.artifact.names import (
+    ANOMALY_MAP_NAME,
+    CONTRIBUTIONS_NAMES,
+    DECISION_NAME,
+    P_VALUE_NAME,
+    SCORE_NAME,
+)
 from normalcy.detectors.base import inference
 from normalcy.export.graph import ScoringGraph, device_of
 from normalcy.export.report import HEAD_ROLES, OutputParity, ParityReport
@@ -111,9 +117,10 @@ def _ort_outputs(onnx_path: str | Path, X: np.ndarray, batch_size: int) -> dict[
 
 
 def _row_scale(values: np.ndarray) -> np.ndarray:
-    """Each row's largest finite |value| `[N, 1]`, at least REL_EPS."""
+    """Each row's largest finite |value|, at least REL_EPS, shaped to broadcast over the row."""
     finite = np.where(np.isfinite(values), np.abs(values.astype(np.float64)), 0.0)
-    return np.maximum(finite.reshape(len(values), -1).max(axis=1, initial=0.0), REL_EPS)[:, None]
+    scale = np.maximum(finite.reshape(len(values), -1).max(axis=1, initial=0.0), REL_EPS)
+    return scale.reshape(len(values), *([1] * (values.ndim - 1)))
 
 
 def _compare_values(
@@ -123,13 +130,16 @@ def _compare_values(
 
     Per-feature contributions are relative to their row's largest contribution: a leave-feature-
     out contribution is a difference of two scores, exact only to the scores' own rounding, so
-    a small contribution beside a large one cannot meet a tolerance relative to itself."""
+    a small contribution beside a large one cannot meet a tolerance relative to itself. Anomaly
+    map pixels likewise, relative to their map's largest |value|: a map centred on its own median
+    is a difference of patch scores, so its pixels near zero carry the scores' rounding."""
     role = "float" if np.issubdtype(reference.dtype, np.floating) else "exact"
     gated = policy.gates_other_outputs
     if reference.shape != exported.shape:
         return OutputParity(name, role, reference.size, reference.size, math.inf, math.inf, gated)
     abs_diff, rel_diff = _diffs(reference, exported)
-    if name in CONTRIBUTIONS_NAMES and role == "float" and reference.ndim == 2:
+    by_row = (name in CONTRIBUTIONS_NAMES and reference.ndim == 2) or name == ANOMALY_MAP_NAME
+    if by_row and role == "float" and reference.ndim >= 2:
         rel_diff = relative_diff(abs_diff, reference, _row_scale(reference))
     bad = abs_diff > 0 if role == "exact" else policy.value_mismatches(abs_diff, rel_diff)
     return OutputParity(
