@@ -14,12 +14,14 @@ from normalcy.artifact.names import ANOMALY_MAP_NAME
 from normalcy.detectors import create_detector
 from normalcy.detectors.backbones import package_weights_file
 from normalcy.detectors.image_features import GaussianBlur, gaussian_kernel
+from normalcy.detectors.padim import position_gaussians
 from normalcy.detectors.persistence import load_detector, save_detector
 from normalcy.detectors.registry import DetectorParamsError
 from normalcy.detectors.training import mean_loss
 from normalcy.export import export_onnx, parity_check
 from normalcy.export.parity import _compare_values
 from normalcy.export.tolerance import FloatTolerance
+from normalcy.threads import torch_threads
 from tests.image_cases import pasted_defects, textures
 
 SMALL = {"image_size": 64}
@@ -144,6 +146,20 @@ def test_map_parity_is_relative_to_each_maps_largest_value():
     small_wrong = reference.copy()
     small_wrong[1, 0, 1] += 0.01  # the second map's scale is 1: 1e-2 of it
     assert _compare_values(ANOMALY_MAP_NAME, reference, small_wrong, policy).n_mismatches == 1
+
+
+def test_padim_inverts_wide_covariances_with_two_threads():
+    """168 channels (all of efficientnet_lite2's stages 2-3) at 64 positions with 2 torch
+    threads: the batched LU inverse failed there on this machine's MKL, even for identities."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 400, 168, generator=generator) * torch.linspace(1, 8, 168)
+    with torch_threads(2):
+        mean, precision = position_gaussians(rows, 0.01)
+    centred = rows.double() - rows.double().mean(dim=1, keepdim=True)
+    covariance = centred.transpose(1, 2) @ centred / 399 + 0.01 * torch.eye(168).double()
+    identity = torch.eye(168).double().expand(64, -1, -1)
+    torch.testing.assert_close(precision.double() @ covariance, identity, atol=1e-3, rtol=0)
+    torch.testing.assert_close(mean, rows.mean(dim=1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backbone", ["efficientnet_lite1", "efficientnet_lite2"])

@@ -40,9 +40,13 @@ def position_gaussians(rows: torch.Tensor, covariance_eps: float) -> tuple[torch
     centred = rows - mean.unsqueeze(1)
     covariance = centred.transpose(1, 2) @ centred / max(rows.shape[1] - 1, 1)
     covariance += covariance_eps * torch.eye(rows.shape[2], dtype=torch.float64)
-    # contiguous: the inverse comes back column-major, and bmm would sum in another order than
-    # for the same matrix loaded from a saved detector (scores off in the 7th digit)
-    return mean.float(), torch.linalg.inv(covariance).float().contiguous()
+    # By Cholesky (the regularized covariance is positive definite): torch's batched LU inverse
+    # fails on this machine's MKL with 2 threads from about 150 channels up, even for identity
+    # matrices ("Pivots given to lu_solve must all be greater or equal to 1"). Contiguous: bmm
+    # would otherwise sum in another order than for the same matrix loaded from a saved detector
+    # (scores off in the 7th digit).
+    precision = torch.cholesky_inverse(torch.linalg.cholesky(covariance))
+    return mean.float(), precision.float().contiguous()
 
 
 @register("padim")
