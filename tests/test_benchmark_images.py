@@ -117,6 +117,36 @@ def test_image_validation_runs_end_to_end_with_paired_copies(tmp_path):
     assert len(row["image_scores"]) == 6 and 0.0 <= row["image_auroc"] <= 1.0
 
 
+def test_saved_maps_give_a_paired_bootstrap_of_the_pixel_metrics(tmp_path):
+    """`--maps-dir` keeps each config's maps beside the masks; `paired_pixel_metrics.py` reports
+    the observed difference of the pixel metrics that `pixel_metrics` gives on those maps."""
+    from normalcy.evaluation.pixel_metrics import pixel_metrics
+
+    make_mvtec_folder(tmp_path / "tiles", n_train=15, n_test_good=2)
+    configs = [
+        {"detector": "padim", "image_size": 32, "random_channels": 16},
+        {"detector": "padim", "image_size": 32, "random_channels": 4, "blur_sigma": 0.0},
+    ]
+    run = run_benchmark(
+        "image_validation.py",
+        *("--data-dir", tmp_path / "tiles", "--image-size", "32", "--defective-copies", "1"),
+        *("--configs", json.dumps(configs), "--maps-dir", tmp_path / "maps"),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    masks = np.load(tmp_path / "maps" / "masks.npy")
+    maps = [np.load(tmp_path / "maps" / f"{index}.npy") for index in (0, 1)]
+    assert masks.shape == maps[0].shape == maps[1].shape == (6, 32, 32) and masks[3:].any()
+    a, b = pixel_metrics(maps[0], masks), pixel_metrics(maps[1], masks)
+    paired = run_benchmark(
+        "results/paired_pixel_metrics.py",
+        *(tmp_path / "maps" / "0.npy", tmp_path / "maps" / "1.npy", "--resamples", "20"),
+    )
+    assert paired.returncode == 0, paired.stderr[-3000:]
+    for metric in ("pixel_auroc", "aupro"):
+        line = next(row for row in paired.stdout.splitlines() if row.startswith(metric))
+        assert f"A - B {a[metric] - b[metric]:+.4f}," in line and " of 20 resamples had " in line
+
+
 def test_a_faint_crack_keeps_its_mask_and_changes_the_pixels_less():
     """`--crack-opacity` blends a crack partly: the same draws give the same line and mask as
     an opaque crack, and the pixels under it move less (never more)."""
