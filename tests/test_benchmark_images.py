@@ -1,9 +1,11 @@
 """The image benchmarks run end to end on a small synthetic MVTec-layout folder."""
 
 import json
+import re
 import sys
 
 import numpy as np
+import pytest
 
 from tests.image_folders import make_mvtec_folder
 from tests.test_benchmarks import REPO, run_benchmark
@@ -118,8 +120,8 @@ def test_image_validation_runs_end_to_end_with_paired_copies(tmp_path):
 
 
 def test_saved_maps_give_a_paired_bootstrap_of_the_pixel_metrics(tmp_path):
-    """`--maps-dir` keeps each config's maps beside the masks; `paired_pixel_metrics.py` reports
-    the observed difference of the pixel metrics that `pixel_metrics` gives on those maps."""
+    """`--maps-dir` keeps each config's maps beside the masks; `paired_pixel_metrics.py` prints
+    the exact pixel metrics of each, close binned ones, and the binned difference."""
     from normalcy.evaluation.pixel_metrics import pixel_metrics
 
     make_mvtec_folder(tmp_path / "tiles", n_train=15, n_test_good=2)
@@ -136,15 +138,26 @@ def test_saved_maps_give_a_paired_bootstrap_of_the_pixel_metrics(tmp_path):
     masks = np.load(tmp_path / "maps" / "masks.npy")
     maps = [np.load(tmp_path / "maps" / f"{index}.npy") for index in (0, 1)]
     assert masks.shape == maps[0].shape == maps[1].shape == (6, 32, 32) and masks[3:].any()
-    a, b = pixel_metrics(maps[0], masks), pixel_metrics(maps[1], masks)
+    exact = [pixel_metrics(m, masks) for m in maps]
     paired = run_benchmark(
         "results/paired_pixel_metrics.py",
-        *(tmp_path / "maps" / "0.npy", tmp_path / "maps" / "1.npy", "--resamples", "20"),
+        *(tmp_path / "maps" / "0.npy", tmp_path / "maps" / "1.npy", "--resamples", "50"),
     )
     assert paired.returncode == 0, paired.stderr[-3000:]
+    lines = paired.stdout.splitlines()
+    binned = {}
+    for label, figures in zip("AB", exact, strict=True):
+        line = next(row for row in lines if row.startswith(f"{label} "))
+        for metric in ("pixel_auroc", "aupro"):
+            match = re.search(rf"{metric} ([\d.]+) \(binned ([\d.]+)\)", line)
+            assert float(match[1]) == pytest.approx(figures[metric], abs=1e-4)
+            assert float(match[2]) == pytest.approx(figures[metric], abs=0.02)  # bins' ties
+            binned[label, metric] = float(match[2])
     for metric in ("pixel_auroc", "aupro"):
-        line = next(row for row in paired.stdout.splitlines() if row.startswith(metric))
-        assert f"A - B {a[metric] - b[metric]:+.4f}," in line and " of 20 resamples had " in line
+        line = next(row for row in lines if row.startswith(f"{metric}:"))
+        delta = float(re.search(r"A - B ([-+][\d.]+)", line)[1])
+        assert delta == pytest.approx(binned["A", metric] - binned["B", metric], abs=2e-4)
+        assert " of 50 resamples had defects" in line
 
 
 def test_a_faint_crack_keeps_its_mask_and_changes_the_pixels_less():
