@@ -157,7 +157,7 @@ def test_saved_maps_give_a_paired_bootstrap_of_the_pixel_metrics(tmp_path):
         line = next(row for row in lines if row.startswith(f"{metric}:"))
         delta = float(re.search(r"A - B ([-+][\d.]+)", line)[1])
         assert delta == pytest.approx(binned["A", metric] - binned["B", metric], abs=2e-4)
-        assert " of 50 resamples had defects" in line
+        assert "(50 resamples, each with defective and good images)" in line
 
 
 def test_a_faint_crack_keeps_its_mask_and_changes_the_pixels_less():

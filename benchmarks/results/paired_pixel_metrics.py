@@ -1,7 +1,8 @@
 """A paired bootstrap of the pixel metrics (pixel AUROC, AUPRO@0.3) of two configs scored on the
 same validation images: `image_validation.py --maps-dir DIR` saves each config's maps
 (`DIR/<config index>.npy`) and the masks (`DIR/masks.npy`). Images are resampled with
-replacement, the same draw for both configs.
+replacement (`normalcy.evaluation.bootstrap.bootstrap_rows`: a draw without a defective or
+without a good image is drawn again), the same draw for both configs.
 
 Sorting every pixel per resample takes about 17 s for 399 maps of 256 x 256, so each config's
 pixels are first counted per image (defect-free pixels) and per ground-truth region (8-connected,
@@ -21,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from normalcy.evaluation.bootstrap import percentile_interval
+from normalcy.evaluation.bootstrap import bootstrap_rows, percentile_interval
 from normalcy.evaluation.pixel_metrics import area_up_to, pixel_metrics
 
 METRICS = ("pixel_auroc", "aupro")
@@ -85,36 +86,30 @@ def main() -> None:
     masks = np.load(args.a.parent / "masks.npy")
     if not np.array_equal(masks, np.load(args.b.parent / "masks.npy")):
         raise SystemExit("the two configs were not scored on the same validation images")
-    binned = {}
+    binned, observed = {}, {}
     for label, path in (("A", args.a), ("B", args.b)):
         maps = np.load(path)
         binned[label] = binned_pixels(maps, masks)
         exact = pixel_metrics(maps, masks)
-        approx = weighted_metrics(binned[label], np.ones(len(masks)))
+        observed[label] = weighted_metrics(binned[label], np.ones(len(masks)))
         print(
             f"{label} {path}: "
-            + ", ".join(f"{m} {exact[m]:.4f} (binned {approx[m]:.4f})" for m in METRICS)
+            + ", ".join(f"{m} {exact[m]:.4f} (binned {observed[label][m]:.4f})" for m in METRICS)
         )
-    observed = {
-        m: weighted_metrics(binned["A"], np.ones(len(masks)))[m]
-        - weighted_metrics(binned["B"], np.ones(len(masks)))[m]
-        for m in METRICS
-    }
-    rng = np.random.default_rng(args.seed)
+    has_defect = masks.reshape(len(masks), -1).any(axis=1)
     deltas: dict[str, list[float]] = {metric: [] for metric in METRICS}
-    for _ in range(args.resamples):
-        weights = np.bincount(rng.integers(0, len(masks), len(masks)), minlength=len(masks))
+    for rows in bootstrap_rows(has_defect, args.resamples, args.seed):
+        weights = np.bincount(rows, minlength=len(masks))
         a, b = (weighted_metrics(binned[label], weights) for label in ("A", "B"))
         for metric in METRICS:
             deltas[metric].append(a[metric] - b[metric])
     for metric in METRICS:
         values = np.array(deltas[metric])
-        values = values[np.isfinite(values)]  # a resample without a defect has no pixel metric
-        low95, high95 = percentile_interval(values, 0.95) if len(values) else (np.nan, np.nan)
+        low95, high95 = percentile_interval(values, 0.95)
         print(
-            f"{metric}: A - B {observed[metric]:+.4f} (binned), 95% [{low95:+.4f}, "
-            f"{high95:+.4f}], share <= 0: {np.mean(values <= 0) if len(values) else np.nan:.3f} "
-            f"({len(values)} of {args.resamples} resamples had defects)"
+            f"{metric}: A - B {observed['A'][metric] - observed['B'][metric]:+.4f} (binned), "
+            f"95% [{low95:+.4f}, {high95:+.4f}], share <= 0: {np.mean(values <= 0):.3f} "
+            f"({args.resamples} resamples, each with defective and good images)"
         )
 
 

@@ -4,12 +4,27 @@ interval of a rate. A promotion decision on a few hundred rows must not follow n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from statistics import NormalDist
 
 import numpy as np
 
 Metric = Callable[[np.ndarray, np.ndarray], float]  # (labels, scores) -> value
+
+
+def bootstrap_rows(labels: np.ndarray, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """`n_resamples` draws of row indices with replacement, each holding rows of both classes
+    (a draw with one class only has no ranking metric and is drawn again)."""
+    labels = np.asarray(labels)
+    if not 0 < int(labels.sum()) < len(labels):
+        raise ValueError("a paired bootstrap of a ranking metric needs rows of both classes")
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < n_resamples:
+        rows = rng.integers(0, len(labels), len(labels))
+        if 0 < int(labels[rows].sum()) < len(rows):
+            done += 1
+            yield rows
 
 
 def paired_bootstrap_deltas(
@@ -20,29 +35,24 @@ def paired_bootstrap_deltas(
     n_resamples: int,
     seed: int,
 ) -> np.ndarray:
-    """`metric(a) - metric(b)` on `n_resamples` resamples of the rows, the same rows for both.
+    """`metric(a) - metric(b)` on `n_resamples` resamples of the rows (`bootstrap_rows`), the
+    same rows for both.
 
     Pairing is what makes the interval narrow enough to decide on: both models see the same
-    easy and hard rows in each resample, so only their difference varies. A resample that
-    holds one class only (no metric) is drawn again."""
+    easy and hard rows in each resample, so only their difference varies."""
     labels = np.asarray(labels)
     if len(labels) != len(scores_a) or len(labels) != len(scores_b):
         raise ValueError(
             f"labels and both score arrays must have one entry per row, got {len(labels)}, "
             f"{len(scores_a)} and {len(scores_b)}"
         )
-    if not 0 < int(labels.sum()) < len(labels):
-        raise ValueError("a paired bootstrap of a ranking metric needs rows of both classes")
-    rng = np.random.default_rng(seed)
-    deltas = np.empty(n_resamples)
-    done = 0
-    while done < n_resamples:
-        rows = rng.integers(0, len(labels), len(labels))
-        if not 0 < int(labels[rows].sum()) < len(rows):
-            continue
-        deltas[done] = metric(labels[rows], scores_a[rows]) - metric(labels[rows], scores_b[rows])
-        done += 1
-    return deltas
+    return np.array(
+        [
+            metric(labels[rows], scores_a[rows]) - metric(labels[rows], scores_b[rows])
+            for rows in bootstrap_rows(labels, n_resamples, seed)
+        ],
+        dtype=float,
+    )
 
 
 def percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
