@@ -138,8 +138,10 @@ def _compare_values(
     if reference.shape != exported.shape:
         return OutputParity(name, role, reference.size, reference.size, math.inf, math.inf, gated)
     abs_diff, rel_diff = _diffs(reference, exported)
-    by_row = (name in CONTRIBUTIONS_NAMES and reference.ndim == 2) or name == ANOMALY_MAP_NAME
-    if by_row and role == "float" and reference.ndim >= 2:
+    per_row = (name in CONTRIBUTIONS_NAMES and reference.ndim == 2) or (
+        name == ANOMALY_MAP_NAME and reference.ndim == 3
+    )
+    if per_row and role == "float":
         rel_diff = relative_diff(abs_diff, reference, _row_scale(reference))
     bad = abs_diff > 0 if role == "exact" else policy.value_mismatches(abs_diff, rel_diff)
     return OutputParity(
