@@ -44,7 +44,8 @@ from normalcy.detectors import create_detector
 
 VALIDATION_FRACTION = 0.2
 REFERENCE_SIZE = 256  # pixel widths and areas below are given at this side and scaled with it
-DEFECT_KINDS = ("ellipse", "crack", "cutpaste", "perlin")
+DEFECT_KINDS = ("ellipse", "crack", "cutpaste", "perlin")  # the default draw, as in earlier runs
+LARGE_KINDS = ("break",)  # only when asked for (`--defect-kinds`), so earlier sets stay the same
 
 
 def ellipse(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -110,17 +111,36 @@ def perlin_region(rng: np.random.Generator, size: int) -> np.ndarray:
             return region.astype(float)
 
 
+def edge_break(rng: np.random.Generator, size: int) -> np.ndarray:
+    """0/1 weights of a piece broken off the part: the image beyond a ragged line across one
+    side or corner, 4-35% of the area (a chipped tile shows the dark background there). Unlike
+    the other kinds it can cover a large share of the image, as real breaks do."""
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    angle = rng.uniform(0, 2 * np.pi)  # from the centre towards the broken side
+    reach = xx * np.cos(angle) + yy * np.sin(angle)
+    reach = reach + perlin_noise(rng, size, int(rng.choice([4, 8]))) * rng.uniform(0.05, 0.15)
+    return (reach > np.quantile(reach, 1 - rng.uniform(0.04, 0.35))).astype(float)
+
+
 def with_defect(
-    rng: np.random.Generator, image: np.ndarray, donor: np.ndarray, crack_opacity: float = 1.0
+    rng: np.random.Generator,
+    image: np.ndarray,
+    donor: np.ndarray,
+    crack_opacity: float = 1.0,
+    kinds: tuple[str, ...] = DEFECT_KINDS,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """(image `[C, S, S]` with one synthetic defect, its 0/1 mask `[S, S]`, the defect kind).
+    """(image `[C, S, S]` with one synthetic defect of one of `kinds`, its 0/1 mask `[S, S]`,
+    the defect kind).
 
     `crack_opacity` below 1 blends each crack at an opacity drawn from [crack_opacity, 1] (its
     mask stays the drawn line): opaque cracks are found by every config (image AUROC 1.000), so
     they rank none; at 1 no draw is added and earlier validation sets come back unchanged."""
     size = image.shape[-1]
-    kind = DEFECT_KINDS[rng.integers(len(DEFECT_KINDS))]
-    if kind == "cutpaste":
+    kind = kinds[rng.integers(len(kinds))]
+    if kind == "break":  # the dark background, a little uneven
+        weights = edge_break(rng, size)
+        target = image.mean() * rng.uniform(0.05, 0.35) + rng.normal(0, 4.0, size=image.shape)
+    elif kind == "cutpaste":
         h, w = (rng.uniform(0.05, 0.15, size=2) * size).astype(int) + 2
         top, left = rng.integers(0, size - h), rng.integers(0, size - w)
         src_top, src_left = rng.integers(0, size - h), rng.integers(0, size - w)
@@ -150,46 +170,55 @@ def with_defect(
 
 
 def validation_set(
-    images: np.ndarray, seed: int = 0, copies: int = 0, crack_opacity: float = 1.0
+    images: np.ndarray,
+    seed: int = 0,
+    copies: int = 0,
+    crack_opacity: float = 1.0,
+    kinds: tuple[str, ...] = DEFECT_KINDS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(fit images, validation images, labels, masks, defect kinds), all from train/good.
 
     `copies` 0: every second held-out image gets one defect. `copies` k > 0: every held-out
     image stays as a good one and k defective copies of it are added, so each defect is judged
     beside its own clean image (a paired set, with 2k x the defects of the default).
-    `crack_opacity`: see `with_defect`."""
+    `crack_opacity`, `kinds`: see `with_defect`."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
     n_val = max(2, int(round(VALIDATION_FRACTION * len(images))))
     fit, val = images[np.sort(order[n_val:])], images[np.sort(order[:n_val])].copy()
     if copies:
-        return (fit, *defective_copies(rng, val, copies, crack_opacity))
+        return (fit, *defective_copies(rng, val, copies, crack_opacity, kinds))
     size = val.shape[-1]
     masks = np.zeros((len(val), size, size), dtype=np.uint8)
     labels = np.zeros(len(val), dtype=int)
     kinds = np.array(["good"] * len(val), dtype=object)
     for i in range(1, len(val), 2):
-        val[i], masks[i], kind = with_defect(rng, val[i], val[(i + 1) % len(val)], crack_opacity)
+        donor = val[(i + 1) % len(val)]
+        val[i], masks[i], kind = with_defect(rng, val[i], donor, crack_opacity, kinds)
         labels[i] = int(masks[i].any())
         kinds[i] = kind if labels[i] else "good"
     return fit, val, labels, masks, kinds.astype(str)
 
 
 def defective_copies(
-    rng: np.random.Generator, good: np.ndarray, copies: int, crack_opacity: float = 1.0
+    rng: np.random.Generator,
+    good: np.ndarray,
+    copies: int,
+    crack_opacity: float = 1.0,
+    kinds: tuple[str, ...] = DEFECT_KINDS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, masks, kinds): the `good` images, then `copies` defective copies of
     each (the donor texture from the next image)."""
     n, size = len(good), good.shape[-1]
-    images, masks, kinds = [good], [np.zeros((n, size, size), dtype=np.uint8)], ["good"] * n
+    images, masks, drawn = [good], [np.zeros((n, size, size), dtype=np.uint8)], ["good"] * n
     for _ in range(copies):
         for i in range(n):
-            image, mask, kind = with_defect(rng, good[i], good[(i + 1) % n], crack_opacity)
+            image, mask, kind = with_defect(rng, good[i], good[(i + 1) % n], crack_opacity, kinds)
             images.append(image[None])
             masks.append(mask[None])
-            kinds.append(kind if mask.any() else "good")
-    kinds = np.array(kinds)
-    return np.concatenate(images), (kinds != "good").astype(int), np.concatenate(masks), kinds
+            drawn.append(kind if mask.any() else "good")
+    drawn = np.array(drawn)
+    return np.concatenate(images), (drawn != "good").astype(int), np.concatenate(masks), drawn
 
 
 def resized(images: np.ndarray, size: int, masks: bool = False) -> np.ndarray:
@@ -249,6 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         "the sets of earlier runs)",
     )
     parser.add_argument(
+        "--defect-kinds",
+        type=lambda text: tuple(text.split(",")),
+        default=DEFECT_KINDS,
+        help=f"comma-separated defect kinds drawn with equal odds, of "
+        f"{','.join(DEFECT_KINDS + LARGE_KINDS)} (default: {','.join(DEFECT_KINDS)}, the sets of "
+        "earlier runs)",
+    )
+    parser.add_argument(
         "--max-fit-images", type=int, default=None, help="fit on the first N fit images only"
     )
     parser.add_argument("--out", type=Path, default=None)
@@ -263,10 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not 0.0 < args.crack_opacity <= 1.0:  # before minutes of loading
         parser.error(f"--crack-opacity must be in (0, 1], got {args.crack_opacity}")
+    unknown = sorted(set(args.defect_kinds) - set(DEFECT_KINDS + LARGE_KINDS))
+    if unknown:
+        parser.error(f"--defect-kinds: unknown {unknown}, expected {DEFECT_KINDS + LARGE_KINDS}")
     synthesize_size = args.synthesize_size or args.image_size
     train = load_mvtec(args.data_dir, "train", synthesize_size)
     fit, images, labels, masks, kinds = validation_set(
-        train.X, args.seed, args.defective_copies, args.crack_opacity
+        train.X, args.seed, args.defective_copies, args.crack_opacity, args.defect_kinds
     )
     fit = fit[: args.max_fit_images]
     if synthesize_size != args.image_size:
@@ -299,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 "synthesize_size": synthesize_size,
                 "defective_copies": args.defective_copies,
                 "crack_opacity": args.crack_opacity,
+                "defect_kinds": list(args.defect_kinds),
                 "labels": labels.tolist(),
                 "kinds": kinds.tolist(),
             }

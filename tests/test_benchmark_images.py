@@ -192,3 +192,48 @@ def test_image_validation_refuses_a_crack_opacity_outside_0_1(tmp_path):
         *("--configs", json.dumps([config])),
     )
     assert run.returncode == 2 and "--crack-opacity must be in (0, 1], got 1.5" in run.stderr
+
+
+def test_a_break_cuts_off_one_side_and_changes_only_its_mask():
+    """The large kind, only when asked for: a dark region from the image's border inward,
+    4-35% of the area, that changes exactly the pixels its mask marks."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from image_validation import with_defect
+
+    rng = np.random.default_rng(0)
+    image = np.full((1, 96, 96), 120.0, dtype=np.float32)
+    for _ in range(10):
+        defective, mask, kind = with_defect(rng, image, image, kinds=("break",))
+        assert kind == "break" and 0.035 < mask.mean() < 0.36
+        border = np.r_[mask[0], mask[-1], mask[:, 0], mask[:, -1]]
+        assert border.any()  # broken off the edge, not a hole
+        changed = np.abs(defective[0] - 120.0) > 1.0
+        assert changed[mask == 1].mean() > 0.95 and not changed[mask == 0].any()
+        assert defective[0][mask == 1].mean() < 60  # the dark background shows
+
+
+def test_image_validation_refuses_an_unknown_defect_kind(tmp_path):
+    make_mvtec_folder(tmp_path / "tiles", n_train=6, n_test_good=1)
+    config = {"detector": "padim", "image_size": 32, "random_channels": 16}
+    run = run_benchmark(
+        "image_validation.py",
+        *("--data-dir", tmp_path / "tiles", "--defect-kinds", "crack,scratch"),
+        *("--configs", json.dumps([config])),
+    )
+    assert run.returncode == 2 and "--defect-kinds: unknown ['scratch']" in run.stderr
+
+
+def test_the_offline_centring_scan_matches_the_graphs_quantile():
+    """`results/centring_quantile_scan.py` chose the quantile on saved maps: its offsets must be
+    those the graph subtracts (the lower value, by TopK)."""
+    sys.path.insert(0, str(REPO / "benchmarks" / "results"))
+    import torch
+    from centring_quantile_scan import centred
+
+    from normalcy.detectors.image_features import own_quantile
+
+    maps = np.random.default_rng(0).normal(size=(3, 7, 9))
+    for quantile in (0.1, 0.5):
+        offsets = own_quantile(torch.as_tensor(maps), quantile).numpy()
+        np.testing.assert_allclose(centred(maps, quantile), maps - offsets[:, None, None])
+    assert centred(maps, None) is maps

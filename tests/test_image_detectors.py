@@ -104,23 +104,26 @@ def test_the_image_score_can_come_from_the_blurred_map_and_exports_with_parity(c
     assert report.passed, report.message()
 
 
-def test_median_centred_maps_keep_the_score_and_export_and_reload(case, tmp_path):
-    """`map_centering: median` shifts each map by its own median patch score (torch's median,
-    computed here outside the graph) and leaves the image score as it was, unless that is the
-    map's peak."""
+@pytest.mark.parametrize("centering, quantile", [("median", 0.5), ("lower_decile", 0.1)])
+def test_centred_maps_keep_the_score_and_export_and_reload(case, tmp_path, centering, quantile):
+    """`map_centering` shifts each map by that quantile of its own patch scores (torch's, the
+    lower value, computed here outside the graph) and leaves the image score as it was, unless
+    that is the map's peak."""
     train, normal, defective, masks = case
     test = np.concatenate([normal, defective])
-    centred = create_detector("padim", map_centering="median", **SMALL).fit(train)
+    centred = create_detector("padim", map_centering=centering, **SMALL).fit(train)
     plain = create_detector("padim", **SMALL).fit(train)
     out, before = centred.predict(test), plain.predict(test)
     np.testing.assert_array_equal(out["score"], before["score"])
     with torch.no_grad():
         patch_scores = centred.patch_head()(centred.patch_features(test))
-    medians = patch_scores.flatten(1).median(dim=1).values.numpy()
+    offsets = torch.quantile(patch_scores.flatten(1), quantile, dim=1, interpolation="lower")
     shift = (before["anomaly_map"] - out["anomaly_map"]).reshape(len(test), -1)
-    np.testing.assert_allclose(shift, np.repeat(medians[:, None], shift.shape[1], 1), atol=1e-4)
+    np.testing.assert_allclose(
+        shift, np.repeat(offsets.numpy()[:, None], shift.shape[1], 1), atol=1e-4
+    )
     assert roc_auc_score(masks.ravel(), out["anomaly_map"][12:].ravel()) > 0.8
-    peak = create_detector("padim", map_centering="median", image_score_from="map", **SMALL)
+    peak = create_detector("padim", map_centering=centering, image_score_from="map", **SMALL)
     on_map = peak.fit(train).predict(test)  # the score is then the centred map's peak
     np.testing.assert_allclose(on_map["score"], out["anomaly_map"].reshape(len(test), -1).max(1))
     reloaded = load_detector(save_detector(centred, tmp_path / "padim.pt"))

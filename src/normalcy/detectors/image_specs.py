@@ -59,7 +59,7 @@ class BackboneSpec(PretrainedSpec):
     blur_sigma: NonNegativeFloat = 4.0
     image_score_from: Literal["patches", "map"] = "patches"
     intensity: Literal["as_is", "per_image"] = "as_is"
-    map_centering: Literal["none", "median"] = "none"
+    map_centering: Literal["none", "median", "lower_decile"] = "none"
 
     def cross_problems(self, given: Mapping[str, Any]) -> list[ParamProblem]:
         problems = super().cross_problems(given)
