@@ -183,15 +183,23 @@ def test_a_faint_crack_keeps_its_mask_and_changes_the_pixels_less():
     assert fainter > 0
 
 
-def test_image_validation_refuses_a_crack_opacity_outside_0_1(tmp_path):
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--crack-opacity", "1.5", "--crack-opacity must be in (0, 1], got 1.5"),
+        ("--defect-kinds", "crack,scratch", "--defect-kinds: unknown ['scratch']"),
+    ],
+)
+def test_image_validation_refuses_a_bad_option_before_loading(tmp_path, option, value, message):
     make_mvtec_folder(tmp_path / "tiles", n_train=6, n_test_good=1)
     config = {"detector": "padim", "image_size": 32, "random_channels": 16}
     run = run_benchmark(
         "image_validation.py",
-        *("--data-dir", tmp_path / "tiles", "--image-size", "32", "--crack-opacity", "1.5"),
+        *("--data-dir", tmp_path / "tiles", "--image-size", "32", option, value),
         *("--configs", json.dumps([config])),
     )
-    assert run.returncode == 2 and "--crack-opacity must be in (0, 1], got 1.5" in run.stderr
+    assert run.returncode == 2 and message in run.stderr
+    assert "loading" not in run.stderr  # refused before minutes of loading
 
 
 def test_a_break_cuts_off_one_side_and_changes_only_its_mask():
@@ -210,17 +218,6 @@ def test_a_break_cuts_off_one_side_and_changes_only_its_mask():
         changed = np.abs(defective[0] - 120.0) > 1.0
         assert changed[mask == 1].mean() > 0.95 and not changed[mask == 0].any()
         assert defective[0][mask == 1].mean() < 60  # the dark background shows
-
-
-def test_image_validation_refuses_an_unknown_defect_kind(tmp_path):
-    make_mvtec_folder(tmp_path / "tiles", n_train=6, n_test_good=1)
-    config = {"detector": "padim", "image_size": 32, "random_channels": 16}
-    run = run_benchmark(
-        "image_validation.py",
-        *("--data-dir", tmp_path / "tiles", "--defect-kinds", "crack,scratch"),
-        *("--configs", json.dumps([config])),
-    )
-    assert run.returncode == 2 and "--defect-kinds: unknown ['scratch']" in run.stderr
 
 
 def test_the_offline_centring_scan_matches_the_graphs_quantile():
