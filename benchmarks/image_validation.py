@@ -3,6 +3,7 @@ them with synthetic defects pasted in. The test folder is never read.
 
     python benchmarks/image_validation.py --data-dir CATEGORY [--image-size 256]
         [--synthesize-size 448] [--defective-copies 2] [--crack-opacity 0.2]
+        [--defect-kinds ellipse,crack,cutpaste,perlin,break]
         --configs '[{"detector": "patchcore", "image_size": 256}, ...]' [--out FILE]
         [--maps-dir DIR]
 
@@ -23,7 +24,9 @@ size and then resizes them (and their masks) to `--image-size`, as the loader wo
 each: 2K x the defects, each beside its own clean image, so smaller differences between configs
 stand out from the noise (the per-image scores in the JSON allow a paired bootstrap).
 `--crack-opacity MIN` blends each crack at an opacity drawn from [MIN, 1]: opaque cracks are
-found by every config, so they rank none."""
+found by every config, so they rank none. `--defect-kinds` picks the kinds drawn; `break` (only
+when named) cuts the image beyond a ragged line across one side or corner, 4-35% of its area, and
+fills it with the dark background: a large defect, which the other kinds never are."""
 
 from __future__ import annotations
 
