@@ -49,6 +49,7 @@ VALIDATION_FRACTION = 0.2
 REFERENCE_SIZE = 256  # pixel widths and areas below are given at this side and scaled with it
 DEFECT_KINDS = ("ellipse", "crack", "cutpaste", "perlin")  # the default draw, as in earlier runs
 LARGE_KINDS = ("break",)  # only when asked for (`--defect-kinds`), so earlier sets stay the same
+KNOWN_KINDS = DEFECT_KINDS + LARGE_KINDS
 
 
 def ellipse(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda text: tuple(text.split(",")),
         default=DEFECT_KINDS,
         help=f"comma-separated defect kinds drawn with equal odds, of "
-        f"{','.join(DEFECT_KINDS + LARGE_KINDS)} (default: {','.join(DEFECT_KINDS)}, the sets of "
+        f"{','.join(KNOWN_KINDS)} (default: {','.join(DEFECT_KINDS)}, the sets of "
         "earlier runs)",
     )
     parser.add_argument(
@@ -303,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not 0.0 < args.crack_opacity <= 1.0:  # before minutes of loading
         parser.error(f"--crack-opacity must be in (0, 1], got {args.crack_opacity}")
-    unknown = sorted(set(args.defect_kinds) - set(DEFECT_KINDS + LARGE_KINDS))
+    unknown = sorted(set(args.defect_kinds) - set(KNOWN_KINDS))
     if unknown:
-        parser.error(f"--defect-kinds: unknown {unknown}, expected {DEFECT_KINDS + LARGE_KINDS}")
+        parser.error(f"--defect-kinds: unknown {unknown}, expected {KNOWN_KINDS}")
     synthesize_size = args.synthesize_size or args.image_size
     train = load_mvtec(args.data_dir, "train", synthesize_size)
     fit, images, labels, masks, kinds = validation_set(

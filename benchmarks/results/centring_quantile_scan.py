@@ -21,18 +21,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from normalcy.detectors.image_features import own_quantile
 from normalcy.evaluation.metrics import ranking_metrics
 from normalcy.evaluation.pixel_metrics import pixel_metrics
 
 
+def own_offsets(maps: np.ndarray, quantile: float) -> np.ndarray:
+    """Each map's own `quantile` `[N, 1, 1]`, by the graph's `own_quantile`."""
+    return own_quantile(torch.as_tensor(maps), quantile).numpy()[:, None, None]
+
+
 def centred(maps: np.ndarray, quantile: float | None) -> np.ndarray:
-    """Each map less its own `quantile` (the lower value, as the graph's TopK), or as is."""
-    if quantile is None:
-        return maps
-    flat = np.sort(maps.reshape(len(maps), -1), axis=1)
-    offsets = flat[:, int(np.floor(quantile * (flat.shape[1] - 1)))]
-    return maps - offsets[:, None, None]
+    """Each map less its own `quantile` (as the graph centres it), or as is."""
+    return maps if quantile is None else maps - own_offsets(maps, quantile)
 
 
 def report(maps: np.ndarray, masks: np.ndarray, kinds: np.ndarray) -> str:

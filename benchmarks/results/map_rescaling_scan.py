@@ -10,17 +10,12 @@ graph's 8 included) and divided by three spreads of their own values.
 import sys
 
 import numpy as np
-from centring_quantile_scan import centred
+from centring_quantile_scan import centred, own_offsets
 from scipy.ndimage import gaussian_filter
 
 from normalcy.evaluation.pixel_metrics import pixel_metrics
 
 GRAPH_SIGMA = 8.0
-
-
-def own_offset(maps: np.ndarray, quantile: float) -> np.ndarray:
-    """Each map's `quantile` `[N, 1, 1]` (the offset `centred` subtracts)."""
-    return (maps - centred(maps, quantile))[:, :1, :1]
 
 
 def main() -> None:
@@ -32,7 +27,7 @@ def main() -> None:
         for extra in (0.0, 4.0, 6.0, 8.9):
             blurred = base if extra == 0 else np.stack([gaussian_filter(m, extra) for m in base])
             variants[f"total sigma {np.hypot(GRAPH_SIGMA, extra):.1f}"] = blurred
-        q05, q10, q25, q50 = (own_offset(maps, q) for q in (0.05, 0.1, 0.25, 0.5))
+        q05, q10, q25, q50 = (own_offsets(maps, q) for q in (0.05, 0.1, 0.25, 0.5))
         variants["/ (q50 - q10)"] = base / (q50 - q10)
         variants["/ (q25 - q05)"] = base / (q25 - q05)
         variants["/ sqrt(q50 - q10)"] = base / np.sqrt(q50 - q10)
